@@ -1,0 +1,3 @@
+from memtool.cli.app import main
+
+main()

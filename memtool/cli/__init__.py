@@ -1,0 +1,1 @@
+"""The command-line layer: parses, validates, calls one library function, renders."""

@@ -1,0 +1,20 @@
+"""The `memtool` command: a thin dispatcher; each command lives in its own module."""
+
+import typer
+
+from memtool.cli.info_cmd import info_command
+from memtool.cli.measure_cmd import measure_command
+
+app = typer.Typer(
+    name="memtool",
+    help="Make large language models fit where memory is short.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("measure")(measure_command)
+app.command("info")(info_command)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,58 @@
+"""What every command shares: the exit-code contract, one-line errors and `--json` output.
+
+Exit codes: 0 ok, 1 a requested threshold was not met, 2 bad input or failure. Errors are one
+line on stderr; `--debug` shows the traceback instead.
+"""
+
+import json
+import sys
+from collections.abc import Callable
+
+import typer
+
+from memtool.errors import MemtoolError
+from memtool.progress import console
+
+EXIT_OK, EXIT_THRESHOLD, EXIT_ERROR = 0, 1, 2
+
+JsonOption = typer.Option(False, "--json", help="Print one JSON object on stdout.")
+DebugOption = typer.Option(False, "--debug", help="Show tracebacks on errors.")
+
+
+def fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+
+
+def run_command(
+    action: Callable[[], tuple[dict, list[str]]],
+    *,
+    json_out: bool,
+    debug: bool,
+    render: Callable[[dict], None],
+) -> None:
+    """Run `action` (returns a payload and failed gates), print it, and exit by the contract."""
+    try:
+        payload, failures = action()
+    except MemtoolError as exc:
+        if debug:
+            raise
+        fail(str(exc))
+        raise typer.Exit(EXIT_ERROR) from None
+    except KeyboardInterrupt:
+        fail("interrupted; nothing partial was left behind")
+        raise typer.Exit(130) from None
+    except Exception as exc:
+        if debug:
+            raise
+        text = (str(exc).strip().splitlines() or [""])[0]
+        fail(f"{type(exc).__name__}: {text} (rerun with --debug for the traceback)")
+        raise typer.Exit(EXIT_ERROR) from None
+    if json_out:
+        payload = {**payload, "thresholds": {"passed": not failures, "failures": failures}}
+        sys.stdout.write(json.dumps(payload, default=str) + "\n")
+    else:
+        render(payload)
+    for failure in failures:
+        fail(f"threshold not met: {failure}")
+    if failures:
+        raise typer.Exit(EXIT_THRESHOLD)

@@ -1,0 +1,90 @@
+"""`info`: versions, devices, usable kernel backends and cache paths."""
+
+import importlib.metadata
+import importlib.util
+import os
+import platform
+
+from memtool import __version__
+from memtool.models.builtin import BUILTIN_MODELS, MANIFEST, builtin_path
+from memtool.paths import data_dir, memtool_home, models_dir
+
+_PACKAGES = ("torch", "transformers", "safetensors", "accelerate", "bitsandbytes", "triton", "gguf")
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _devices() -> list[dict]:
+    import torch
+
+    devices = [
+        {
+            "type": "cpu",
+            "name": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+        }
+    ]
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            devices.append(
+                {
+                    "type": "cuda",
+                    "index": index,
+                    "name": props.name,
+                    "memory_bytes": props.total_memory,
+                }
+            )
+    return devices
+
+
+def _backends() -> dict[str, dict]:
+    import torch
+
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    has_triton = importlib.util.find_spec("triton") is not None
+    if not has_triton:
+        triton_note = "triton is not installed"
+    elif torch.cuda.is_available():
+        triton_note = "CUDA device present"
+    elif interpret:
+        triton_note = "TRITON_INTERPRET=1: kernels run in the interpreter on CPU (slow; tests)"
+    else:
+        triton_note = "no CUDA device (set TRITON_INTERPRET=1 to run kernels on CPU for testing)"
+    return {
+        "reference": {"usable": True, "note": "pure PyTorch, every device"},
+        "triton": {
+            "usable": has_triton and (torch.cuda.is_available() or interpret),
+            "note": triton_note,
+        },
+    }
+
+
+def environment_info() -> dict:
+    """Everything `memtool info` shows, as plain data."""
+    return {
+        "memtool": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": {name: _version(name) for name in _PACKAGES},
+        "devices": _devices(),
+        "kernel_backends": _backends(),
+        "cache": {
+            "home": str(memtool_home()),
+            "home_from": "MEMTOOL_HOME" if os.environ.get("MEMTOOL_HOME") else "default",
+            "models": str(models_dir()),
+            "data": str(data_dir()),
+        },
+        "builtin_models": {
+            name: {
+                "cached": (builtin_path(name) / MANIFEST).exists(),
+                "description": spec.description,
+            }
+            for name, spec in BUILTIN_MODELS.items()
+        },
+    }

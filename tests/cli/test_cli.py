@@ -1,0 +1,162 @@
+"""The CLI contract: --json on stdout, exit codes 0/1/2, one-line errors."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from memtool.cli.app import app
+
+runner = CliRunner()
+
+
+def _run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _error_lines(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.strip()]
+
+
+def test_help_lists_working_commands():
+    result = _run("--help")
+    assert result.exit_code == 0
+    assert "measure" in result.stdout and "info" in result.stdout
+
+
+def test_python_dash_m_works():
+    done = subprocess.run(
+        [sys.executable, "-m", "memtool", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and "measure" in done.stdout
+
+
+def test_measure_json(tiny_llama_dir, text_file):
+    result = _run(
+        "measure",
+        tiny_llama_dir,
+        "--data",
+        text_file,
+        "--seq-len",
+        32,
+        "--max-windows",
+        2,
+        "--json",
+    )
+    assert result.exit_code == 0, result.stderr
+    payload = json.loads(result.stdout)  # stdout holds exactly one JSON object
+    assert payload["windows"] == 2 and payload["seq_len"] == 32
+    assert payload["thresholds"] == {"passed": True, "failures": []}
+
+
+def test_measure_human_table(tiny_llama_dir, text_file):
+    result = _run(
+        "measure", tiny_llama_dir, "--data", text_file, "--seq-len", 32, "--max-windows", 1
+    )
+    assert result.exit_code == 0, result.stderr
+    assert "perplexity" in result.stdout and "GPTQ-lineage" in result.stdout
+
+
+def test_threshold_breach_exits_1(tiny_llama_dir, text_file):
+    result = _run(
+        "measure",
+        tiny_llama_dir,
+        "--data",
+        text_file,
+        "--seq-len",
+        32,
+        "--max-windows",
+        1,
+        "--max-perplexity",
+        1.0,
+        "--max-weight-bytes",
+        "1KB",
+        "--json",
+    )
+    assert result.exit_code == 1
+    payload = json.loads(result.stdout)
+    assert not payload["thresholds"]["passed"] and len(payload["thresholds"]["failures"]) == 2
+    assert "max-perplexity" in result.stderr
+
+
+@pytest.fixture
+def bad_folders(tmp_path, tiny_llama_dir):
+    no_config = tmp_path / "no-config"
+    no_config.mkdir()
+    (no_config / "model.safetensors").write_bytes(b"x" * 16)
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(tiny_llama_dir, corrupt)
+    weights = corrupt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    short = tmp_path / "short.txt"
+    short.write_text("A few words only.")
+    return {
+        "no_config": no_config,
+        "corrupt": corrupt,
+        "empty": empty,
+        "short": short,
+        "missing": tmp_path / "missing",
+    }
+
+
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        ("missing-model", "not found"),
+        ("no-config", "config.json is missing"),
+        ("corrupt", "corrupt safetensors"),
+        ("empty-text", "empty"),
+        ("short-text", "window"),
+        ("unknown-data", "data"),
+        ("seq-len-too-long", "context"),
+        ("zero-windows", "--max-windows must be a positive"),
+        ("negative-seq-len", "--seq-len must be a positive"),
+        ("bad-size", "malformed size '12XB'"),
+        ("bad-dtype", "unknown dtype"),
+    ],
+)
+def test_bad_input_exit_2_one_line(case, match, bad_folders, tiny_llama_dir, text_file):
+    model, data, extra = tiny_llama_dir, text_file, []
+    if case == "missing-model":
+        model = bad_folders["missing"]
+    elif case == "no-config":
+        model = bad_folders["no_config"]
+    elif case == "corrupt":
+        model = bad_folders["corrupt"]
+    elif case == "empty-text":
+        data = bad_folders["empty"]
+    elif case == "short-text":
+        data = bad_folders["short"]
+    elif case == "unknown-data":
+        data = "no-such-dataset"
+    elif case == "seq-len-too-long":
+        extra = ["--seq-len", 4096]
+    elif case == "zero-windows":
+        extra = ["--max-windows", 0]
+    elif case == "negative-seq-len":
+        extra = ["--seq-len", -1]
+    elif case == "bad-size":
+        extra = ["--max-weight-bytes", "12XB"]
+    elif case == "bad-dtype":
+        extra = ["--dtype", "float8"]
+    result = _run("measure", model, "--data", data, "--seq-len", 32, *extra)
+    assert result.exit_code == 2
+    lines = _error_lines(result)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error:") and match in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_info_json():
+    result = _run("info", "--json")
+    assert result.exit_code == 0
+    info = json.loads(result.stdout)
+    assert info["packages"]["torch"].startswith("2.")
+    assert info["kernel_backends"]["reference"]["usable"] is True
+    assert "smollm2-135m" in info["builtin_models"]
+    assert info["cache"]["home"]
