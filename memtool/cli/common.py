@@ -19,6 +19,15 @@ JsonOption = typer.Option(False, "--json", help="Print one JSON object on stdout
 DebugOption = typer.Option(False, "--debug", help="Show tracebacks on errors.")
 
 
+def _quiet_libraries() -> None:
+    """transformers draws its own tqdm bars and logs warnings on stderr; memtool shows its own
+    progress, and errors must stay one line. --debug keeps the libraries' output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def fail(message: str) -> None:
     console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
 
@@ -31,6 +40,8 @@ def run_command(
     render: Callable[[dict], None],
 ) -> None:
     """Run `action` (returns a payload and failed gates), print it, and exit by the contract."""
+    if not debug:
+        _quiet_libraries()
     try:
         payload, failures = action()
     except MemtoolError as exc:
