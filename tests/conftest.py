@@ -60,8 +60,8 @@ def tiny_llama_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tiny_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=64,  # every linear dimension a multiple of 32, as the GPTQ layout needs
+        intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -2,6 +2,7 @@
 
 import typer
 
+from memtool.cli.compress_cmd import compress_command
 from memtool.cli.info_cmd import info_command
 from memtool.cli.measure_cmd import measure_command
 
@@ -12,6 +13,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.command("compress")(compress_command)
 app.command("measure")(measure_command)
 app.command("info")(info_command)
 

@@ -9,6 +9,7 @@ Sources, in the order they are recognised:
   reached we fail within seconds instead of sitting through the hub client's retries.
 """
 
+import json
 import os
 import re
 import socket
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from memtool.errors import MemtoolError
+from memtool.formats.gptq_checkpoint import is_gptq_config, load_gptq_model
 from memtool.models.builtin import BUILTIN_MODELS, DEFAULT_MODEL, ensure_builtin
 from memtool.models.safetensors_check import check_safetensors
 
@@ -125,9 +127,16 @@ def _load_folder(folder: Path, dtype: torch.dtype, allow_pickle: bool) -> Loaded
     files = _weight_files(folder, allow_pickle)
     tokenizer = _load_tokenizer(str(folder))
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype, use_safetensors=not allow_pickle or None
-        )
+        config = json.loads((folder / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MemtoolError(f"{folder}/config.json is not valid JSON: {exc}") from exc
+    try:
+        if is_gptq_config(config):
+            model = load_gptq_model(folder, files, dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=dtype, use_safetensors=not allow_pickle or None
+            )
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise MemtoolError(f"could not load the model in {folder}: {_first_line(exc)}") from exc
     model.eval()

@@ -1,0 +1,153 @@
+"""`compress`: the library call behind `memtool compress`.
+
+One entry point for every method; each config type maps to its implementation. Calibrated
+methods quantize layer by layer (`memtool.compress.sequential`); the result is written in a
+format the ecosystem loads, atomically, with what was used (method, settings, calibration data)
+recorded in its `quantization_config.meta`.
+"""
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from memtool.compress.config import CalibrationConfig, GPTQConfig, RTNConfig
+from memtool.compress.layers import decoder_layers, linear_children
+from memtool.compress.methods import gptq_group_quantizer, rtn_linear
+from memtool.compress.quantizer import QuantizedWeight
+from memtool.compress.sequential import quantize_sequential
+from memtool.data import calibration_windows
+from memtool.errors import MemtoolError
+from memtool.formats.gptq_checkpoint import (
+    gptq_quantization_config,
+    prepare_output,
+    save_gptq_checkpoint,
+)
+from memtool.models import LoadedModel, load_model
+
+
+@dataclass
+class CompressResult:
+    """What `compress` did; `to_dict()` is the CLI's JSON."""
+
+    output: str | None
+    method: str
+    settings: dict
+    calibration: dict | None
+    quantized_layers: int
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def compress(
+    model: str | LoadedModel | None,
+    config: RTNConfig | GPTQConfig,
+    calibration: CalibrationConfig | None = None,
+    output: str | Path | None = None,
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> tuple[CompressResult, dict[str, QuantizedWeight], LoadedModel]:
+    """Quantize the decoder linears of `model` and (if `output` is given) save the result.
+
+    Args:
+        model: a source to load in float32 (None = the default model) or a loaded model, which
+            is modified in place (its linears hold the dequantized weights afterwards).
+        config: `RTNConfig` or `GPTQConfig`.
+        calibration: calibration windows for calibrated methods (default: 128 x 512 of wiki).
+        output: folder to write (GPTQ layout); None to keep the result in memory only.
+        overwrite: replace an existing output folder.
+        show_progress: progress bars on stderr.
+
+    Returns:
+        (result summary, quantized weights by module name, the model with fake-quantized
+        weights, usable to measure the quantization's effect without reloading).
+    """
+    config.validate()
+    calibration = calibration or CalibrationConfig()
+    calibration.validate()
+    if output is not None:
+        prepare_output(Path(output), overwrite)  # fail before hours of work, not after
+    began = time.perf_counter()
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype="float32")
+    if output is not None:
+        _check_packable(loaded.model)
+    warnings: list[str] = []
+    calib_info = None
+    if isinstance(config, GPTQConfig):
+        windows = calibration_windows(
+            calibration.data,
+            loaded.tokenizer,
+            n_samples=calibration.n_samples,
+            seq_len=calibration.seq_len,
+            seed=calibration.seed,
+        )
+        context = loaded.max_context
+        if context is not None and calibration.seq_len > context:
+            raise MemtoolError(
+                f"--seq-len {calibration.seq_len} is above the model's context of {context}"
+            )
+        calib_info = windows.to_dict()
+        result = quantize_sequential(
+            loaded.model,
+            windows.input_ids,
+            gptq_group_quantizer(config),
+            batch_size=calibration.batch_size,
+            show_progress=show_progress,
+        )
+        weights, warnings = result.weights, result.warnings
+    elif isinstance(config, RTNConfig):
+        weights = _rtn_all(loaded.model, config)
+    else:
+        raise MemtoolError(f"unknown compression config {type(config).__name__}")
+    settings = {"method": config.method, **asdict(config)}
+    if output is not None:
+        quant_config = gptq_quantization_config(
+            config.bits,
+            config.group_size,
+            config.sym,
+            getattr(config, "act_order", False),
+            extra={"method": config.method, "calibration": calib_info, **asdict(config)},
+        )
+        save_gptq_checkpoint(
+            loaded.model, loaded.tokenizer, weights, quant_config, Path(output), overwrite
+        )
+    summary = CompressResult(
+        output=str(output) if output is not None else None,
+        method=config.method,
+        settings=settings,
+        calibration=calib_info,
+        quantized_layers=len(weights),
+        seconds=time.perf_counter() - began,
+        warnings=warnings,
+    )
+    return summary, weights, loaded
+
+
+def _check_packable(model: torch.nn.Module) -> None:
+    """The GPTQ layout packs both dimensions into 32-bit words: refuse before any work."""
+    layers = decoder_layers(model)
+    for index, layer in enumerate(layers):
+        for name, module in linear_children(layer).items():
+            for dim in (module.in_features, module.out_features):
+                if dim % 32:
+                    raise MemtoolError(
+                        f"layer {index} {name} is {module.out_features}x{module.in_features}: "
+                        "the GPTQ layout needs both dimensions to be multiples of 32"
+                    )
+
+
+@torch.inference_mode()
+def _rtn_all(model: torch.nn.Module, config: RTNConfig) -> dict[str, QuantizedWeight]:
+    layers = decoder_layers(model)
+    prefix = next(name for name, m in model.named_modules() if m is layers)
+    weights = {}
+    for index, layer in enumerate(layers):
+        for name, module in linear_children(layer).items():
+            weight = rtn_linear(module, config)
+            module.weight.copy_(weight.dequantize().to(module.weight.dtype))
+            weights[f"{prefix}.{index}.{name}"] = weight
+    return weights

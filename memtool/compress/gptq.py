@@ -1,0 +1,142 @@
+"""GPTQ: one linear layer quantized column by column with second-order error compensation.
+
+Paper: Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training Quantization for
+Generative Pre-trained Transformers" (ICLR 2023). With H = 2 XᵀX / n the Hessian of the layer's
+reconstruction loss over calibration inputs X, each column is rounded in turn and its rounding
+error is spread over the columns not yet quantized through the inverse Hessian's Cholesky factor
+(lazy batch updates in blocks of `block_size` columns).
+
+What we do differently from the reference code:
+- dampening starts at `damp_percent` of the mean diagonal and is multiplied by 10 whenever the
+  Cholesky factorisation fails (up to `max_damp_percent`); if it still fails the layer falls
+  back to round-to-nearest and the caller gets the reason to warn with;
+- act-order always uses static groups: group parameters are fitted on the original column order
+  before the permutation, so g_idx stays i // group_size and inference needs no reordering
+  (without act-order, groups are fitted when reached, as in the reference);
+- group parameters are fitted with float16-rounded scales (see `quantizer.fit_params`).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from memtool.compress.quantizer import (
+    QuantizedWeight,
+    check_bits,
+    fit_params,
+    quantize_codes,
+    resolve_group_size,
+    rtn_quantize,
+)
+
+
+@dataclass
+class GPTQResult:
+    weight: QuantizedWeight
+    damp_percent: float | None  # dampening that worked; None when RTN was used instead
+    fallback_reason: str | None = None
+
+
+def _inverse_hessian_factor(
+    hessian: torch.Tensor, damp_percent: float, max_damp_percent: float
+) -> tuple[torch.Tensor | None, float]:
+    """Upper Cholesky factor of H⁻¹ with automatic dampening; None if H stays indefinite."""
+    mean_diag = torch.mean(torch.diag(hessian)).item()
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    damp = damp_percent
+    while damp <= max_damp_percent * (1 + 1e-9):
+        factor, info = torch.linalg.cholesky_ex(hessian + damp * mean_diag * eye)
+        if info.item() == 0:
+            inverse = torch.cholesky_inverse(factor)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if info.item() == 0 and torch.isfinite(upper).all():
+                return upper, damp
+        damp *= 10
+    return None, damp
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    act_order: bool = False,
+    damp_percent: float = 0.01,
+    max_damp_percent: float = 1.0,
+    block_size: int = 128,
+) -> GPTQResult:
+    """Quantize `weight` [out, in] given the Hessian [in, in] of its inputs.
+
+    Args:
+        weight: the layer's weight (any float dtype; computed in float32).
+        hessian: 2 XᵀX / n accumulated over calibration inputs X [n, in].
+        bits: code width (2, 3, 4 or 8).
+        group_size: columns per group; -1 for one group per row.
+        sym: symmetric (zero fixed at 2^(bits-1)) or asymmetric groups.
+        act_order: quantize columns in order of decreasing Hessian diagonal.
+        damp_percent: initial dampening, a fraction of the mean diagonal.
+        max_damp_percent: give up (RTN fallback) past this dampening.
+        block_size: columns per lazy batch update.
+    """
+    check_bits(bits)
+    w = weight.detach().float().clone()
+    out_features, in_features = w.shape
+    group_size = resolve_group_size(group_size, in_features)
+    h = hessian.detach().float().clone()
+    dead = torch.diag(h) == 0  # columns never active in calibration: weight irrelevant
+    h[dead, dead] = 1
+    w[:, dead] = 0
+
+    n_groups = -(-in_features // group_size)
+    scales = torch.empty(out_features, n_groups, dtype=torch.float32)
+    zeros = torch.empty(out_features, n_groups, dtype=torch.float32)
+    if act_order:
+        # Static groups: fitted on the original columns up front, so the permutation cannot
+        # scramble them and g_idx stays i // group_size.
+        for g in range(n_groups):
+            cols = slice(g * group_size, min((g + 1) * group_size, in_features))
+            scales[:, g], zeros[:, g] = fit_params(w[:, cols], bits, sym)
+    group_of = torch.arange(in_features) // group_size
+
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else None
+    if perm is not None:
+        w, h, group_of = w[:, perm], h[perm][:, perm], group_of[perm]
+
+    hinv, damp = _inverse_hessian_factor(h, damp_percent, max_damp_percent)
+    if hinv is None:
+        reason = f"Hessian not positive definite even with dampening {max_damp_percent:g}"
+        return GPTQResult(rtn_quantize(weight, bits, group_size, sym), None, reason)
+
+    codes = torch.zeros_like(w)
+    for start in range(0, in_features, block_size):
+        stop = min(start + block_size, in_features)
+        w_block = w[:, start:stop].clone()
+        err_block = torch.zeros_like(w_block)
+        hinv_block = hinv[start:stop, start:stop]
+        for j in range(stop - start):
+            col = w_block[:, j]
+            g = group_of[start + j]
+            if not act_order and (start + j) % group_size == 0:
+                # Without act-order, fit each group when reached, on the weights as updated by
+                # the errors of earlier columns (the reference GPTQ behaviour; measurably better
+                # than fitting on the original weights).
+                width = min(group_size, in_features - start - j)
+                in_block = w_block[:, j : j + width]
+                rest = w[:, stop : stop + width - in_block.shape[1]]  # group crosses the block
+                scales[:, g], zeros[:, g] = fit_params(torch.cat([in_block, rest], 1), bits, sym)
+            scale, zero = scales[:, g], zeros[:, g]
+            q = quantize_codes(col[:, None], scale, zero, bits)[:, 0]
+            codes[:, start + j] = q
+            err = (col - scale * (q - zero)) / hinv_block[j, j]
+            w_block[:, j:] -= err[:, None] * hinv_block[j, j:][None, :]
+            err_block[:, j] = err
+        w[:, stop:] -= err_block @ hinv[start:stop, stop:]
+
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
+    g_idx = (torch.arange(in_features) // group_size).to(torch.int32)
+    quantized = QuantizedWeight(
+        codes.to(torch.uint8), scales, zeros.to(torch.int32), g_idx, bits, group_size, sym
+    )
+    return GPTQResult(quantized, damp)

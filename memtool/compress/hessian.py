@@ -1,0 +1,70 @@
+"""Accumulating each linear layer's input Hessian H = 2 XᵀX / n over calibration batches.
+
+Linears that read the very same input tensor (q/k/v after the attention norm, gate/up after the
+MLP norm) share one accumulator: the products are computed once, and GPTQ can quantize their
+stacked rows in one call, since rows are independent given H.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class HessianGroup:
+    """Linears that share one input, and the Hessian of that input."""
+
+    names: list[str]
+    hessian: torch.Tensor
+    n_rows: int = 0  # input vectors accumulated
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        n_new = x.shape[0]
+        # Running mean of 2 xxᵀ: rescale the old sum, add the new batch.
+        total = self.n_rows + n_new
+        self.hessian.mul_(self.n_rows / total)
+        x = x * (2.0 / total) ** 0.5
+        self.hessian.addmm_(x.T, x)
+        self.n_rows = total
+
+
+@dataclass
+class HessianCollector:
+    """Forward hooks on a layer's linears that accumulate their input Hessians."""
+
+    linears: dict[str, nn.Linear]
+    groups: list[HessianGroup] = field(default_factory=list)
+    _by_name: dict[str, HessianGroup] = field(default_factory=dict)
+    _last: tuple[torch.Tensor, HessianGroup] | None = None
+
+    def __enter__(self) -> "HessianCollector":
+        self._handles = [
+            module.register_forward_hook(self._hook(name)) for name, module in self.linears.items()
+        ]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            x = args[0]
+            group = self._by_name.get(name)
+            if group is None:
+                # First batch: join the previous linear's group if it saw this same tensor.
+                if self._last is not None and self._last[0] is x:
+                    group = self._last[1]
+                    group.names.append(name)
+                else:
+                    dim = x.shape[-1]
+                    group = HessianGroup([name], torch.zeros(dim, dim, dtype=torch.float32))
+                    self.groups.append(group)
+                self._by_name[name] = group
+            if self._last is None or self._last[0] is not x:
+                group.add(x)
+            self._last = (x, group)
+
+        return hook

@@ -1,0 +1,78 @@
+"""Finding a causal LM's decoder layers and capturing what flows into the first one.
+
+Layer-by-layer compression (GPTQ, AWQ) never runs the whole model on the calibration set more
+than once: we capture the hidden states (and the keyword arguments: attention mask, rotary
+embeddings, ...) that reach decoder layer 0, then push them through one layer at a time.
+"""
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from memtool.errors import MemtoolError
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once layer 0's inputs are recorded: nothing after it runs."""
+
+
+@dataclass
+class LayerInputs:
+    """Hidden states entering a decoder layer, in batches, with each batch's other arguments."""
+
+    hidden: list[torch.Tensor]  # one [B, L, D] tensor per batch
+    kwargs: list[dict[str, Any]]  # the layer's keyword arguments for that batch
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of decoder layers (the ModuleList as long as num_hidden_layers)."""
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
+            return module
+    raise MemtoolError(
+        f"cannot find the decoder layers of {type(model).__name__}: memtool compresses "
+        "decoder-only transformers whose layers form one ModuleList"
+    )
+
+
+def linear_children(layer: nn.Module) -> dict[str, nn.Linear]:
+    """The layer's nn.Linear modules by dotted name, in forward (registration) order."""
+    return {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+
+
+@torch.inference_mode()
+def capture_first_layer_inputs(
+    model: nn.Module, windows: torch.Tensor, batch_size: int
+) -> LayerInputs:
+    """Run the embedding part of `model` on `windows` [n, L] and record layer 0's inputs."""
+    layers = decoder_layers(model)
+    captured = LayerInputs([], [])
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.hidden.append(hidden.detach())
+        captured.kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        raise _StopForward
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for start in range(0, windows.shape[0], batch_size):
+            with contextlib.suppress(_StopForward):
+                model(input_ids=windows[start : start + batch_size], use_cache=False)
+    finally:
+        handle.remove()
+    return captured
+
+
+def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    """One decoder layer's output hidden states (layers return a tensor or a tuple)."""
+    out = layer(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out

@@ -1,0 +1,170 @@
+"""GPTQ checkpoints as the ecosystem writes them: a Hugging Face folder whose config.json carries
+`quantization_config` (quant_method "gptq") and whose safetensors hold, per quantized linear,
+`qweight`/`qzeros`/`scales`/`g_idx` (+ `bias`) in the layout of `memtool.formats.gptq_pack`.
+
+Writing: tensors that are not quantized are stored in float16 (GPTQ kernels compute in float16),
+tied tensors once; a `quantize_config.json` copy of the config is written for GPTQModel. The
+output folder appears atomically: an interrupted run leaves no partial folder.
+
+Reading: memtool's own checkpoints and those of GPTQModel/AutoGPTQ (`checkpoint_format` "gptq",
+the v1 zero convention). The model is built without weights, each quantized linear becomes a
+`GPTQLinear` holding the packed tensors, and nothing is ever dequantized as a whole.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from memtool import __version__
+from memtool.atomic import atomic_dir, clean_stale_temporaries
+from memtool.errors import MemtoolError
+from memtool.formats.gptq_linear import GPTQLinear
+from memtool.formats.gptq_pack import pack_gptq
+from memtool.formats.quantized_weight import QuantizedWeight
+
+QUANT_KEYS = ("qweight", "qzeros", "scales", "g_idx")
+STORE_DTYPE = torch.float16
+
+
+def gptq_quantization_config(
+    bits: int, group_size: int, sym: bool, act_order: bool, extra: dict | None = None
+) -> dict:
+    """The `quantization_config` block transformers, GPTQModel and AutoGPTQ read."""
+    return {
+        "quant_method": "gptq",
+        "checkpoint_format": "gptq",
+        "bits": bits,
+        "group_size": group_size,
+        "desc_act": act_order,
+        "static_groups": act_order,  # memtool's act-order keeps g_idx = i // group_size
+        "sym": sym,
+        "true_sequential": False,
+        "pack_dtype": "int32",
+        "damp_percent": (extra or {}).get("damp_percent", 0.01),
+        "meta": {"quantizer": [f"memtool:{__version__}"], **(extra or {})},
+    }
+
+
+def _store(tensor: torch.Tensor) -> torch.Tensor:
+    if not tensor.is_floating_point():
+        return tensor.contiguous()
+    stored = tensor.detach().to(STORE_DTYPE).contiguous()
+    if not torch.isfinite(stored).all():
+        raise MemtoolError("a weight overflows float16; this model cannot be stored as GPTQ")
+    return stored
+
+
+def save_gptq_checkpoint(
+    model: nn.Module,
+    tokenizer,
+    weights: dict[str, QuantizedWeight],
+    quantization_config: dict,
+    output: Path,
+    overwrite: bool = False,
+) -> Path:
+    """Write `model` with `weights` packed into a GPTQ folder at `output` (atomically)."""
+    output = Path(output)
+    prepare_output(output, overwrite)
+    tensors: dict[str, torch.Tensor] = {}
+    seen: dict[int, str] = {}
+    for name, tensor in model.state_dict().items():
+        module_name, _, leaf = name.rpartition(".")
+        if module_name in weights and leaf == "weight":
+            continue
+        if tensor.data_ptr() in seen:  # tied weights: transformers re-ties them on load
+            continue
+        seen[tensor.data_ptr()] = name
+        tensors[name] = _store(tensor)
+    for name, weight in weights.items():
+        packed = pack_gptq(
+            weight.codes.T.to(torch.int32),
+            weight.zeros.T.contiguous(),
+            weight.scales.T.contiguous(),
+            weight.g_idx,
+            weight.bits,
+        )
+        for key, value in packed.items():
+            tensors[f"{name}.{key}"] = value.contiguous()
+    config = model.config.to_dict()
+    config["quantization_config"] = quantization_config
+    config["dtype"] = "float16"
+    config.pop("torch_dtype", None)
+    with atomic_dir(output) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        (tmp / "quantize_config.json").write_text(json.dumps(quantization_config, indent=2))
+        tokenizer.save_pretrained(tmp)
+    return output
+
+
+def prepare_output(output: Path, overwrite: bool) -> None:
+    """Refuse to clobber a folder unless asked; clear leftovers of interrupted runs."""
+    if output.exists():
+        if not overwrite:
+            raise MemtoolError(f"output {output} already exists; pick another path or --overwrite")
+        if output.is_dir():
+            shutil.rmtree(output)
+        else:
+            output.unlink()
+    clean_stale_temporaries(output.parent, output.name)
+
+
+def is_gptq_config(config: dict) -> bool:
+    quant = config.get("quantization_config") or {}
+    return quant.get("quant_method") == "gptq"
+
+
+def load_gptq_model(folder: Path, weight_files: list[Path], dtype: torch.dtype) -> nn.Module:
+    """Build the model in `folder` with its quantized linears as `GPTQLinear` modules."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    quant = config.quantization_config
+    quant = quant if isinstance(quant, dict) else quant.to_dict()
+    if quant.get("checkpoint_format", "gptq") != "gptq":
+        raise MemtoolError(
+            f"{folder} uses GPTQ checkpoint_format {quant['checkpoint_format']!r}; memtool reads "
+            "'gptq' (the published v1 layout)"
+        )
+    bits = int(quant["bits"])
+    del config.quantization_config
+    state: dict[str, torch.Tensor] = {}
+    for file in weight_files:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                state[key] = handle.get_tensor(key)
+    # Parameters on meta, buffers (rotary tables) computed for real.
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    quantized = sorted({k.rsplit(".", 1)[0] for k in state if k.endswith(".qweight")})
+    if not quantized:
+        raise MemtoolError(f"{folder} says it is GPTQ but holds no qweight tensors")
+    for name in quantized:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        if not isinstance(getattr(parent, child, None), nn.Linear):
+            raise MemtoolError(f"{folder}: {name}.qweight does not belong to a linear layer")
+        parts = {key: state.pop(f"{name}.{key}") for key in QUANT_KEYS}
+        if f"{name}.bias" in state:
+            parts["bias"] = state.pop(f"{name}.bias").to(dtype)
+        setattr(parent, child, GPTQLinear.from_tensors(parts, bits))
+    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+        missing = [k for k in missing if k != "lm_head.weight"]
+    quantized_set = set(quantized)  # their buffers were set above, not through the state dict
+    missing = [k for k in missing if k.rsplit(".", 1)[0] not in quantized_set]
+    if missing or unexpected:
+        raise MemtoolError(
+            f"{folder}: checkpoint does not match its config (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]})"
+        )
+    model.eval()
+    return model

@@ -1,0 +1,94 @@
+"""compress() end to end on tiny models: GPTQ vs RTN, save, reload, bit-exact round trip."""
+
+import json
+
+import pytest
+import torch
+
+from memtool import load_model
+from memtool.compress import CalibrationConfig, GPTQConfig, RTNConfig, compress
+from memtool.errors import MemtoolError
+from memtool.formats.gptq_linear import GPTQLinear
+from memtool.ops.reference import dequantize_gptq
+
+
+def _calib(text_file, n=8, seq_len=32):
+    return CalibrationConfig(data=str(text_file), n_samples=n, seq_len=seq_len, batch_size=4)
+
+
+def _logit_error(folder, quantized_model, windows):
+    reference = load_model(folder).model
+    with torch.no_grad():
+        return (reference(windows).logits - quantized_model(windows).logits).pow(2).mean().item()
+
+
+@pytest.mark.parametrize("model_dir", ["tiny_llama_dir", "tiny_opt_dir"])
+def test_gptq_beats_rtn_on_tiny_models(model_dir, request, text_file):
+    folder = request.getfixturevalue(model_dir)
+    windows = torch.randint(2, 300, (4, 32), generator=torch.Generator().manual_seed(3))
+    errors = {}
+    for config in (RTNConfig(bits=3, group_size=32), GPTQConfig(bits=3, group_size=32)):
+        _, weights, loaded = compress(str(folder), config, _calib(text_file), show_progress=False)
+        n_linears = sum(isinstance(m, torch.nn.Linear) for m in loaded.model.modules()) - 1
+        assert len(weights) == n_linears  # every decoder linear, not the head
+        errors[config.method] = _logit_error(folder, loaded.model, windows)
+    assert errors["gptq"] < errors["rtn"]
+
+
+def test_saved_checkpoint_round_trips_bit_exactly(tiny_llama_dir, text_file, tmp_path):
+    out = tmp_path / "q"
+    result, weights, _ = compress(
+        str(tiny_llama_dir),
+        GPTQConfig(bits=4, group_size=32, act_order=True),
+        _calib(text_file),
+        output=out,
+        show_progress=False,
+    )
+    assert result.calibration["n_windows"] == 8 and result.calibration["split"] == "all"
+    config = json.loads((out / "config.json").read_text())
+    quant = config["quantization_config"]
+    assert quant["quant_method"] == "gptq" and quant["bits"] == 4 and quant["group_size"] == 32
+    assert quant["desc_act"] is True and quant["meta"]["calibration"]["data"].startswith("text:")
+    assert json.loads((out / "quantize_config.json").read_text())["bits"] == 4
+    loaded = load_model(out)
+    modules = {n: m for n, m in loaded.model.named_modules() if isinstance(m, GPTQLinear)}
+    assert set(modules) == set(weights)
+    for name, module in modules.items():
+        dense = dequantize_gptq(
+            module.qweight, module.qzeros, module.scales, module.g_idx, 4, module.in_features
+        )
+        assert torch.equal(dense.T, weights[name].dequantize()), name
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        assert torch.isfinite(loaded.model(ids).logits).all()
+
+
+def test_existing_output_is_refused_before_work(tiny_llama_dir, tmp_path):
+    out = tmp_path / "exists"
+    out.mkdir()
+    with pytest.raises(MemtoolError, match="already exists"):
+        compress(str(tiny_llama_dir), RTNConfig(), output=out, show_progress=False)
+
+
+def test_interrupted_save_leaves_no_output(tiny_llama_dir, tmp_path, monkeypatch):
+    import memtool.formats.gptq_checkpoint as checkpoint
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save_file", boom)
+    out = tmp_path / "never"
+    with pytest.raises(KeyboardInterrupt):
+        compress(str(tiny_llama_dir), RTNConfig(group_size=32), output=out, show_progress=False)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_calibration_too_small(tiny_llama_dir, text_file):
+    with pytest.raises(MemtoolError, match="windows"):
+        compress(
+            str(tiny_llama_dir),
+            GPTQConfig(),
+            _calib(text_file, n=10_000, seq_len=64),
+            show_progress=False,
+        )

@@ -1,0 +1,50 @@
+"""Kernel tests: Triton kernels run in the interpreter, on CPU tensors, in a fresh process.
+
+Why a subprocess: triton reads TRITON_INTERPRET when it is first imported (its standard library,
+`tl.zeros` included, is `@triton.jit`-decorated then), and by the time this directory is
+collected other memtool imports (bitsandbytes, transformers) have usually imported triton
+already. A child process that sets the variable before any import is the only reliable way.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+WORKER = Path(__file__).with_name("interpret_worker.py")
+
+
+@pytest.fixture(scope="session")
+def run_interpreted(tmp_path_factory) -> Callable[[list[dict]], list[dict]]:
+    """Run jobs through `memtool.ops.gptq_linear` under TRITON_INTERPRET=1 in a child process.
+
+    A job is `{"kwargs": {...gptq_linear arguments...}, "backend": "triton" | "auto"}`; each
+    result is `{"out": Tensor, "backend": str}` or `{"error": str}` (a `MemtoolError` message).
+    Skips when triton is not installed.
+    """
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+
+    def run(jobs: list[dict]) -> list[dict]:
+        folder = tmp_path_factory.mktemp("interpret")
+        torch.save(jobs, folder / "jobs.pt")
+        repo = str(Path(__file__).resolve().parents[2])
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH")) if p)
+        done = subprocess.run(
+            [sys.executable, str(WORKER), str(folder / "jobs.pt"), str(folder / "out.pt")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if done.returncode != 0:
+            pytest.fail(f"interpreter worker failed:\n{done.stderr[-4000:]}")
+        return torch.load(folder / "out.pt")
+
+    return run

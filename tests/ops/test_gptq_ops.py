@@ -1,0 +1,212 @@
+"""GPTQ ops: the reference is the formula; the Triton kernel matches the reference.
+
+Kernel tests run the Triton interpreter on CPU tensors in one child process (fixture
+`run_interpreted`, see conftest.py). Tolerance: the kernel sums the same float32 products in
+another order (K-tiles of 32/64), so float32 results must agree to 1e-4 relative to the
+output's largest magnitude (observed ~1e-6).
+"""
+
+import logging
+
+import pytest
+import torch
+
+import memtool.ops as ops
+from memtool.errors import MemtoolError
+from memtool.formats.gptq_pack import pack_gptq
+from memtool.ops import KernelBackend, backend_used, gptq_linear
+from memtool.ops.reference import dequantize_gptq
+from memtool.ops.reference import gptq_linear as reference_linear
+
+BITS = (2, 3, 4, 8)
+FP32_RTOL = 1e-4
+
+
+def make_layer(bits, in_features=576, out_features=96, group_size=128, sym=False, shuffle=False):
+    """Random layer; returns `(q, zeros, scales_fp16, g_idx)` and the packed tensors."""
+    gen = torch.Generator().manual_seed(bits * 7 + in_features + 2 * sym + shuffle)
+    n_groups = -(-in_features // group_size)
+    maxq = (1 << bits) - 1
+    q = torch.randint(0, maxq + 1, (in_features, out_features), generator=gen)
+    if sym:
+        zeros = torch.full((n_groups, out_features), (maxq + 1) // 2)
+    else:
+        zeros = torch.randint(1, maxq + 2, (n_groups, out_features), generator=gen)
+    scales = torch.rand(n_groups, out_features, generator=gen) * 0.02 + 1e-3
+    g_idx = torch.arange(in_features) // group_size
+    if shuffle:
+        g_idx = g_idx[torch.randperm(in_features, generator=gen)]
+    packed = pack_gptq(q, zeros, scales, g_idx, bits)
+    return (q, zeros, packed["scales"], g_idx), packed
+
+
+def packed_args(packed, bits, in_features=576):
+    return packed["qweight"], packed["qzeros"], packed["scales"], packed["g_idx"], bits, in_features
+
+
+def assert_close_relative(actual, expected, rtol):
+    scale = expected.float().abs().max().clamp_min(1e-12)
+    error = (actual.float() - expected.float()).abs().max() / scale
+    assert error <= rtol, f"max error {error:.2e} relative to max |expected|, allowed {rtol:.0e}"
+
+
+@pytest.mark.parametrize("shuffle", [False, True], ids=["static-groups", "shuffled-g_idx"])
+@pytest.mark.parametrize("bits", BITS)
+def test_reference_dequantize_is_the_formula(bits, shuffle):
+    (q, zeros, scales, g_idx), packed = make_layer(bits, shuffle=shuffle)
+    weight = dequantize_gptq(*packed_args(packed, bits))
+
+    expected = torch.empty(576, 96)
+    for i in range(576):  # the formula, row by row, with the group each row names
+        g = int(g_idx[i])
+        expected[i] = scales[g].float() * (q[i] - zeros[g]).float()
+    assert weight.dtype == torch.float32
+    assert torch.equal(weight, expected)
+
+
+@pytest.mark.parametrize("bits", (3, 4))
+def test_reference_linear_is_x_at_dequantized_plus_bias(bits):
+    _, packed = make_layer(bits, shuffle=True)
+    weight = dequantize_gptq(*packed_args(packed, bits))
+    x = torch.randn(2, 3, 576, generator=torch.Generator().manual_seed(1))
+    bias = torch.randn(96, generator=torch.Generator().manual_seed(2))
+
+    out = reference_linear(x, *packed_args(packed, bits), bias=bias)
+    assert out.shape == (2, 3, 96) and out.dtype == torch.float32
+    torch.testing.assert_close(out, x @ weight + bias, rtol=1e-5, atol=1e-5)
+
+    half = reference_linear(x.half(), *packed_args(packed, bits))
+    assert half.dtype == torch.float16  # computed in float32, returned in x's dtype
+    torch.testing.assert_close(half, (x.half().float() @ weight).half())
+
+
+def test_reference_refuses_activations_that_do_not_fit():
+    _, packed = make_layer(4)
+    with pytest.raises(MemtoolError, match="expects 576 features"):
+        reference_linear(torch.randn(2, 512), *packed_args(packed, 4))
+    with pytest.raises(MemtoolError, match=r"bias must be \[96\]"):
+        reference_linear(torch.randn(2, 576), *packed_args(packed, 4), bias=torch.zeros(95))
+    with pytest.raises(MemtoolError, match="qweight must be"):
+        reference_linear(torch.randn(2, 608), *packed_args(packed, 4, in_features=608))
+
+
+def kernel_job(
+    case_id: str,
+    bits: int,
+    shape: tuple[int, ...],
+    bias: bool = False,
+    sym: bool = False,
+    shuffle: bool = False,
+    in_features: int = 576,
+    group_size: int = 128,
+    dtype: torch.dtype = torch.float32,
+    backend: str = "triton",
+) -> dict:
+    """One `gptq_linear` call for the interpreter worker, its inputs seeded by the case id."""
+    _, packed = make_layer(bits, in_features, 96, group_size, sym=sym, shuffle=shuffle)
+    gen = torch.Generator().manual_seed(sum(map(ord, case_id)))
+    x = torch.randn(*shape[:-1], in_features, generator=gen).to(dtype)
+    kwargs = {"x": x, **packed, "bits": bits, "in_features": in_features}
+    kwargs["bias"] = torch.randn(96, generator=gen) if bias else None
+    return {"kwargs": kwargs, "backend": backend}
+
+
+# Default layer: 576 in-features in groups of 128 (the last ragged, 64 wide), 96 out-features,
+# so K-tiles of 64 cross group borders and N needs three 32-wide tiles.
+FP32_CASES = {
+    **{
+        f"decode-{b}bit-bias-actorder": {
+            "bits": b,
+            "shape": (1, 576),
+            "bias": True,
+            "shuffle": True,
+        }
+        for b in BITS
+    },
+    # M = 80: two M-tiles of 64, the second mostly masked.
+    **{f"prefill-{b}bit-sym": {"bits": b, "shape": (2, 40, 576), "sym": True} for b in BITS},
+    "m5-3bit-bias-sym-actorder": {
+        "bits": 3,
+        "shape": (5, 576),
+        "bias": True,
+        "sym": True,
+        "shuffle": True,
+    },
+    # K = 160 is not a multiple of 64: K-tiles of 32; groups of 64 with a ragged last one.
+    "k160-g64-3bit": {"bits": 3, "shape": (3, 160), "in_features": 160, "group_size": 64},
+}
+
+
+@pytest.fixture(scope="module")
+def kernel_results(run_interpreted):
+    """All kernel jobs of this module, run in one interpreter process (about 5 s)."""
+    jobs = {case_id: kernel_job(case_id, **case) for case_id, case in FP32_CASES.items()}
+    jobs["fp16"] = kernel_job("fp16", 4, (3, 576), bias=True, dtype=torch.float16)
+    jobs["bf16"] = kernel_job("bf16", 4, (3, 576), dtype=torch.bfloat16)
+    jobs["auto"] = kernel_job("auto", 8, (4, 576), bias=True, shuffle=True, backend="auto")
+    bf16_auto = {"dtype": torch.bfloat16, "backend": "auto"}
+    jobs["auto-bf16"] = kernel_job("auto-bf16", 8, (4, 576), **bf16_auto)
+    results = run_interpreted(list(jobs.values()))
+    return {
+        case_id: (job, result) for (case_id, job), result in zip(jobs.items(), results, strict=True)
+    }
+
+
+def expected_output(job):
+    return reference_linear(**job["kwargs"])
+
+
+@pytest.mark.parametrize("case_id", FP32_CASES)
+def test_triton_kernel_matches_reference_fp32(kernel_results, case_id):
+    job, result = kernel_results[case_id]
+    assert result.get("backend") == "triton", result
+    expected = expected_output(job)
+    assert result["out"].shape == expected.shape and result["out"].dtype == torch.float32
+    assert_close_relative(result["out"], expected, FP32_RTOL)
+
+
+def test_triton_kernel_fp16_rounds_only_the_weight(kernel_results):
+    # float16 activations: the dequantized tile is rounded to float16 for the dot, so the
+    # bound is half-precision rounding of W (2**-11 relative per product), not float32's.
+    job, result = kernel_results["fp16"]
+    assert result["out"].dtype == torch.float16
+    assert_close_relative(result["out"], expected_output(job), 2e-3)
+
+
+def test_triton_refuses_bfloat16_in_the_interpreter(kernel_results):
+    # triton-lang/triton#11584: the interpreter's bfloat16 dot is wrong; refuse, don't guess.
+    assert "does not support bfloat16" in kernel_results["bf16"][1]["error"]
+
+
+def test_auto_picks_triton_under_the_interpreter(kernel_results):
+    job, result = kernel_results["auto"]
+    assert result["backend"] == "triton"
+    assert_close_relative(result["out"], expected_output(job), FP32_RTOL)
+    job, result = kernel_results["auto-bf16"]
+    assert result["backend"] == "reference"
+    assert torch.equal(result["out"], expected_output(job))
+
+
+def test_triton_on_plain_cpu_is_an_error_not_a_fallback(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _, packed = make_layer(4)
+    with pytest.raises(MemtoolError, match="triton backend cannot run here"):
+        gptq_linear(torch.randn(1, 576), *packed_args(packed, 4), backend="triton")
+    with pytest.raises(MemtoolError, match="unknown kernel backend"):
+        backend_used("cpu", "cuda")
+
+
+def test_auto_on_plain_cpu_runs_the_reference_and_says_so(monkeypatch, caplog):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(ops, "_logged", set())
+    _, packed = make_layer(4)
+    x = torch.randn(2, 576, generator=torch.Generator().manual_seed(4))
+
+    assert backend_used(x.device) is KernelBackend.REFERENCE
+    with caplog.at_level(logging.INFO, logger="memtool.ops"):
+        out = gptq_linear(x, *packed_args(packed, 4), backend=KernelBackend.AUTO)
+        gptq_linear(x, *packed_args(packed, 4))
+    assert [r.getMessage() for r in caplog.records] == [
+        "gptq_linear runs on the reference backend (cpu tensors)"
+    ]
+    assert torch.equal(out, reference_linear(x, *packed_args(packed, 4)))
