@@ -38,6 +38,7 @@ class CompressResult:
     quantized_layers: int
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,6 +77,7 @@ def compress(
     if output is not None:
         _check_packable(loaded.model)
     warnings: list[str] = []
+    phases: dict[str, float] = {}
     calib_info = None
     if isinstance(config, GPTQConfig):
         windows = calibration_windows(
@@ -98,7 +100,7 @@ def compress(
             batch_size=calibration.batch_size,
             show_progress=show_progress,
         )
-        weights, warnings = result.weights, result.warnings
+        weights, warnings, phases = result.weights, result.warnings, result.phase_seconds
     elif isinstance(config, RTNConfig):
         weights = _rtn_all(loaded.model, config)
     else:
@@ -123,6 +125,7 @@ def compress(
         quantized_layers=len(weights),
         seconds=time.perf_counter() - began,
         warnings=warnings,
+        phase_seconds=phases,
     )
     return summary, weights, loaded
 

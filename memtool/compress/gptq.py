@@ -108,30 +108,34 @@ def gptq_quantize(
         reason = f"Hessian not positive definite even with dampening {max_damp_percent:g}"
         return GPTQResult(rtn_quantize(weight, bits, group_size, sym), None, reason)
 
-    codes = torch.zeros_like(w)
+    # Work on Wᵀ: each input column becomes a contiguous row, so the per-column steps and the
+    # rank-1 updates touch contiguous memory (the inner loop is the hot path on CPU).
+    wt = w.T.contiguous()
+    scales_t, zeros_t = scales.T.contiguous(), zeros.T.contiguous()
+    codes_t = torch.empty_like(wt)
+    groups = group_of.tolist()
+    maxq = 2**bits - 1
     for start in range(0, in_features, block_size):
         stop = min(start + block_size, in_features)
-        w_block = w[:, start:stop].clone()
-        err_block = torch.zeros_like(w_block)
         hinv_block = hinv[start:stop, start:stop]
+        err_block = torch.empty(stop - start, out_features)
         for j in range(stop - start):
-            col = w_block[:, j]
-            g = group_of[start + j]
-            if not act_order and (start + j) % group_size == 0:
+            col = start + j
+            g = groups[col]
+            if not act_order and col % group_size == 0:
                 # Without act-order, fit each group when reached, on the weights as updated by
-                # the errors of earlier columns (the reference GPTQ behaviour; measurably better
-                # than fitting on the original weights).
-                width = min(group_size, in_features - start - j)
-                in_block = w_block[:, j : j + width]
-                rest = w[:, stop : stop + width - in_block.shape[1]]  # group crosses the block
-                scales[:, g], zeros[:, g] = fit_params(torch.cat([in_block, rest], 1), bits, sym)
-            scale, zero = scales[:, g], zeros[:, g]
-            q = quantize_codes(col[:, None], scale, zero, bits)[:, 0]
-            codes[:, start + j] = q
-            err = (col - scale * (q - zero)) / hinv_block[j, j]
-            w_block[:, j:] -= err[:, None] * hinv_block[j, j:][None, :]
-            err_block[:, j] = err
-        w[:, stop:] -= err_block @ hinv[start:stop, stop:]
+                # the errors of earlier columns (the reference GPTQ behaviour).
+                rows = wt[col : min(col + group_size, in_features)]
+                scales_t[g], zeros_t[g] = fit_params(rows.T, bits, sym)
+            row = wt[col]
+            q = torch.div(row, scales_t[g]).round_().add_(zeros_t[g]).clamp_(0, maxq)
+            codes_t[col] = q
+            err = (row - (q - zeros_t[g]) * scales_t[g]).div_(hinv_block[j, j])
+            err_block[j] = err
+            wt[col + 1 : stop].addr_(hinv_block[j, j + 1 :], err, alpha=-1)
+        wt[stop:].addmm_(hinv[start:stop, stop:].T, err_block, alpha=-1)
+    codes = codes_t.T
+    scales, zeros = scales_t.T.contiguous(), zeros_t.T.contiguous()
 
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]

@@ -21,12 +21,9 @@ class HessianGroup:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
-        n_new = x.shape[0]
-        # Running mean of 2 xxᵀ: rescale the old sum, add the new batch.
-        total = self.n_rows + n_new
-        self.hessian.mul_(self.n_rows / total)
-        x = x * (2.0 / total) ** 0.5
-        self.hessian.addmm_(x.T, x)
+        # Running mean of 2 xxᵀ: rescale the old sum, add the new batch (no copy of x).
+        total = self.n_rows + x.shape[0]
+        self.hessian.mul_(self.n_rows / total).addmm_(x.T, x, alpha=2.0 / total)
         self.n_rows = total
 
 

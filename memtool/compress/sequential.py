@@ -37,6 +37,9 @@ class SequentialResult:
     weights: dict[str, QuantizedWeight]  # full module name -> quantized weight
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    # Wall time per phase: capture (embeddings), calibrate (forward + Hessians), quantize,
+    # propagate (forward through the quantized layer): where to look before optimising.
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
 
 @torch.inference_mode()
@@ -61,6 +64,16 @@ def quantize_sequential(
     layers_prefix = next(name for name, m in model.named_modules() if m is layers)
     inputs = capture_first_layer_inputs(model, windows, batch_size)
     result = SequentialResult({})
+    phases = dict.fromkeys(("capture", "calibrate", "quantize", "propagate"), 0.0)
+    phases["capture"] = time.perf_counter() - began
+    mark = time.perf_counter()
+
+    def lap(phase: str) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        phases[phase] += now - mark
+        mark = now
+
     with step_progress() as progress:
         task = progress.add_task("Quantizing", total=len(layers), status="", visible=show_progress)
         for index, layer in enumerate(layers):
@@ -69,6 +82,7 @@ def quantize_sequential(
             with HessianCollector(linears) as collector:
                 for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
                     run_layer(layer, hidden, kwargs)
+            lap("calibrate")
             progress.update(task, status=f"layer {index}: quantizing")
             for group in collector.groups:
                 modules = [linears[name] for name in group.names]
@@ -82,11 +96,14 @@ def quantize_sequential(
                     result.warnings.append(message)
                     console.print(f"[yellow]warning:[/] {message}")
             del collector
+            lap("quantize")
             # Next layer's inputs, computed through this layer's quantized weights.
             inputs.hidden = [
                 run_layer(layer, hidden, kwargs)
                 for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True)
             ]
+            lap("propagate")
             progress.update(task, advance=1)
     result.seconds = time.perf_counter() - began
+    result.phase_seconds = {name: round(value, 2) for name, value in phases.items()}
     return result

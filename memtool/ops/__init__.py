@@ -1,11 +1,14 @@
 """Kernel contracts and backend choice: each op has a pure-PyTorch reference and device kernels.
 
 `reference.py` is the specification and runs everywhere; `triton/` holds the GPU kernels, which
-are imported only once chosen (memtool imports without triton). The caller picks a
-`KernelBackend`: `auto` runs Triton when it can (triton installed and CUDA tensors, or CPU
-tensors with `TRITON_INTERPRET=1`) and the reference otherwise; `triton` where Triton cannot
-run is an error, never a silent fallback. The first call of an op on each backend and device
-logs which backend ran to the `memtool.ops` logger (INFO).
+are imported only once chosen (memtool imports without triton); `cpu/` holds a native C++ kernel
+for decode-sized calls, compiled on first use. The caller picks a `KernelBackend`: `auto` runs
+Triton when it can (triton installed and CUDA tensors, or CPU tensors with `TRITON_INTERPRET=1`),
+else, on CPU tensors, the native CPU kernel for calls it handles that have at most
+`CPU_MAX_ROWS` rows (see `gptq_backend_used`), and the reference otherwise. `triton` or `cpu`
+where that backend cannot run is an error, never a silent fallback; under `auto`, a CPU kernel
+that fails to build is reported once (WARNING) and the reference runs. The first call of an op
+on each backend and device logs which backend ran to the `memtool.ops` logger (INFO).
 """
 
 import enum
@@ -20,9 +23,16 @@ from torch import Tensor
 
 from memtool.errors import MemtoolError
 from memtool.ops import reference
+from memtool.ops.cpu import (
+    CPU_MAX_ROWS,
+    cpu_gptq_linear,
+    cpu_kernel_status,
+    cpu_unsupported_reason,
+)
 
 log = logging.getLogger("memtool.ops")
 _logged: set[tuple[str, str, str]] = set()
+_warned_cpu_kernel = False
 
 
 class KernelBackend(enum.StrEnum):
@@ -31,6 +41,7 @@ class KernelBackend(enum.StrEnum):
     AUTO = "auto"
     REFERENCE = "reference"
     TRITON = "triton"
+    CPU = "cpu"
 
 
 @functools.cache
@@ -47,6 +58,13 @@ def triton_interpreting() -> bool:
     return any(isinstance(value, InterpretedFunction) for value in vars(standard).values())
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    # Cached: find_spec walks sys.path while triton is not imported (~50 us), and every
+    # decode-step linear asks.
+    return importlib.util.find_spec("triton") is not None
+
+
 def triton_status(device: torch.device | str, dtype: torch.dtype | None = None) -> tuple[bool, str]:
     """Whether Triton kernels can run on tensors on `device` (of `dtype`), and why (not).
 
@@ -58,7 +76,7 @@ def triton_status(device: torch.device | str, dtype: torch.dtype | None = None) 
         `(usable, reason)`; the reason is one line fit for an error or `memtool info`.
     """
     device = torch.device(device)
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         return False, "triton is not installed (pip install triton)"
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if interpret and dtype == torch.bfloat16:
@@ -79,23 +97,40 @@ def triton_status(device: torch.device | str, dtype: torch.dtype | None = None) 
     )
 
 
+def cpu_status(device: torch.device | str) -> tuple[bool, str]:
+    """Whether the native CPU kernel can run on tensors on `device`, and why (not).
+
+    Builds the kernel on the first call in a process when the device is the CPU.
+
+    Returns:
+        `(usable, reason)`; the reason is one line fit for an error or `memtool info`.
+    """
+    device = torch.device(device)
+    if device.type != "cpu":
+        return False, f"tensors are on {device.type}; the cpu backend needs CPU tensors"
+    return cpu_kernel_status()
+
+
 def backend_used(
     device: torch.device | str,
     backend: KernelBackend | str = KernelBackend.AUTO,
     dtype: torch.dtype | None = None,
 ) -> KernelBackend:
-    """The backend that an op asked for `backend` runs on tensors on `device`.
+    """The backend that an op asked for `backend` runs on tensors on `device`, shapes aside.
+
+    `auto` picks the native CPU kernel only per call, since that depends on the call's bits,
+    g_idx and rows: `gptq_backend_used` answers for a `gptq_linear` call.
 
     Args:
         device: where the op's tensors live.
-        backend: `auto`, `reference` or `triton` (enum or its string).
+        backend: `auto`, `reference`, `triton` or `cpu` (enum or its string).
         dtype: the activations' dtype, if known (see `triton_status`).
 
     Returns:
-        `KernelBackend.REFERENCE` or `KernelBackend.TRITON`, never `AUTO`.
+        `REFERENCE`, `TRITON` or (asked for explicitly) `CPU`; never `AUTO`.
 
     Raises:
-        MemtoolError: an unknown backend name, or `triton` where Triton cannot run.
+        MemtoolError: an unknown backend name, or `triton` or `cpu` where it cannot run.
     """
     try:
         backend = KernelBackend(backend)
@@ -104,10 +139,52 @@ def backend_used(
         raise MemtoolError(f"unknown kernel backend {backend!r}; use one of {names}") from None
     if backend is KernelBackend.REFERENCE:
         return backend
+    if backend is KernelBackend.CPU:
+        usable, reason = cpu_status(device)
+        if not usable:
+            raise MemtoolError(f"the cpu backend cannot run here: {reason}")
+        return backend
     usable, reason = triton_status(device, dtype)
     if backend is KernelBackend.TRITON and not usable:
         raise MemtoolError(f"the triton backend cannot run here: {reason}")
     return KernelBackend.TRITON if usable else KernelBackend.REFERENCE
+
+
+def gptq_backend_used(
+    x: Tensor,
+    g_idx: Tensor,
+    bits: int,
+    in_features: int,
+    backend: KernelBackend | str = KernelBackend.AUTO,
+) -> KernelBackend:
+    """The backend `gptq_linear` runs for activations `x` and a layer's `g_idx` and `bits`.
+
+    Under `auto` on CPU tensors, the native kernel runs when it is built, handles the layer
+    (static groups, see `memtool.ops.cpu.cpu_unsupported_reason`) and `x` has at most
+    `CPU_MAX_ROWS` rows; above that, dequantizing once and calling BLAS is faster.
+
+    Raises:
+        MemtoolError: as `backend_used`, or `cpu` asked for a call the kernel does not handle.
+    """
+    global _warned_cpu_kernel
+    chosen = backend_used(x.device, backend, x.dtype)
+    if chosen is KernelBackend.CPU:
+        reason = cpu_unsupported_reason(x, g_idx, bits)
+        if reason is not None:
+            raise MemtoolError(f"the cpu backend cannot run this call: {reason}")
+        return chosen
+    if KernelBackend(backend) is not KernelBackend.AUTO or chosen is not KernelBackend.REFERENCE:
+        return chosen
+    rows = x.numel() // in_features if in_features else 0
+    if rows > CPU_MAX_ROWS or cpu_unsupported_reason(x, g_idx, bits) is not None:
+        return chosen
+    usable, reason = cpu_kernel_status()
+    if usable:
+        return KernelBackend.CPU
+    if not _warned_cpu_kernel:
+        _warned_cpu_kernel = True
+        log.warning("the native CPU kernel is unavailable (%s); using the reference", reason)
+    return chosen
 
 
 def _log_first_use(op: str, backend: KernelBackend, device: torch.device) -> None:
@@ -139,23 +216,28 @@ def gptq_linear(
         bits: 2, 3, 4 or 8.
         in_features: input features of the layer.
         bias: optional `[out_features]`.
-        backend: see `backend_used`.
+        backend: see `gptq_backend_used`.
 
     Returns:
         `[..., out_features]` in `x.dtype`, accumulated in float32.
     """
-    chosen = backend_used(x.device, backend, x.dtype)
+    chosen = gptq_backend_used(x, g_idx, bits, in_features, backend)
     _log_first_use("gptq_linear", chosen, x.device)
     if chosen is KernelBackend.TRITON:
         from memtool.ops.triton.gptq_matmul import triton_gptq_linear
 
         return triton_gptq_linear(x, qweight, qzeros, scales, g_idx, bits, in_features, bias)
+    if chosen is KernelBackend.CPU:
+        return cpu_gptq_linear(x, qweight, qzeros, scales, g_idx, bits, in_features, bias)
     return reference.gptq_linear(x, qweight, qzeros, scales, g_idx, bits, in_features, bias)
 
 
 __all__ = [
+    "CPU_MAX_ROWS",
     "KernelBackend",
     "backend_used",
+    "cpu_status",
+    "gptq_backend_used",
     "gptq_linear",
     "triton_interpreting",
     "triton_status",

@@ -1,0 +1,158 @@
+"""Native CPU kernel for GPTQ linears at decode sizes: `x @ W + b` straight from packed words.
+
+The reference (`memtool.ops.reference.gptq_linear`) dequantizes the whole weight to float32 on
+every call, which is fine when hundreds of tokens share it (prefill, perplexity) and ruinous when
+one token does (decoding). `gptq_gemm.cpp` reads the packed codes directly, vectorised across
+output columns, compiled on first use for this machine (`build.py`). It handles static groups
+only (`g_idx[i] == i // group_size`, group size a multiple of 32, a ragged last group allowed);
+act-order checkpoints, whose g_idx is shuffled, stay on the reference.
+
+Crossover (`CPU_MAX_ROWS`): at 4 bits, g128, 2 AMD EPYC cores (AVX2), the kernel's time grows
+about linearly with the rows of x, the reference's barely (its cost is the dequantization).
+Measured per call on 576x1536 and 1536x576 layers (benchmarks/cpu_decode.py --crossover):
+see `CPU_MAX_ROWS` below for the numbers; `auto` sends up to that many rows to the kernel and
+more to the reference.
+"""
+
+import functools
+import weakref
+
+import torch
+from torch import Tensor
+
+from memtool.errors import MemtoolError
+from memtool.formats.gptq_pack import check_gptq_tensors
+from memtool.ops.cpu.build import build_dir, load_kernel
+from memtool.ops.reference import check_linear_inputs
+
+# Rows of x up to which `auto` runs the kernel. Measured (ms per call, 4-bit g128, 2 threads):
+# see the module docstring; the two cost curves cross between 16 and 32 rows.
+CPU_MAX_ROWS = 16
+
+_BLOCK = 32  # input features per packed block; group sizes must be multiples of it
+_group_sizes: dict[int, tuple[weakref.ref, int | None, int | None]] = {}
+
+
+@functools.cache
+def cpu_kernel_status() -> tuple[bool, str]:
+    """Whether the native CPU kernel can run in this process, and why (not).
+
+    Builds the kernel on the first call (seconds; later processes load the cached build).
+
+    Returns:
+        `(usable, reason)`; the reason is one line, e.g. "no C++ compiler (...)" or the
+        compiler's first error.
+    """
+    usable, reason = load_kernel()
+    if usable:
+        # Shapes without data, so the op traces under torch.compile and passes opcheck.
+        @torch.library.register_fake("memtool_cpu::gptq_gemm")
+        def _(x, qweight, qzeros, scales, bias, bits, group_size):
+            return x.new_empty(x.shape[0], qweight.shape[1])
+
+    return usable, reason
+
+
+def _find_static_group_size(g_idx: Tensor) -> int | None:
+    """The group size if `g_idx[i] == i // group_size` for all i, else None."""
+    in_features = g_idx.numel()
+    first_group = int((g_idx == 0).sum())
+    if in_features == 0 or first_group == 0:
+        return None
+    expected = torch.arange(in_features, device=g_idx.device) // first_group
+    return first_group if torch.equal(g_idx.long(), expected) else None
+
+
+def static_group_size(g_idx: Tensor) -> int | None:
+    """`_find_static_group_size`, computed once per g_idx tensor (so once per layer).
+
+    Keyed on the tensor object and its version counter, so an in-place change (loading a state
+    dict into the buffer) is noticed. Inference tensors have no version counter: never cached.
+    """
+    key = id(g_idx)
+    version = None if g_idx.is_inference() else g_idx._version
+    hit = _group_sizes.get(key)
+    if hit is not None and hit[0]() is g_idx and version is not None and hit[1] == version:
+        return hit[2]
+    size = _find_static_group_size(g_idx)
+    if hit is None or hit[0]() is not g_idx:
+        # Drop the entry when the tensor dies, before its id can be reused.
+        weakref.finalize(g_idx, _group_sizes.pop, key, None)
+    _group_sizes[key] = (weakref.ref(g_idx), version, size)
+    return size
+
+
+def cpu_unsupported_reason(x: Tensor, g_idx: Tensor, bits: int) -> str | None:
+    """Why the kernel cannot run this call (one line), or None when it can.
+
+    Cheap after the first call per layer; does not build the kernel.
+    """
+    if x.device.type != "cpu":
+        return f"tensors are on {x.device.type}; the native CPU kernel needs CPU tensors"
+    if bits not in (2, 3, 4, 8):
+        return f"bits={bits} is not supported"
+    group_size = static_group_size(g_idx)
+    if group_size is None:
+        return "g_idx is not static groups (i // group_size), as in act-order checkpoints"
+    if group_size % _BLOCK:
+        return f"group size {group_size} is not a multiple of {_BLOCK}"
+    return None
+
+
+def cpu_gptq_linear(
+    x: Tensor,
+    qweight: Tensor,
+    qzeros: Tensor,
+    scales: Tensor,
+    g_idx: Tensor,
+    bits: int,
+    in_features: int,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """`x @ W + bias` for a GPTQ-packed `W` with the native CPU kernel, accumulated in float32.
+
+    Same contract as `memtool.ops.reference.gptq_linear`; results agree with it to float32
+    rounding (the sums run in another order).
+
+    Args:
+        x: activations `[..., in_features]`, any float dtype (computed in float32).
+        qweight: int32 `[in_features * bits // 32, out_features]`.
+        qzeros: int32 `[n_groups, out_features * bits // 32]`, storing zero - 1.
+        scales: `[n_groups, out_features]`.
+        g_idx: int32 `[in_features]`; must be `i // group_size` (see `cpu_unsupported_reason`).
+        bits: 2, 3, 4 or 8.
+        in_features: input features of the layer.
+        bias: optional `[out_features]`.
+
+    Returns:
+        `[..., out_features]` in `x.dtype`.
+
+    Raises:
+        MemtoolError: tensors that do not fit, a call the kernel does not handle, or a kernel
+            that could not be built here.
+    """
+    out_features = check_gptq_tensors(qweight, qzeros, scales, g_idx, bits, in_features)
+    check_linear_inputs(x, bias, qweight, in_features, out_features)
+    reason = cpu_unsupported_reason(x, g_idx, bits)
+    if reason is not None:
+        raise MemtoolError(f"the cpu backend cannot run this call: {reason}")
+    usable, why = cpu_kernel_status()
+    if not usable:
+        raise MemtoolError(f"the cpu backend cannot run here: {why}")
+    rows = x if x.dim() == 2 else x.reshape(-1, in_features)
+    out = torch.ops.memtool_cpu.gptq_gemm(
+        rows.float(), qweight, qzeros, scales, bias, bits, static_group_size(g_idx)
+    )
+    if x.dim() != 2:
+        out = out.reshape(*x.shape[:-1], out_features)
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+__all__ = [
+    "CPU_MAX_ROWS",
+    "build_dir",
+    "cpu_gptq_linear",
+    "cpu_kernel_status",
+    "cpu_unsupported_reason",
+    "static_group_size",
+]

@@ -1,0 +1,116 @@
+"""Compiling `gptq_gemm.cpp` on first use, once per process, into memtool's cache.
+
+The kernel is built with `-march=native`, so a build is only valid on the machine (CPU
+features), torch and Python that made it: all three name the build folder, which also lets a
+shared home directory serve several machines. torch's `cpp_extension.load` rebuilds only when
+the source or flags change and serialises concurrent builds with a lock file, so a second
+process (or a later run) just loads the library.
+"""
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from memtool.paths import memtool_home
+
+log = logging.getLogger("memtool.ops")
+
+SOURCE = Path(__file__).with_name("gptq_gemm.cpp")
+LIBRARY = "memtool_cpu"  # the TORCH_LIBRARY namespace the source registers
+_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
+
+
+def _machine_tag() -> str:
+    """A short tag for this CPU's instruction sets (what -march=native compiles for)."""
+    flags = platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        lines = cpuinfo.read_text(errors="replace").splitlines()
+        flags += next((line for line in lines if line.startswith(("flags", "Features"))), "")
+    return hashlib.sha256(flags.encode()).hexdigest()[:10]
+
+
+def build_dir() -> Path:
+    """Where this machine's build of the kernel lives."""
+    torch_tag = torch.__version__.replace("+", "_")
+    python_tag = f"py{sys.version_info.major}{sys.version_info.minor}"
+    name = f"gptq_cpu-{torch_tag}-{python_tag}-{_machine_tag()}"
+    return memtool_home() / "torch_extensions" / name
+
+
+def _missing_tool() -> str | None:
+    """Why the build cannot even start (no compiler, no ninja), or None."""
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler ({compiler!r} is not on PATH; install g++ or set CXX)"
+    if shutil.which("ninja") is None:
+        return "ninja is not installed (torch builds C++ extensions with it: pip install ninja)"
+    return None
+
+
+def _first_error_line(error: BaseException) -> str:
+    """The compiler's first `error:` line, else the exception's first line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    detail = next((line for line in lines if "error:" in line), None)
+    return detail or (lines[0] if lines else type(error).__name__)
+
+
+def _with_venv_on_path() -> None:
+    """Put the running Python's bin folder on PATH when ninja sits there but PATH lacks it.
+
+    `pip install ninja` drops the binary beside `python`; torch looks it up on PATH only, which
+    misses it whenever a virtualenv's python is run without activating the environment.
+    """
+    bin_dir = Path(sys.executable).parent
+    if shutil.which("ninja") is None and (bin_dir / "ninja").exists():
+        os.environ["PATH"] = os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")])
+
+
+@functools.cache
+def load_kernel() -> tuple[bool, str]:
+    """Build (or load the cached build of) the kernel once per process.
+
+    Returns:
+        `(usable, reason)`: on success the op is registered as `torch.ops.memtool_cpu.gptq_gemm`
+        and the reason names the build folder; on failure the reason is one line (a missing
+        tool or the compiler's first error).
+    """
+    _with_venv_on_path()
+    missing = _missing_tool()
+    if missing:
+        return False, missing
+    from torch.utils import cpp_extension  # imported here: slow, and needed only now
+
+    folder = build_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    began = time.perf_counter()
+    try:
+        cpp_extension.load(
+            name="memtool_gptq_cpu",
+            sources=[str(SOURCE)],
+            extra_cflags=_CFLAGS,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(folder),
+            is_python_module=False,
+            verbose=False,
+        )
+    # torch reports build failures as RuntimeError and a broken library as OSError; both mean
+    # "not usable here", which the caller reports or turns into an error.
+    except (RuntimeError, OSError, ImportError) as error:
+        reason = f"building the CPU kernel failed: {_first_error_line(error)}"
+        log.info("%s (after %.1f s)", reason, time.perf_counter() - began)
+        return False, reason
+    seconds = time.perf_counter() - began
+    log.info("native CPU kernel built or loaded in %.1f s (%s)", seconds, folder)
+    return True, f"compiled for this machine in {folder}"
+
+
+__all__ = ["LIBRARY", "SOURCE", "build_dir", "load_kernel"]
