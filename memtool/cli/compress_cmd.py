@@ -4,10 +4,24 @@ import typer
 from rich.console import Console
 
 from memtool.cli.common import DebugOption, JsonOption, run_command
-from memtool.compress import CalibrationConfig, GPTQConfig, RTNConfig, compress
+from memtool.compress import (
+    AWQConfig,
+    BnbConfig,
+    CalibrationConfig,
+    GPTQConfig,
+    RTNConfig,
+    compress,
+)
 from memtool.errors import MemtoolError
 
-METHODS = {"rtn": RTNConfig, "gptq": GPTQConfig}
+METHODS = {
+    "rtn": RTNConfig,
+    "gptq": GPTQConfig,
+    "awq": AWQConfig,
+    "nf4": BnbConfig,
+    "fp4": BnbConfig,
+    "int8": BnbConfig,
+}
 
 
 def compress_command(
@@ -15,10 +29,14 @@ def compress_command(
         None, help="Built-in name, model folder, .gguf file or hub id. Default: smollm2-135m."
     ),
     output: str = typer.Option(..., "--output", "-o", help="Folder to write (must not exist)."),
-    method: str = typer.Option("gptq", "--method", help="gptq or rtn."),
-    bits: int = typer.Option(4, "--bits", help="2, 3, 4 or 8."),
+    method: str = typer.Option("gptq", "--method", help="gptq, awq, rtn, nf4, fp4 or int8."),
+    bits: int = typer.Option(
+        None, "--bits", help="2, 3, 4 or 8 (gptq/awq/rtn; default 4). nf4/fp4 are 4-bit, int8 8."
+    ),
     group_size: int = typer.Option(128, "--group-size", help="Columns per group; -1 per channel."),
-    sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric or asymmetric groups."),
+    sym: bool = typer.Option(
+        None, "--sym/--asym", help="Symmetric or asymmetric groups (gptq/rtn: sym, awq: asym)."
+    ),
     act_order: bool = typer.Option(
         True,
         "--act-order/--no-act-order",
@@ -33,16 +51,24 @@ def compress_command(
     json_out: bool = JsonOption,
     debug: bool = DebugOption,
 ) -> None:
-    """Quantize a model (GPTQ or round-to-nearest) into the standard GPTQ checkpoint layout."""
+    """Quantize a model: GPTQ or round-to-nearest (GPTQ checkpoint layout), or bitsandbytes
+    NF4/FP4/int8 (the checkpoint transformers writes)."""
 
     def action() -> tuple[dict, list[str]]:
         config_type = METHODS.get(method)
         if config_type is None:
             raise MemtoolError(f"unknown method {method!r}: available now are {', '.join(METHODS)}")
-        options = {"bits": bits, "group_size": group_size, "sym": sym}
-        if config_type is GPTQConfig:
-            options.update(act_order=act_order, damp_percent=damp_percent)
-        config = config_type(**options)
+        if config_type is BnbConfig:
+            config = BnbConfig(quant_type=method)
+            if bits is not None and bits != config.bits:
+                raise MemtoolError(f"--method {method} is {config.bits}-bit; drop --bits {bits}")
+        else:
+            options = {"bits": bits or 4, "group_size": group_size}
+            if sym is not None:
+                options["sym"] = sym
+            if config_type is GPTQConfig:
+                options.update(act_order=act_order, damp_percent=damp_percent)
+            config = config_type(**options)
         calibration = CalibrationConfig(
             data=calib, n_samples=calib_samples, seq_len=seq_len, seed=seed
         )
@@ -55,8 +81,10 @@ def compress_command(
 def _render(result: dict) -> None:
     console = Console()
     settings = result["settings"]
-    shape = f"{settings['bits']}-bit, group {settings['group_size']}, "
-    shape += "symmetric" if settings["sym"] else "asymmetric"
+    shape = f"{settings['bits']}-bit"
+    if "group_size" in settings:
+        shape += f", group {settings['group_size']}, "
+        shape += "symmetric" if settings["sym"] else "asymmetric"
     console.print(
         f"[bold green]Wrote[/] {result['output']}: {result['method']} {shape}, "
         f"{result['quantized_layers']} linear layers in {result['seconds']:.0f} s"

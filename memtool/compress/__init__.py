@@ -1,10 +1,14 @@
-"""Compression: round-to-nearest and GPTQ quantization, written in the GPTQ layout."""
+"""Compression: round-to-nearest, GPTQ, AWQ and bitsandbytes quantization, in formats the
+ecosystem loads (GPTQ layout, AWQ GEMM layout, transformers' bitsandbytes checkpoints)."""
 
 from memtool.compress.api import CompressResult, compress
-from memtool.compress.config import CalibrationConfig, GPTQConfig, RTNConfig
+from memtool.compress.bnb import BnbConfig
+from memtool.compress.config import AWQConfig, CalibrationConfig, GPTQConfig, RTNConfig
 from memtool.compress.quantizer import QuantizedWeight, rtn_quantize
 
 __all__ = [
+    "AWQConfig",
+    "BnbConfig",
     "CalibrationConfig",
     "CompressResult",
     "GPTQConfig",

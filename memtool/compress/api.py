@@ -12,7 +12,10 @@ from pathlib import Path
 
 import torch
 
-from memtool.compress.config import CalibrationConfig, GPTQConfig, RTNConfig
+from memtool.compress.awq import quantize_awq
+from memtool.compress.awq_output import plan_awq, save_awq
+from memtool.compress.bnb import BnbConfig, bnb_quantize, save_bnb_checkpoint
+from memtool.compress.config import AWQConfig, CalibrationConfig, GPTQConfig, RTNConfig
 from memtool.compress.layers import decoder_layers, linear_children
 from memtool.compress.methods import gptq_group_quantizer, rtn_linear
 from memtool.compress.quantizer import QuantizedWeight
@@ -24,6 +27,7 @@ from memtool.formats.gptq_checkpoint import (
     prepare_output,
     save_gptq_checkpoint,
 )
+from memtool.metrics.sizes import compressed_counts
 from memtool.models import LoadedModel, load_model
 
 
@@ -46,7 +50,7 @@ class CompressResult:
 
 def compress(
     model: str | LoadedModel | None,
-    config: RTNConfig | GPTQConfig,
+    config: RTNConfig | GPTQConfig | AWQConfig,
     calibration: CalibrationConfig | None = None,
     output: str | Path | None = None,
     overwrite: bool = False,
@@ -57,9 +61,10 @@ def compress(
     Args:
         model: a source to load in float32 (None = the default model) or a loaded model, which
             is modified in place (its linears hold the dequantized weights afterwards).
-        config: `RTNConfig` or `GPTQConfig`.
+        config: `RTNConfig`, `GPTQConfig` or `AWQConfig`.
         calibration: calibration windows for calibrated methods (default: 128 x 512 of wiki).
-        output: folder to write (GPTQ layout); None to keep the result in memory only.
+        output: folder to write (GPTQ layout; AWQ writes the AWQ GEMM layout when it can hold
+            the result, see `memtool.compress.awq_output`); None to keep it in memory only.
         overwrite: replace an existing output folder.
         show_progress: progress bars on stderr.
 
@@ -74,12 +79,19 @@ def compress(
         prepare_output(Path(output), overwrite)  # fail before hours of work, not after
     began = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype="float32")
-    if output is not None:
+    if isinstance(config, BnbConfig):
+        return _compress_bnb(loaded, config, output, overwrite, began)
+    awq_plan = None
+    if isinstance(config, AWQConfig):
+        awq_plan = plan_awq(loaded.model, config, writing=output is not None)
+    elif output is not None:
         _check_packable(loaded.model)
-    warnings: list[str] = []
+    warnings: list[str] = list(awq_plan.warnings) if awq_plan else []
     phases: dict[str, float] = {}
     calib_info = None
-    if isinstance(config, GPTQConfig):
+    if awq_plan is not None and awq_plan.rtn_fallback:
+        weights = _rtn_all(loaded.model, config)
+    elif isinstance(config, (GPTQConfig, AWQConfig)):
         windows = calibration_windows(
             calibration.data,
             loaded.tokenizer,
@@ -93,20 +105,42 @@ def compress(
                 f"--seq-len {calibration.seq_len} is above the model's context of {context}"
             )
         calib_info = windows.to_dict()
-        result = quantize_sequential(
-            loaded.model,
-            windows.input_ids,
-            gptq_group_quantizer(config),
-            batch_size=calibration.batch_size,
-            show_progress=show_progress,
-        )
-        weights, warnings, phases = result.weights, result.warnings, result.phase_seconds
+        if isinstance(config, AWQConfig):
+            result = quantize_awq(
+                loaded.model,
+                windows.input_ids,
+                config,
+                batch_size=calibration.batch_size,
+                show_progress=show_progress,
+            )
+        else:
+            result = quantize_sequential(
+                loaded.model,
+                windows.input_ids,
+                gptq_group_quantizer(config),
+                batch_size=calibration.batch_size,
+                show_progress=show_progress,
+            )
+        weights, phases = result.weights, result.phase_seconds
+        warnings += result.warnings
     elif isinstance(config, RTNConfig):
         weights = _rtn_all(loaded.model, config)
     else:
         raise MemtoolError(f"unknown compression config {type(config).__name__}")
     settings = {"method": config.method, **asdict(config)}
-    if output is not None:
+    if output is not None and awq_plan is not None:
+        meta = {"method": config.method, "calibration": calib_info, **asdict(config)}
+        save_awq(
+            loaded.model,
+            loaded.tokenizer,
+            weights,
+            config,
+            awq_plan.layout,
+            meta,
+            Path(output),
+            overwrite,
+        )
+    elif output is not None:
         quant_config = gptq_quantization_config(
             config.bits,
             config.group_size,
@@ -128,6 +162,24 @@ def compress(
         phase_seconds=phases,
     )
     return summary, weights, loaded
+
+
+def _compress_bnb(
+    loaded: LoadedModel, config: BnbConfig, output, overwrite: bool, began: float
+) -> tuple[CompressResult, dict[str, QuantizedWeight], LoadedModel]:
+    quantized = bnb_quantize(loaded, config)
+    if output is not None:
+        save_bnb_checkpoint(quantized, loaded.tokenizer, Path(output), overwrite)
+    result = CompressResult(
+        output=str(output) if output is not None else None,
+        method=config.method,
+        settings={"method": config.method, "bits": config.bits, **asdict(config)},
+        calibration=None,
+        quantized_layers=sum(compressed_counts(m) is not None for m in quantized.modules()),
+        seconds=time.perf_counter() - began,
+    )
+    bnb_loaded = LoadedModel(quantized, loaded.tokenizer, loaded.source, loaded.kind, loaded.path)
+    return result, {}, bnb_loaded
 
 
 def _check_packable(model: torch.nn.Module) -> None:

@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from memtool.compress.awq_config import AWQConfig
 from memtool.compress.awq_groups import NO_CLIP, apply_scale, scaling_groups
 from memtool.compress.awq_search import (
     Call,
@@ -43,6 +42,7 @@ from memtool.compress.awq_search import (
     search_scale,
     weight_mean,
 )
+from memtool.compress.config import AWQConfig
 from memtool.compress.layers import (
     capture_first_layer_inputs,
     decoder_layers,

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from torch import nn
 
-from memtool.compress.awq_config import AWQConfig
 from memtool.compress.awq_groups import SUPPORTED_MODEL_TYPES, check_supported, model_type
+from memtool.compress.config import AWQConfig
 from memtool.compress.layers import decoder_layers, linear_children
 from memtool.compress.quantizer import QuantizedWeight, resolve_group_size
 from memtool.errors import MemtoolError

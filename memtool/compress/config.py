@@ -43,6 +43,43 @@ class GPTQConfig(RTNConfig):
 
 
 @dataclass(frozen=True)
+class AWQConfig:
+    """AWQ (Lin et al., MLSys 2024); see `memtool.compress.awq`.
+
+    Not a subclass of `RTNConfig`, although it shares bits/group_size/sym: code that asks
+    `isinstance(config, RTNConfig)` means "needs no calibration", which AWQ does.
+    """
+
+    bits: int = 4
+    group_size: int = 128  # -1: one group per output row ("per channel")
+    sym: bool = False  # AWQ's default is zero_point=True, i.e. asymmetric groups
+    n_grid: int = 20  # grid points for the scale exponent alpha and the clip ratio
+    duo_scaling: bool = False  # AutoAWQ's default; the paper and llm-awq use s_x^alpha alone
+    clip: bool = True
+    max_shrink: float = 0.5  # clip search tries max|w| * (1 - r) for r < max_shrink
+    clip_tokens: int = 512  # calibration tokens (evenly strided) the clip search uses
+    checkpoint_format: str = "auto"  # "gemm" (AWQ, 4-bit), "gptq" (any bits), "auto"
+    fallback_rtn: bool = False  # unsupported architecture: round-to-nearest instead of an error
+
+    method = "awq"
+
+    def validate(self) -> None:
+        check_bits(self.bits)
+        if self.group_size != -1 and self.group_size <= 0:
+            raise MemtoolError(f"--group-size {self.group_size} must be positive or -1")
+        if self.n_grid <= 0:
+            raise MemtoolError(f"n_grid {self.n_grid} must be positive")
+        if not 0 <= self.max_shrink < 1:
+            raise MemtoolError(f"max_shrink {self.max_shrink} must be in [0, 1)")
+        if self.clip_tokens <= 0:
+            raise MemtoolError(f"clip_tokens {self.clip_tokens} must be positive")
+        if self.checkpoint_format not in ("auto", "gemm", "gptq"):
+            raise MemtoolError(
+                f"checkpoint_format {self.checkpoint_format!r} must be auto, gemm or gptq"
+            )
+
+
+@dataclass(frozen=True)
 class CalibrationConfig:
     """Which calibration windows a calibrated method sees."""
 

@@ -24,7 +24,6 @@ from memtool.compress.quantizer import (
     QuantizedWeight,
     check_bits,
     fit_params,
-    quantize_codes,
     resolve_group_size,
     rtn_quantize,
 )

@@ -7,7 +7,8 @@ Conventions (stated in `memtool measure` output):
 - `weight_bytes` counts each storage once (tied weights are one tensor): parameters plus
   persistent buffers, i.e. what the weights occupy in memory.
 - A compressed layer reports its own numbers through `logical_weight_count()` and
-  `weight_storage_bytes()`; its tensors are then not counted again.
+  `weight_storage_bytes()` (bitsandbytes layers are read directly); its tensors are then not
+  counted again.
 """
 
 from collections.abc import Iterator
@@ -16,8 +17,41 @@ import torch
 from torch import nn
 
 
+def _tensor_bytes(tensor: torch.Tensor | None) -> int:
+    return 0 if tensor is None else tensor.numel() * tensor.element_size()
+
+
+def _bnb_counts(module: nn.Module) -> tuple[int, int] | None:
+    """(logical weights, storage bytes) of a bitsandbytes layer, whose packed parameter has
+    fewer elements than the weights it stands for and whose scales live beside it."""
+    kind = type(module).__name__
+    if kind not in ("Linear4bit", "Linear8bitLt", "LinearNF4", "LinearFP4"):
+        return None
+    bias = module.bias.numel() if getattr(module, "bias", None) is not None else 0
+    logical = module.in_features * module.out_features + bias
+    storage = _tensor_bytes(module.weight) + _tensor_bytes(getattr(module, "bias", None))
+    state = getattr(module.weight, "quant_state", None)
+    if state is not None:  # 4-bit: per-block absmax (possibly itself quantized) and the code
+        storage += _tensor_bytes(state.absmax) + _tensor_bytes(state.code)
+        nested = getattr(state, "state2", None)
+        if nested is not None:
+            storage += _tensor_bytes(nested.absmax) + _tensor_bytes(nested.code)
+    scb = getattr(module.weight, "SCB", None)
+    if scb is None:
+        scb = getattr(module.state, "SCB", None) if hasattr(module, "state") else None
+    storage += _tensor_bytes(scb)  # 8-bit: one float scale per output row
+    return logical, storage
+
+
+def compressed_counts(module: nn.Module) -> tuple[int, int] | None:
+    """(logical weights, storage bytes) for a layer that stores weights compressed, else None."""
+    if hasattr(module, "logical_weight_count") and hasattr(module, "weight_storage_bytes"):
+        return int(module.logical_weight_count()), int(module.weight_storage_bytes())
+    return _bnb_counts(module)
+
+
 def _is_compressed(module: nn.Module) -> bool:
-    return hasattr(module, "logical_weight_count") and hasattr(module, "weight_storage_bytes")
+    return compressed_counts(module) is not None
 
 
 def _leaf_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -64,8 +98,9 @@ def count_params(model: nn.Module) -> tuple[int, int]:
         if not any(name.startswith(p) for p in prefixes):
             non_embedding += tensor.numel()
     for name, module in model.named_modules():
-        if _is_compressed(module):
-            count = int(module.logical_weight_count())
+        counts = compressed_counts(module)
+        if counts is not None:
+            count = counts[0]
             total += count
             if not any((name + ".").startswith(p) for p in prefixes):
                 non_embedding += count
@@ -75,7 +110,9 @@ def count_params(model: nn.Module) -> tuple[int, int]:
 def weight_bytes(model: nn.Module) -> int:
     """Bytes the model's weights occupy (parameters, persistent buffers, compressed layers)."""
     total = sum(t.numel() * t.element_size() for _, t in _leaf_tensors(model))
-    total += sum(int(m.weight_storage_bytes()) for m in model.modules() if _is_compressed(m))
+    for module in model.modules():
+        counts = compressed_counts(module)
+        total += counts[1] if counts is not None else 0
     return total
 
 
@@ -93,9 +130,10 @@ def linear_bits_per_weight(model: nn.Module) -> float:
     """Storage bits per logical weight over the body's linear layers (weights and biases)."""
     bits = count = 0
     for _, module in linear_layers(model):
-        if _is_compressed(module):
-            bits += 8 * int(module.weight_storage_bytes())
-            count += int(module.logical_weight_count())
+        counts = compressed_counts(module)
+        if counts is not None:
+            bits += 8 * counts[1]
+            count += counts[0]
         else:
             for tensor in module.parameters(recurse=False):
                 bits += 8 * tensor.numel() * tensor.element_size()

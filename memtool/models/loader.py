@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from memtool.errors import MemtoolError
+from memtool.formats.awq_checkpoint import is_awq_config, load_awq_model
 from memtool.formats.gptq_checkpoint import is_gptq_config, load_gptq_model
 from memtool.models.builtin import BUILTIN_MODELS, DEFAULT_MODEL, ensure_builtin
 from memtool.models.safetensors_check import check_safetensors
@@ -133,6 +134,8 @@ def _load_folder(folder: Path, dtype: torch.dtype, allow_pickle: bool) -> Loaded
     try:
         if is_gptq_config(config):
             model = load_gptq_model(folder, files, dtype)
+        elif is_awq_config(config):
+            model = load_awq_model(folder, files, dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(
                 folder, dtype=dtype, use_safetensors=not allow_pickle or None

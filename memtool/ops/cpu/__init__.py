@@ -139,13 +139,20 @@ def cpu_gptq_linear(
     usable, why = cpu_kernel_status()
     if not usable:
         raise MemtoolError(f"the cpu backend cannot run here: {why}")
-    rows = x if x.dim() == 2 else x.reshape(-1, in_features)
-    out = torch.ops.memtool_cpu.gptq_gemm(
-        rows.float(), qweight, qzeros, scales, bias, bits, static_group_size(g_idx)
-    )
-    if x.dim() != 2:
-        out = out.reshape(*x.shape[:-1], out_features)
+    # Decoding calls this ~200 times per token: the op handle is looked up once, and reshapes
+    # and casts are skipped when they would do nothing.
+    flat = x.dim() != 2
+    rows = x.reshape(-1, in_features) if flat else x
+    out = _gemm_op()(rows.float(), qweight, qzeros, scales, bias, bits, static_group_size(g_idx))
+    if flat:
+        out = out.view(*x.shape[:-1], out_features)
     return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+@functools.cache
+def _gemm_op():
+    # torch.ops resolves namespace attributes on every access (~5 us); the handle is stable.
+    return torch.ops.memtool_cpu.gptq_gemm
 
 
 __all__ = [

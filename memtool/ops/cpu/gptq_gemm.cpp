@@ -8,8 +8,9 @@
 // Shape of the work: 32 input features of one output column are `bits` consecutive int32 words
 // down a column of qweight (one little-endian bit stream), and qweight rows are contiguous over
 // the output dimension. So a tile of 8*V adjacent columns is V vectors per packed row: we unpack
-// code k of each vector once, convert it to float, and FMA it into every row of x. Per group we
-// accumulate sum_k x_k q_k only, and fold in the scale and zero point once at the group's end:
+// code k of each vector once, convert it to float, and FMA it into every row of x. Per panel (a
+// group, or a slice of a long group) we accumulate sum_k x_k q_k only, and fold in the group's
+// scale and zero point once at the panel's end:
 //   y += scale * (sum_k x_k q_k - zero * sum_k x_k),
 // which keeps the inner loop to shift, mask, convert and M FMAs per 8 weights.
 //
@@ -83,92 +84,105 @@ struct Problem {
   const int32_t* qzeros;  // [G, N * bits / 32]
   const void* scales;     // [G, N], float16 (as checkpoints store them) or float32
   bool half_scales;
-  const float* xsum;      // [M, n_groups_used]: sum of x over each group
+  const float* xsum;      // [M, n_panels]: sum of x over each panel
   float* y;               // [M, N], holds the bias on entry
-  int64_t K, N, group_size, n_groups;
+  int64_t K, N, group_size, panel_size, n_panels;
 };
 
-// One tile: M rows of x, 8*V columns from `col`, all groups. U accumulator sets break the FMA
-// dependency chain when M*V alone is too few independent chains (M = 1).
+// One tile: M rows of x, 8*V columns from `col`, one panel of input features. U accumulator
+// sets break the FMA dependency chain when M*V alone gives too few independent chains (M = 1).
 template <int BITS, int M, int V, int U>
-void tile(const Problem& p, int64_t row0, int64_t col) {
-  const int64_t zero_words = p.N * BITS / 32;
-  for (int64_t g = 0; g < p.n_groups; ++g) {
-    const int64_t k_begin = g * p.group_size;
-    const int64_t k_end = std::min(p.K, k_begin + p.group_size);
-    vf acc[U][M][V] = {};
-    for (int64_t k0 = k_begin; k0 < k_end; k0 += kBlock) {
-      const int32_t* words = p.qweight + (k0 / kBlock) * BITS * p.N + col;
-      const float* x = p.x + row0 * p.K + k0;
-      [&]<int... I>(std::integer_sequence<int, I...>) {
-        (
-            [&] {
+void tile(const Problem& p, int64_t row0, int64_t col, int64_t panel) {
+  const int64_t k_begin = panel * p.panel_size;
+  const int64_t k_end = std::min(p.K, k_begin + p.panel_size);
+  const int64_t g = k_begin / p.group_size;
+  vf acc[U][M][V] = {};
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kBlock) {
+    const int32_t* words = p.qweight + (k0 / kBlock) * BITS * p.N + col;
+    const float* x = p.x + row0 * p.K + k0;
+    [&]<int... I>(std::integer_sequence<int, I...>) {
+      (
+          [&] {
 #pragma GCC unroll 8
-              for (int v = 0; v < V; ++v) {
-                const vf q = code<BITS, I>(words + v * kLanes, p.N);
+            for (int v = 0; v < V; ++v) {
+              const vf q = code<BITS, I>(words + v * kLanes, p.N);
 #pragma GCC unroll 8
-                for (int m = 0; m < M; ++m) acc[I % U][m][v] += x[m * p.K + I] * q;
-              }
-            }(),
-            ...);
-      }(std::make_integer_sequence<int, kBlock>{});
+              for (int m = 0; m < M; ++m) acc[I % U][m][v] += x[m * p.K + I] * q;
+            }
+          }(),
+          ...);
+    }(std::make_integer_sequence<int, kBlock>{});
+  }
+  // Panel end: fold in its group's scale and zero point (stored as zero - 1).
+  const int32_t* zrow = p.qzeros + g * (p.N * BITS / 32);
+  for (int v = 0; v < V; ++v) {
+    const int64_t c = col + v * kLanes;
+    vf zero, scale;
+    for (int lane = 0; lane < kLanes; ++lane) {
+      zero[lane] = static_cast<float>(stream_value<BITS>(zrow, c + lane) + 1);
+      const int64_t at = g * p.N + c + lane;
+      scale[lane] = p.half_scales ? static_cast<float>(static_cast<const at::Half*>(p.scales)[at])
+                                  : static_cast<const float*>(p.scales)[at];
     }
-    // Group end: fold in scale and zero point (stored as zero - 1).
-    const int32_t* zrow = p.qzeros + g * zero_words;
-    for (int v = 0; v < V; ++v) {
-      const int64_t c = col + v * kLanes;
-      vf zero, scale;
-      for (int lane = 0; lane < kLanes; ++lane) {
-        zero[lane] = static_cast<float>(stream_value<BITS>(zrow, c + lane) + 1);
-        const int64_t at = g * p.N + c + lane;
-        scale[lane] = p.half_scales ? static_cast<float>(static_cast<const at::Half*>(p.scales)[at])
-                                    : static_cast<const float*>(p.scales)[at];
-      }
-      for (int m = 0; m < M; ++m) {
-        vf sum = acc[0][m][v];
-        for (int u = 1; u < U; ++u) sum += acc[u][m][v];
-        float* y = p.y + (row0 + m) * p.N + c;
-        const float xs = p.xsum[(row0 + m) * p.n_groups + g];
-        store_floats(y, load_floats(y) + scale * (sum - zero * xs));
-      }
+    for (int m = 0; m < M; ++m) {
+      vf sum = acc[0][m][v];
+      for (int u = 1; u < U; ++u) sum += acc[u][m][v];
+      float* y = p.y + (row0 + m) * p.N + c;
+      const float xs = p.xsum[(row0 + m) * p.n_panels + panel];
+      store_floats(y, load_floats(y) + scale * (sum - zero * xs));
     }
   }
 }
 
-// Runs rows [row0, row0 + M) over one 32-column strip, in tiles as wide as registers allow:
-// M*V*U accumulators stay at or under 8 of the 16 AVX2 registers.
+// Rows [row0, row0 + M) over one 32-column strip and one panel, in tiles as wide as registers
+// allow: M*V*U accumulators stay at or under 8 of the 16 AVX2 registers.
 template <int BITS, int M>
-void strip(const Problem& p, int64_t row0, int64_t col) {
+void strip(const Problem& p, int64_t row0, int64_t col, int64_t panel) {
   constexpr int V = M <= 2 ? 4 : (M <= 4 ? 2 : 1);
   constexpr int U = M == 1 ? 2 : 1;
-  for (int64_t c = col; c < col + kStrip; c += V * kLanes) tile<BITS, M, V, U>(p, row0, c);
+  for (int64_t c = col; c < col + kStrip; c += V * kLanes) tile<BITS, M, V, U>(p, row0, c, panel);
 }
 
 template <int BITS>
-void strip_rows(const Problem& p, int64_t row0, int64_t rows, int64_t col) {
+void strip_rows(const Problem& p, int64_t row0, int64_t rows, int64_t col, int64_t panel) {
   switch (rows) {
-    case 1: return strip<BITS, 1>(p, row0, col);
-    case 2: return strip<BITS, 2>(p, row0, col);
-    case 3: return strip<BITS, 3>(p, row0, col);
-    case 4: return strip<BITS, 4>(p, row0, col);
-    case 5: return strip<BITS, 5>(p, row0, col);
-    case 6: return strip<BITS, 6>(p, row0, col);
-    case 7: return strip<BITS, 7>(p, row0, col);
-    default: return strip<BITS, 8>(p, row0, col);
+    case 1: return strip<BITS, 1>(p, row0, col, panel);
+    case 2: return strip<BITS, 2>(p, row0, col, panel);
+    case 3: return strip<BITS, 3>(p, row0, col, panel);
+    case 4: return strip<BITS, 4>(p, row0, col, panel);
+    case 5: return strip<BITS, 5>(p, row0, col, panel);
+    case 6: return strip<BITS, 6>(p, row0, col, panel);
+    case 7: return strip<BITS, 7>(p, row0, col, panel);
+    default: return strip<BITS, 8>(p, row0, col, panel);
   }
 }
 
 template <int BITS>
 void run(const Problem& p, int64_t M) {
-  // Strips are independent output columns; a strip's packed weights (K * bits bytes per 8
-  // columns) stay in cache while every pass of 8 rows goes over them.
+  // Each thread owns a range of output columns. Panel by panel, it sweeps its columns strip
+  // after strip, so each packed row is read as one forward stream the hardware prefetcher
+  // follows; walking one strip down all of K instead (a jump of N*4 bytes per row) left the
+  // kernel waiting on DRAM at about 1 GB/s once weights no longer fit in cache. A panel's
+  // words for one strip (a few KB) stay in L1 while every pass of 8 rows goes over them.
   at::parallel_for(0, p.N / kStrip, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t s = begin; s < end; ++s) {
-      for (int64_t row0 = 0; row0 < M; row0 += kMaxRows) {
-        strip_rows<BITS>(p, row0, std::min<int64_t>(kMaxRows, M - row0), s * kStrip);
+    for (int64_t panel = 0; panel < p.n_panels; ++panel) {
+      for (int64_t s = begin; s < end; ++s) {
+        for (int64_t row0 = 0; row0 < M; row0 += kMaxRows) {
+          const int64_t rows = std::min<int64_t>(kMaxRows, M - row0);
+          strip_rows<BITS>(p, row0, rows, s * kStrip, panel);
+        }
       }
     }
   });
+}
+
+// Panel length: the group size, or for long groups (per-channel) the largest multiple of 32
+// up to 256 that divides it, so a panel's rows stay few enough to stream side by side.
+int64_t panel_size_for(int64_t group_size) {
+  for (int64_t size = 256; size > kBlock; size -= kBlock) {
+    if (group_size % size == 0) return size;
+  }
+  return kBlock;
 }
 
 at::Tensor gptq_gemm(
@@ -183,7 +197,8 @@ at::Tensor gptq_gemm(
               "gptq_gemm: x must be a 2-D float32 CPU tensor");
   TORCH_CHECK(qweight.scalar_type() == at::kInt && qzeros.scalar_type() == at::kInt,
               "gptq_gemm: qweight and qzeros must be int32");
-  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, "gptq_gemm: bits must be 2, 3, 4 or 8");
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8,
+              "gptq_gemm: bits must be 2, 3, 4 or 8");
   const int64_t M = x.size(0), K = x.size(1), N = qweight.size(1);
   TORCH_CHECK(K % kBlock == 0 && N % kStrip == 0, "gptq_gemm: K and N must be multiples of 32");
   TORCH_CHECK(group_size > 0 && group_size % kBlock == 0,
@@ -201,11 +216,14 @@ at::Tensor gptq_gemm(
   // Other float dtypes are rare: convert those, read float16 and float32 as they are.
   const at::Tensor sc = scales.scalar_type() == at::kHalf ? scales.contiguous()
                                                           : scales.to(at::kFloat).contiguous();
-  // Sum of x over each group, for the zero-point term.
-  std::vector<float> xsum(M * n_groups, 0.0f);
+  // Groups are cut into panels (see run): the zero-point term is linear, so
+  // scale * (sum x q - zero * sum x) can be applied panel by panel.
+  const int64_t panel_size = panel_size_for(group_size);
+  const int64_t n_panels = (K + panel_size - 1) / panel_size;
+  std::vector<float> xsum(M * n_panels, 0.0f);
   const float* xp = xc.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m) {
-    for (int64_t k = 0; k < K; ++k) xsum[m * n_groups + k / group_size] += xp[m * K + k];
+    for (int64_t k = 0; k < K; ++k) xsum[m * n_panels + k / panel_size] += xp[m * K + k];
   }
   at::Tensor y;
   if (bias.has_value()) {
@@ -220,7 +238,7 @@ at::Tensor gptq_gemm(
 
   const Problem p{xc.data_ptr<float>(), qw.data_ptr<int32_t>(), qz.data_ptr<int32_t>(),
                   sc.data_ptr(), sc.scalar_type() == at::kHalf, xsum.data(), y.data_ptr<float>(),
-                  K, N, group_size, n_groups};
+                  K, N, group_size, panel_size, n_panels};
   switch (bits) {
     case 2: run<2>(p, M); break;
     case 3: run<3>(p, M); break;

@@ -1,0 +1,37 @@
+"""Child process: memtool GPTQ on given calibration windows; prints JSON with time and peak RSS.
+
+Uses the library's layer-by-layer driver directly so both tools see the very same token windows
+(`memtool compress` draws them itself from a data spec).
+"""
+
+import json
+import sys
+import time
+
+import torch
+
+from memtool import load_model
+from memtool.compress import GPTQConfig
+from memtool.compress.methods import gptq_group_quantizer
+from memtool.compress.sequential import quantize_sequential
+from memtool.formats.gptq_checkpoint import gptq_quantization_config, save_gptq_checkpoint
+from memtool.metrics import peak_rss_bytes
+
+out, calib, bits, group, damp = sys.argv[1:6]
+began = time.perf_counter()
+loaded = load_model("smollm2-135m")
+config = GPTQConfig(bits=int(bits), group_size=int(group), damp_percent=float(damp))
+result = quantize_sequential(
+    loaded.model, torch.load(calib), gptq_group_quantizer(config), show_progress=False
+)
+quant_config = gptq_quantization_config(config.bits, config.group_size, True, config.act_order)
+save_gptq_checkpoint(loaded.model, loaded.tokenizer, result.weights, quant_config, out)
+print(
+    json.dumps(
+        {
+            "seconds": round(time.perf_counter() - began, 1),
+            "phase_seconds": result.phase_seconds,
+            "peak_rss_bytes": peak_rss_bytes(),
+        }
+    )
+)
