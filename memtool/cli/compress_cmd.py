@@ -13,6 +13,7 @@ from memtool.compress import (
     compress,
 )
 from memtool.errors import MemtoolError
+from memtool.recipes import load_recipe, run_recipe
 
 METHODS = {
     "rtn": RTNConfig,
@@ -28,7 +29,10 @@ def compress_command(
     model: str = typer.Argument(
         None, help="Built-in name, model folder, .gguf file or hub id. Default: smollm2-135m."
     ),
-    output: str = typer.Option(..., "--output", "-o", help="Folder to write (must not exist)."),
+    output: str = typer.Option(None, "--output", "-o", help="Folder to write (must not exist)."),
+    recipe: str = typer.Option(
+        None, "--recipe", help="Run the pipeline in a TOML/YAML recipe (see recipes/)."
+    ),
     method: str = typer.Option("gptq", "--method", help="gptq, awq, rtn, nf4, fp4 or int8."),
     bits: int = typer.Option(
         None, "--bits", help="2, 3, 4 or 8 (gptq/awq/rtn; default 4). nf4/fp4 are 4-bit, int8 8."
@@ -55,6 +59,10 @@ def compress_command(
     NF4/FP4/int8 (the checkpoint transformers writes)."""
 
     def action() -> tuple[dict, list[str]]:
+        if recipe is not None:
+            return run_recipe(load_recipe(recipe), output=output, overwrite=overwrite)
+        if output is None:
+            raise MemtoolError("--output is required (the folder to write), or pass --recipe")
         config_type = METHODS.get(method)
         if config_type is None:
             raise MemtoolError(f"unknown method {method!r}: available now are {', '.join(METHODS)}")
@@ -79,6 +87,14 @@ def compress_command(
 
 
 def _render(result: dict) -> None:
+    if "recipe" in result:
+        _render(result["compress"])
+        for data, report in result["measure"].items():
+            Console().print(
+                f"measured {data}: perplexity {report['perplexity']:.3f}, "
+                f"{report['bits_per_weight_linear']:.2f} bits per linear weight"
+            )
+        return
     console = Console()
     settings = result["settings"]
     shape = f"{settings['bits']}-bit"

@@ -160,3 +160,65 @@ def test_info_json():
     assert info["kernel_backends"]["reference"]["usable"] is True
     assert "smollm2-135m" in info["builtin_models"]
     assert info["cache"]["home"]
+
+
+def test_compress_recipe_gate_exits_1(tiny_llama_dir, text_file, tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(
+        f'model = "{tiny_llama_dir}"\noutput = "{tmp_path / "out"}"\n'
+        '[compress]\nmethod = "rtn"\nbits = 4\ngroup_size = 32\n'
+        f'[measure]\ndata = "{text_file}"\nmax_windows = 1\nseq_len = 32\nmax_perplexity = 1.0\n'
+    )
+    result = _run("compress", "--recipe", recipe, "--json")
+    assert result.exit_code == 1, result.stderr
+    assert json.loads(result.stdout)["compress"]["method"] == "rtn"
+
+
+def test_compress_cli_writes_and_measure_reads(tiny_llama_dir, text_file, tmp_path):
+    out = tmp_path / "q"
+    result = _run(
+        "compress",
+        tiny_llama_dir,
+        "--method",
+        "gptq",
+        "--bits",
+        3,
+        "--group-size",
+        32,
+        "--calib",
+        text_file,
+        "--calib-samples",
+        4,
+        "--seq-len",
+        32,
+        "-o",
+        out,
+        "--json",
+    )
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["settings"]["bits"] == 3
+    again = _run("compress", tiny_llama_dir, "--method", "rtn", "-o", out)
+    assert again.exit_code == 2 and "already exists" in again.stderr
+    measured = _run(
+        "measure", out, "--data", text_file, "--seq-len", 32, "--max-windows", 1, "--json"
+    )
+    assert measured.exit_code == 0, measured.stderr
+    assert 3 < json.loads(measured.stdout)["bits_per_weight_linear"] < 5
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--method", "magic"], "unknown method"),
+        (["--method", "gptq", "--bits", 5], "--bits 5"),
+        (["--method", "nf4", "--bits", 3], "4-bit"),
+        (["--method", "gptq", "--group-size", 0], "--group-size 0"),
+        (["--method", "gptq", "--calib-samples", 0], "--calib-samples"),
+    ],
+)
+def test_compress_bad_input(tiny_llama_dir, tmp_path, args, match):
+    result = _run("compress", tiny_llama_dir, "-o", tmp_path / "never", *args)
+    assert result.exit_code == 2
+    lines = _error_lines(result)
+    assert len(lines) == 1 and match in lines[0], lines
+    assert not (tmp_path / "never").exists()

@@ -7,11 +7,21 @@ output columns, compiled on first use for this machine (`build.py`). It handles 
 only (`g_idx[i] == i // group_size`, group size a multiple of 32, a ragged last group allowed);
 act-order checkpoints, whose g_idx is shuffled, stay on the reference.
 
-Crossover (`CPU_MAX_ROWS`): at 4 bits, g128, 2 AMD EPYC cores (AVX2), the kernel's time grows
-about linearly with the rows of x, the reference's barely (its cost is the dequantization).
-Measured per call on 576x1536 and 1536x576 layers (benchmarks/cpu_decode.py --crossover):
-see `CPU_MAX_ROWS` below for the numbers; `auto` sends up to that many rows to the kernel and
-more to the reference.
+Crossover (`CPU_MAX_ROWS`): the kernel's time grows linearly with the rows of x (~0.05 ms per
+row on a 576x1536 4-bit layer, one AMD EPYC core, AVX2), the reference's starts at ~5 ms (the
+dequantization) and then grows with BLAS's much cheaper slope. Best-of-N ms per call, 4-bit g128,
+one thread (`python benchmarks/cpu_decode.py --crossover --threads 1`):
+
+    rows               1     8    64    128    192    256    384    512
+    576x1536 kernel  0.08  0.41  3.3    6.4    9.8   14.6   29.3   62.3
+             ref     4.7   5.6   6.7   14.3   13.4   11.5   16.6   21.5
+    1536x576 kernel  0.08  0.41  3.2    6.5   10.9   15.2   26.9   32.8
+             ref     4.7   7.4   6.4    7.3   16.6   10.1   13.8   24.3
+
+The curves cross between 192 and 256 rows; `auto` sends up to 128 rows (decoding, short
+prompts: the kernel wins every measurement there, 1.1-60x) to the kernel and more (perplexity's
+512-token windows, long prompts) to the reference. Two-thread runs could not be timed cleanly
+on the shared 2-core machine; both paths use both threads, so the crossover should not move far.
 """
 
 import functools
@@ -25,9 +35,9 @@ from memtool.formats.gptq_pack import check_gptq_tensors
 from memtool.ops.cpu.build import build_dir, load_kernel
 from memtool.ops.reference import check_linear_inputs
 
-# Rows of x up to which `auto` runs the kernel. Measured (ms per call, 4-bit g128, 2 threads):
-# see the module docstring; the two cost curves cross between 16 and 32 rows.
-CPU_MAX_ROWS = 16
+# Rows of x up to which `auto` runs the kernel; measured in the module docstring. The dispatch
+# reads `memtool.ops.CPU_MAX_ROWS`.
+CPU_MAX_ROWS = 128
 
 _BLOCK = 32  # input features per packed block; group sizes must be multiples of it
 _group_sizes: dict[int, tuple[weakref.ref, int | None, int | None]] = {}

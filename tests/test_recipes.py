@@ -1,0 +1,74 @@
+"""Recipes: every shipped recipe validates; bad recipes fail naming the key; a recipe runs."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from memtool.compress import BnbConfig, GPTQConfig
+from memtool.errors import MemtoolError
+from memtool.recipes import load_recipe, run_recipe
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.*ml"))
+
+
+def test_recipes_folder_is_not_empty():
+    assert len(RECIPES) >= 3
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipes_validate(path):
+    recipe = load_recipe(path)
+    assert recipe.output and recipe.compress.method
+
+
+def test_shipped_gptq_recipe_contents():
+    recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "smollm2-gptq-4bit.toml")
+    assert recipe.compress == GPTQConfig(bits=4, group_size=128, sym=True, act_order=True)
+    assert recipe.calibration.n_samples == 128 and recipe.measure.data == ["wiki", "code"]
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ('output = "x"\n[compress]\nmethod = "gptq"\nbitz = 4\n', "unknown key.*bitz"),
+        ('output = "x"\n[compress]\nmethod = "gptq"\nbits = "four"\n', "bits must be int"),
+        ('output = "x"\n[compress]\nmethod = "gptq"\nbits = 5\n', "--bits 5"),
+        ('output = "x"\n[compress]\nmethod = "magic"\n', "method must be one of"),
+        ('[compress]\nmethod = "rtn"\n', "'output'"),
+        ('output = "x"\nextra = 1\n[compress]\nmethod = "rtn"\n', "unknown top-level"),
+        (
+            'output = "x"\n[compress]\nmethod = "rtn"\n[calibration]\nn_samples = 0\n',
+            "--calib-samples",
+        ),
+        ("output = [\n", "not valid TOML"),
+    ],
+)
+def test_bad_recipes_name_the_problem(tmp_path, text, match):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(MemtoolError, match=match):
+        load_recipe(path)
+
+
+def test_yaml_and_bnb(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("output: o\ncompress:\n  method: int8\n")
+    assert load_recipe(path).compress == BnbConfig("int8")
+
+
+def test_recipe_runs_and_gates(tiny_llama_dir, text_file, tmp_path):
+    path = tmp_path / "r.toml"
+    out = tmp_path / "out"
+    path.write_text(
+        f'model = "{tiny_llama_dir}"\noutput = "{out}"\n'
+        '[compress]\nmethod = "gptq"\nbits = 4\ngroup_size = 32\n'
+        f'[calibration]\ndata = "{text_file}"\nn_samples = 4\nseq_len = 32\n'
+        f'[measure]\ndata = "{text_file}"\nmax_windows = 2\nseq_len = 32\nmax_perplexity = 1.0\n'
+    )
+    summary, failures = run_recipe(load_recipe(path))
+    assert (out / "config.json").exists()
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["bits"] == 4
+    report = next(iter(summary["measure"].values()))
+    assert report["bits_per_weight_linear"] < 8
+    assert len(failures) == 1 and "max-perplexity" in failures[0]
