@@ -52,3 +52,19 @@ def test_wiki_perplexity_in_range_and_equal_to_plain_loop(smollm):
     with torch.no_grad():
         losses = [smollm.model(w[None], labels=w[None]).loss.item() for w in windows]
     assert f"{report.perplexity:.4g}" == f"{math.exp(sum(losses) / len(losses)):.4g}"
+
+
+def test_gguf_file_loads_directly(smollm):
+    from memtool.models.builtin import BUILTIN_MODELS
+    from memtool.paths import models_dir
+
+    asset = BUILTIN_MODELS["smollm2-135m"].asset
+    gguf = models_dir() / "smollm2-135m-gguf" / asset.member.rsplit("/", 1)[-1]
+    loaded = load_model(gguf)
+    assert loaded.kind == "gguf" and loaded.bytes_on_disk == gguf.stat().st_size
+    ids = torch.tensor([[504, 3575, 282, 4649, 314]])  # "The capital of France is"
+    with torch.no_grad():
+        ours, reference = loaded.model(ids).logits, smollm.model(ids).logits
+    # The cache holds the same weights rounded to bfloat16: close, not equal.
+    assert torch.equal(ours[0, -1].argmax(), reference[0, -1].argmax())
+    assert (ours - reference).abs().max() < 0.05 * reference.abs().max()

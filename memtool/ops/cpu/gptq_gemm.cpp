@@ -35,6 +35,7 @@ constexpr int kLanes = 8;        // floats per vector
 constexpr int kBlock = 32;       // input features per packed block (bits words per column)
 constexpr int kStrip = 32;       // output columns per unit of parallel work
 constexpr int kMaxRows = 8;      // rows of x per pass; larger M runs in passes of 8
+constexpr int64_t kMinMacsPerThread = 1 << 18;  // see run()
 
 typedef float vf __attribute__((vector_size(kLanes * 4)));
 typedef int32_t vi __attribute__((vector_size(kLanes * 4)));
@@ -164,7 +165,14 @@ void run(const Problem& p, int64_t M) {
   // follows; walking one strip down all of K instead (a jump of N*4 bytes per row) left the
   // kernel waiting on DRAM at about 1 GB/s once weights no longer fit in cache. A panel's
   // words for one strip (a few KB) stay in L1 while every pass of 8 rows goes over them.
-  at::parallel_for(0, p.N / kStrip, 1, [&](int64_t begin, int64_t end) {
+  //
+  // Each thread gets at least kMinMacsPerThread multiply-adds (~25 us): joining threads costs
+  // microseconds, and a thread the OS has preempted stalls the whole call until it runs again,
+  // so the many small matvecs of a decode step mostly run on one thread, as torch's own small
+  // ops do (its grain size).
+  const int64_t macs_per_strip = M * p.K * kStrip;
+  const int64_t grain = std::max<int64_t>(1, kMinMacsPerThread / macs_per_strip);
+  at::parallel_for(0, p.N / kStrip, grain, [&](int64_t begin, int64_t end) {
     for (int64_t panel = 0; panel < p.n_panels; ++panel) {
       for (int64_t s = begin; s < end; ++s) {
         for (int64_t row0 = 0; row0 < M; row0 += kMaxRows) {
