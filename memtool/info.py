@@ -1,7 +1,6 @@
 """`info`: versions, devices, usable kernel backends and cache paths."""
 
 import importlib.metadata
-import importlib.util
 import os
 import platform
 
@@ -44,24 +43,18 @@ def _devices() -> list[dict]:
 
 
 def _backends() -> dict[str, dict]:
+    """Each kernel backend's own check (memtool.ops), so `info` and dispatch never disagree."""
     import torch
 
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    has_triton = importlib.util.find_spec("triton") is not None
-    if not has_triton:
-        triton_note = "triton is not installed"
-    elif torch.cuda.is_available():
-        triton_note = "CUDA device present"
-    elif interpret:
-        triton_note = "TRITON_INTERPRET=1: kernels run in the interpreter on CPU (slow; tests)"
-    else:
-        triton_note = "no CUDA device (set TRITON_INTERPRET=1 to run kernels on CPU for testing)"
+    from memtool import ops
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    triton_usable, triton_note = ops.triton_status(device)
+    cpu_usable, cpu_note = ops.cpu_status("cpu")  # builds the native kernel once if needed
     return {
         "reference": {"usable": True, "note": "pure PyTorch, every device"},
-        "triton": {
-            "usable": has_triton and (torch.cuda.is_available() or interpret),
-            "note": triton_note,
-        },
+        "triton": {"usable": triton_usable, "note": triton_note},
+        "cpu": {"usable": cpu_usable, "note": cpu_note},
     }
 
 

@@ -222,3 +222,11 @@ def test_compress_bad_input(tiny_llama_dir, tmp_path, args, match):
     lines = _error_lines(result)
     assert len(lines) == 1 and match in lines[0], lines
     assert not (tmp_path / "never").exists()
+
+
+def test_info_reports_every_kernel_backend():
+    info = json.loads(_run("info", "--json").stdout)
+    assert set(info["kernel_backends"]) == {"reference", "triton", "cpu"}
+    assert all(
+        isinstance(b["usable"], bool) and b["note"] for b in info["kernel_backends"].values()
+    )

@@ -34,15 +34,15 @@ def kernel() -> None:
 
 
 def make_layer(
-    bits: int, group_size: int = 128, shuffle: bool = False, seed: int = 0
+    bits: int, group_size: int = 128, shuffle: bool = False, seed: int = 0, out: int = OUT
 ) -> dict[str, torch.Tensor]:
-    """Packed random layer `IN x OUT` with asymmetric zero points in `[1, 2**bits]`."""
+    """Packed random layer `IN x out` with asymmetric zero points in `[1, 2**bits]`."""
     gen = torch.Generator().manual_seed(seed * 100 + bits)
     n_groups = -(-IN // group_size)
     maxq = (1 << bits) - 1
-    q = torch.randint(0, maxq + 1, (IN, OUT), generator=gen)
-    zeros = torch.randint(1, maxq + 2, (n_groups, OUT), generator=gen)
-    scales = torch.rand(n_groups, OUT, generator=gen) * 0.02 + 1e-3
+    q = torch.randint(0, maxq + 1, (IN, out), generator=gen)
+    zeros = torch.randint(1, maxq + 2, (n_groups, out), generator=gen)
+    scales = torch.rand(n_groups, out, generator=gen) * 0.02 + 1e-3
     g_idx = torch.arange(IN) // group_size
     if shuffle:
         g_idx = g_idx[torch.randperm(IN, generator=gen)]
@@ -87,6 +87,21 @@ def test_kernel_handles_more_rows_and_leading_dims(kernel, shape):
     assert out.shape == expected.shape
     if x.numel():
         assert relative_error(out, expected) <= FP32_RTOL
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_kernel_splits_wide_layers_across_threads(kernel, bits):
+    # 8 rows x 576 inputs x 1024 outputs is enough work to split (32 column strips, >= 2^20
+    # multiply-adds per thread); smaller calls stay on one thread.
+    packed = make_layer(bits, out=1024)
+    x = torch.randn(8, IN, generator=torch.Generator().manual_seed(10))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = cpu_gptq_linear(x, *args(packed, bits))
+    finally:
+        torch.set_num_threads(threads)
+    assert relative_error(out, reference_linear(x, *args(packed, bits))) <= FP32_RTOL
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

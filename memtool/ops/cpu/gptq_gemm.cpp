@@ -35,7 +35,7 @@ constexpr int kLanes = 8;        // floats per vector
 constexpr int kBlock = 32;       // input features per packed block (bits words per column)
 constexpr int kStrip = 32;       // output columns per unit of parallel work
 constexpr int kMaxRows = 8;      // rows of x per pass; larger M runs in passes of 8
-constexpr int64_t kMinMacsPerThread = 1 << 18;  // see run()
+constexpr int64_t kMinMacsPerThread = 1 << 20;  // see run()
 
 typedef float vf __attribute__((vector_size(kLanes * 4)));
 typedef int32_t vi __attribute__((vector_size(kLanes * 4)));
@@ -166,10 +166,11 @@ void run(const Problem& p, int64_t M) {
   // kernel waiting on DRAM at about 1 GB/s once weights no longer fit in cache. A panel's
   // words for one strip (a few KB) stay in L1 while every pass of 8 rows goes over them.
   //
-  // Each thread gets at least kMinMacsPerThread multiply-adds (~25 us): joining threads costs
-  // microseconds, and a thread the OS has preempted stalls the whole call until it runs again,
-  // so the many small matvecs of a decode step mostly run on one thread, as torch's own small
-  // ops do (its grain size).
+  // Each thread gets at least kMinMacsPerThread multiply-adds (~0.1 ms of work): joining
+  // threads costs microseconds, and a thread the OS has preempted stalls the whole call until it
+  // runs again (seen here: 2-thread decoding 5x slower than 1-thread on a busy 2-core machine).
+  // So a small model's matvecs run on one thread, as torch's own small ops do (its grain size),
+  // and a 7B model's (4096 x 4096 = 16M per token) on all of them.
   const int64_t macs_per_strip = M * p.K * kStrip;
   const int64_t grain = std::max<int64_t>(1, kMinMacsPerThread / macs_per_strip);
   at::parallel_for(0, p.N / kStrip, grain, [&](int64_t begin, int64_t end) {
