@@ -92,3 +92,42 @@ def test_calibration_too_small(tiny_llama_dir, text_file):
             _calib(text_file, n=10_000, seq_len=64),
             show_progress=False,
         )
+
+
+def test_widths_the_layout_cannot_hold_are_refused_before_work(tmp_path, tiny_tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    )
+    folder = tmp_path / "odd"
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    with pytest.raises(MemtoolError, match="multiples of 32"):
+        compress(
+            str(folder), RTNConfig(group_size=16), output=tmp_path / "out", show_progress=False
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_foreign_gptq_checkpoints_are_refused(tiny_llama_dir, tmp_path):
+    import shutil
+
+    for fmt, match in (("gptq_v2", "checkpoint_format"), ("gptq", "no qweight")):
+        folder = tmp_path / fmt
+        shutil.copytree(tiny_llama_dir, folder)
+        config = json.loads((folder / "config.json").read_text())
+        config["quantization_config"] = {
+            "quant_method": "gptq",
+            "bits": 4,
+            "group_size": 32,
+            "checkpoint_format": fmt,
+        }
+        (folder / "config.json").write_text(json.dumps(config))
+        with pytest.raises(MemtoolError, match=match):
+            load_model(folder)
