@@ -15,20 +15,18 @@ weights and each quantized linear becomes an `AWQLinear` holding the packed tens
 own AWQ path (which needs a GPU kernel package) is never triggered.
 """
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from memtool import __version__
-from memtool.atomic import atomic_dir
 from memtool.errors import MemtoolError
 from memtool.formats.awq_linear import AWQLinear
 from memtool.formats.awq_pack import AWQ_BITS, pack_awq
-from memtool.formats.gptq_checkpoint import STORE_DTYPE, prepare_output
+from memtool.formats.checkpoint_io import write_quantized_folder
+from memtool.formats.gptq_checkpoint import prepare_output
 from memtool.formats.quantized_weight import QuantizedWeight
 
 AWQ_KEYS = ("qweight", "qzeros", "scales")
@@ -45,15 +43,6 @@ def awq_quantization_config(group_size: int, zero_point: bool, extra: dict | Non
         "modules_to_not_convert": None,
         "meta": {"quantizer": [f"memtool:{__version__}"], **(extra or {})},
     }
-
-
-def _store(tensor: torch.Tensor) -> torch.Tensor:
-    if not tensor.is_floating_point():
-        return tensor.contiguous()
-    stored = tensor.detach().to(STORE_DTYPE).contiguous()
-    if not torch.isfinite(stored).all():
-        raise MemtoolError("a weight overflows float16; this model cannot be stored as AWQ")
-    return stored
 
 
 def save_awq_checkpoint(
@@ -80,33 +69,14 @@ def save_awq_checkpoint(
     """
     output = Path(output)
     prepare_output(output, overwrite)
-    tensors: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for name, tensor in model.state_dict().items():
-        module_name, _, leaf = name.rpartition(".")
-        if module_name in weights and leaf == "weight":
-            continue
-        if tensor.data_ptr() in seen:  # tied weights: transformers re-ties them on load
-            continue
-        seen.add(tensor.data_ptr())
-        tensors[name] = _store(tensor)
     for name, weight in weights.items():
         if weight.bits != AWQ_BITS:
             raise MemtoolError(f"{name} has {weight.bits}-bit codes; the AWQ GEMM layout is 4-bit")
-        packed = pack_awq(
-            weight.codes.T.to(torch.int32), weight.zeros.T.contiguous(), weight.scales.T
-        )
-        for key, value in packed.items():
-            tensors[f"{name}.{key}"] = value.contiguous()
-    config = model.config.to_dict()
-    config["quantization_config"] = quantization_config
-    config["dtype"] = "float16"
-    config.pop("torch_dtype", None)
-    with atomic_dir(output) as tmp:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        tokenizer.save_pretrained(tmp)
-    return output
+    packed = {
+        name: pack_awq(weight.codes.T.to(torch.int32), weight.zeros.T.contiguous(), weight.scales.T)
+        for name, weight in weights.items()
+    }
+    return write_quantized_folder(model, tokenizer, packed, quantization_config, output, "AWQ")
 
 
 def is_awq_config(config: dict) -> bool:

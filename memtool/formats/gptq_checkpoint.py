@@ -17,18 +17,17 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from memtool import __version__
-from memtool.atomic import atomic_dir, clean_stale_temporaries
+from memtool.atomic import clean_stale_temporaries
 from memtool.errors import MemtoolError
+from memtool.formats.checkpoint_io import write_quantized_folder
 from memtool.formats.gptq_linear import GPTQLinear
 from memtool.formats.gptq_pack import pack_gptq
 from memtool.formats.quantized_weight import QuantizedWeight
 
 QUANT_KEYS = ("qweight", "qzeros", "scales", "g_idx")
-STORE_DTYPE = torch.float16
 
 
 def gptq_quantization_config(
@@ -50,15 +49,6 @@ def gptq_quantization_config(
     }
 
 
-def _store(tensor: torch.Tensor) -> torch.Tensor:
-    if not tensor.is_floating_point():
-        return tensor.contiguous()
-    stored = tensor.detach().to(STORE_DTYPE).contiguous()
-    if not torch.isfinite(stored).all():
-        raise MemtoolError("a weight overflows float16; this model cannot be stored as GPTQ")
-    return stored
-
-
 def save_gptq_checkpoint(
     model: nn.Module,
     tokenizer,
@@ -70,36 +60,20 @@ def save_gptq_checkpoint(
     """Write `model` with `weights` packed into a GPTQ folder at `output` (atomically)."""
     output = Path(output)
     prepare_output(output, overwrite)
-    tensors: dict[str, torch.Tensor] = {}
-    seen: dict[int, str] = {}
-    for name, tensor in model.state_dict().items():
-        module_name, _, leaf = name.rpartition(".")
-        if module_name in weights and leaf == "weight":
-            continue
-        if tensor.data_ptr() in seen:  # tied weights: transformers re-ties them on load
-            continue
-        seen[tensor.data_ptr()] = name
-        tensors[name] = _store(tensor)
-    for name, weight in weights.items():
-        packed = pack_gptq(
+    packed = {
+        name: pack_gptq(
             weight.codes.T.to(torch.int32),
             weight.zeros.T.contiguous(),
             weight.scales.T.contiguous(),
             weight.g_idx,
             weight.bits,
         )
-        for key, value in packed.items():
-            tensors[f"{name}.{key}"] = value.contiguous()
-    config = model.config.to_dict()
-    config["quantization_config"] = quantization_config
-    config["dtype"] = "float16"
-    config.pop("torch_dtype", None)
-    with atomic_dir(output) as tmp:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        (tmp / "quantize_config.json").write_text(json.dumps(quantization_config, indent=2))
-        tokenizer.save_pretrained(tmp)
-    return output
+        for name, weight in weights.items()
+    }
+    extra = {"quantize_config.json": json.dumps(quantization_config, indent=2)}
+    return write_quantized_folder(
+        model, tokenizer, packed, quantization_config, output, "GPTQ", extra
+    )
 
 
 def prepare_output(output: Path, overwrite: bool) -> None:

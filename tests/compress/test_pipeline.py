@@ -71,7 +71,7 @@ def test_existing_output_is_refused_before_work(tiny_llama_dir, tmp_path):
 
 
 def test_interrupted_save_leaves_no_output(tiny_llama_dir, tmp_path, monkeypatch):
-    import memtool.formats.gptq_checkpoint as checkpoint
+    import memtool.formats.checkpoint_io as checkpoint
 
     def boom(*args, **kwargs):
         raise KeyboardInterrupt

@@ -90,7 +90,7 @@ def test_ragged_groups_need_the_gptq_layout(tiny_llama_dir, text_file, tmp_path)
 
 
 def test_interrupted_save_leaves_no_output(tiny_opt_dir, text_file, tmp_path, monkeypatch):
-    import memtool.formats.awq_checkpoint as checkpoint
+    import memtool.formats.checkpoint_io as checkpoint
 
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
