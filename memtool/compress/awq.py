@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from memtool.compress.awq_groups import NO_CLIP, apply_scale, scaling_groups
+from memtool.compress.awq_groups import NO_CLIP, ScaleGroup, apply_scale, scaling_groups
 from memtool.compress.awq_search import (
     Call,
     channel_mean_abs,
@@ -49,7 +49,7 @@ from memtool.compress.layers import (
     linear_children,
     run_layer,
 )
-from memtool.compress.quantizer import rtn_quantize
+from memtool.compress.quantizer import QuantizedWeight, rtn_quantize
 from memtool.compress.sequential import SequentialResult
 from memtool.progress import step_progress
 
@@ -106,6 +106,60 @@ def _fake_quantizer(config: AWQConfig):
     return fake_quantize
 
 
+def _search_scales(
+    layer: nn.Module,
+    groups: list[ScaleGroup],
+    linears: dict[str, nn.Linear],
+    recorded: _Recorded,
+    config: AWQConfig,
+) -> list[tuple[ScaleGroup, torch.Tensor, float]]:
+    """(group, scales, alpha) for every group, each searched on the float weights."""
+    found = []
+    for group in groups:
+        members = [linears[name] for name in group.linears]
+        w_mean = None
+        if config.duo_scaling:
+            w_mean = weight_mean([m.weight for m in members], config.group_size)
+        scales, alpha, _ = search_scale(
+            members,
+            layer.get_submodule(group.inspect),
+            recorded.calls[group.inspect],
+            channel_mean_abs(recorded.inputs[group.linears[0]]),
+            _fake_quantizer(config),
+            n_grid=config.n_grid,
+            w_mean=w_mean,
+        )
+        found.append((group, scales, alpha))
+    return found
+
+
+def _clip_and_quantize(
+    linear: nn.Linear, x: list[torch.Tensor], divisor: torch.Tensor | None, config: AWQConfig
+) -> QuantizedWeight:
+    """Round `linear` to nearest after the clip search (skipped when `x` is empty), in place.
+
+    `divisor` is the scale folded into the linear's input columns: its recorded float inputs
+    `x` are divided by it so that x·wᵀ is what the scaled layer computes.
+    """
+    weight = linear.weight.detach().float()
+    if x:
+        sample = sample_tokens(x, config.clip_tokens)
+        if divisor is not None:
+            sample = sample / divisor.view(1, -1)
+        weight = search_clip(
+            weight,
+            sample,
+            config.bits,
+            config.group_size,
+            config.sym,
+            n_grid=config.n_grid,
+            max_shrink=config.max_shrink,
+        )
+    quantized = rtn_quantize(weight, config.bits, config.group_size, config.sym)
+    linear.weight.copy_(quantized.dequantize().to(linear.weight.dtype))
+    return quantized
+
+
 @torch.inference_mode()
 def quantize_awq(
     model: nn.Module,
@@ -135,7 +189,6 @@ def quantize_awq(
     prefix = next(name for name, m in model.named_modules() if m is layers)
     inputs = capture_first_layer_inputs(model, windows, batch_size)
     result = AWQResult({})
-    fake_quantize = _fake_quantizer(config)
     phases = dict.fromkeys(("capture", "record", "scale_search", "clip_quantize", "propagate"), 0.0)
     phases["capture"] = time.perf_counter() - began
     mark = time.perf_counter()
@@ -158,52 +211,20 @@ def quantize_awq(
                     run_layer(layer, hidden, kwargs)
             lap("record")
 
-            divisors: dict[str, torch.Tensor] = {}  # a consumer's input shrinks by its scale
-            found = []
-            for number, group in enumerate(groups, start=1):
-                progress.update(task, status=f"layer {index}: scale {number}/{len(groups)}")
-                members = [linears[name] for name in group.linears]
-                x = recorded.inputs[group.linears[0]]
-                w_mean = (
-                    weight_mean([m.weight for m in members], config.group_size)
-                    if config.duo_scaling
-                    else None
-                )
-                scales, alpha, _ = search_scale(
-                    members,
-                    layer.get_submodule(group.inspect),
-                    recorded.calls[group.inspect],
-                    channel_mean_abs(x),
-                    fake_quantize,
-                    n_grid=config.n_grid,
-                    w_mean=w_mean,
-                )
-                found.append((group, scales))
-                result.alphas[f"{prefix}.{index}: {group.label}"] = alpha
-            for group, scales in found:  # all searches saw the float weights, as in AutoAWQ
+            progress.update(task, status=f"layer {index}: searching scales")
+            divisors: dict[str, torch.Tensor] = {}
+            # All searches saw the float weights (as in AutoAWQ); fold the scales afterwards.
+            for group, scales, alpha in _search_scales(layer, groups, linears, recorded, config):
                 apply_scale(layer, group, scales)
                 divisors.update(dict.fromkeys(group.linears, scales))
-            del found
+                result.alphas[f"{prefix}.{index}: {group.label}"] = alpha
             lap("scale_search")
 
             progress.update(task, status=f"layer {index}: clipping, quantizing")
             for name, linear in linears.items():
-                weight = linear.weight.detach().float()
-                if config.clip and name.rsplit(".", 1)[-1] not in NO_CLIP:
-                    x = sample_tokens(recorded.inputs[name], config.clip_tokens)
-                    if name in divisors:
-                        x = x / divisors[name].view(1, -1)
-                    weight = search_clip(
-                        weight,
-                        x,
-                        config.bits,
-                        config.group_size,
-                        config.sym,
-                        n_grid=config.n_grid,
-                        max_shrink=config.max_shrink,
-                    )
-                quantized = rtn_quantize(weight, config.bits, config.group_size, config.sym)
-                linear.weight.copy_(quantized.dequantize().to(linear.weight.dtype))
+                clip = config.clip and name.rsplit(".", 1)[-1] not in NO_CLIP
+                x = recorded.inputs[name] if clip else []
+                quantized = _clip_and_quantize(linear, x, divisors.get(name), config)
                 result.weights[f"{prefix}.{index}.{name}"] = quantized
             del recorded, divisors
             lap("clip_quantize")

@@ -8,7 +8,12 @@ from conftest import make_text
 from memtool import load_model
 from memtool.compress import AWQConfig, CalibrationConfig, RTNConfig, compress
 from memtool.compress.awq_groups import apply_scale, scaling_groups
-from memtool.compress.awq_search import channel_mean_abs, search_clip, search_scale
+from memtool.compress.awq_search import (
+    channel_mean_abs,
+    search_clip,
+    search_scale,
+    weight_mean,
+)
 from memtool.compress.layers import decoder_layers
 from memtool.compress.quantizer import rtn_quantize
 from memtool.data import calibration_windows
@@ -96,6 +101,15 @@ def test_scale_search_never_loses_to_rtn_and_restores_weights(tiny_opt_dir):
     assert torch.equal(fc.weight, original)
     assert alpha > 0 and error < rtn_error
     assert best[:3].min() > best[3:].max()  # the salient channels are scaled up the most
+
+
+def test_duo_scaling_weight_mean_is_per_group_relative_magnitude():
+    # Groups of 2 columns, the last one ragged: |w| / max |w| of its (row, group), then the
+    # mean over rows: row 0 gives [1/2, 1 | 1], row 1 gives [1, 1 | 1].
+    w = torch.tensor([[1.0, -2.0, 3.0], [4.0, 4.0, -1.0]])
+    torch.testing.assert_close(weight_mean([w], 2), torch.tensor([0.75, 1.0, 1.0]))
+    # Linears sharing an input are stacked: their rows all count.
+    torch.testing.assert_close(weight_mean([w[:1], w[1:]], 2), weight_mean([w], 2))
 
 
 def test_clip_search_never_loses_to_no_clipping():
