@@ -5,9 +5,11 @@ against these, within a stated tolerance, and CPU runs them directly. They favou
 speed: the whole weight is dequantized to float32 before the matmul.
 """
 
+import torch
 from torch import Tensor
 
 from memtool.errors import MemtoolError
+from memtool.formats.bitstack_pack import packed_width, unpack_signs
 from memtool.formats.gptq_pack import check_gptq_tensors, unpack_along_cols, unpack_along_rows
 
 
@@ -93,4 +95,75 @@ def check_linear_inputs(
             raise MemtoolError(f"{name} is on {tensor.device} but the weight is on {weight.device}")
 
 
-__all__ = ["check_linear_inputs", "dequantize_gptq", "gptq_linear"]
+def bitstack_reconstruct(signs: Tensor, u: Tensor, v: Tensor, in_features: int) -> Tensor:
+    """The weight `[out_features, in_features]` that a BitStack linear's loaded blocks sum to.
+
+    `W = Σ_j S_j ⊙ (u_j v_jᵀ)`, with `S_j` unpacked from `signs[j]` (layout in
+    `memtool.formats.bitstack_pack`) and the factors widened to float32 before the product.
+
+    Args:
+        signs: uint8 `[blocks, out_features, ceil(in_features / 8)]`.
+        u: `[blocks, out_features, rank]` (float16 in checkpoints).
+        v: `[blocks, in_features, rank]`.
+        in_features: input features (the packed width rounds up to 8).
+
+    Returns:
+        float32 `[out_features, in_features]` on the device of `signs`.
+    """
+    check_bitstack_tensors(signs, u, v, in_features)
+    weight = torch.zeros(u.shape[1], in_features, dtype=torch.float32, device=signs.device)
+    for j in range(signs.shape[0]):  # one block at a time: a transient of one weight's size
+        magnitude = u[j].float() @ v[j].float().T
+        weight.addcmul_(unpack_signs(signs[j], in_features), magnitude)
+    return weight
+
+
+def bitstack_linear(
+    x: Tensor, signs: Tensor, u: Tensor, v: Tensor, in_features: int, bias: Tensor | None = None
+) -> Tensor:
+    """`x @ Wᵀ + bias` for the BitStack weight `W` of `bitstack_reconstruct`, in float32.
+
+    Args:
+        x: activations `[..., in_features]`, any float dtype.
+        signs, u, v, in_features: as in `bitstack_reconstruct`.
+        bias: optional `[out_features]`.
+
+    Returns:
+        `[..., out_features]` in `x.dtype`.
+    """
+    weight = bitstack_reconstruct(signs, u, v, in_features)
+    check_linear_inputs(x, bias, signs, in_features, weight.shape[0])
+    out = x.reshape(-1, in_features).float() @ weight.T
+    if bias is not None:
+        out = out + bias.float()
+    return out.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
+
+
+def check_bitstack_tensors(signs: Tensor, u: Tensor, v: Tensor, in_features: int) -> None:
+    """Raise `MemtoolError` unless the three tensors describe one BitStack linear."""
+    if signs.dtype != torch.uint8 or signs.dim() != 3:
+        raise MemtoolError(
+            f"signs must be uint8 [blocks, out, bytes], got {signs.dtype} {tuple(signs.shape)}"
+        )
+    blocks, out_features, _ = signs.shape
+    if u.dim() != 3 or tuple(u.shape[:2]) != (blocks, out_features):
+        raise MemtoolError(f"u must be [{blocks}, {out_features}, rank], got {tuple(u.shape)}")
+    if v.dim() != 3 or tuple(v.shape) != (blocks, in_features, u.shape[2]):
+        raise MemtoolError(
+            f"v must be [{blocks}, {in_features}, {u.shape[2]}], got {tuple(v.shape)}"
+        )
+    if signs.shape[2] != packed_width(in_features):
+        raise MemtoolError(
+            f"signs have {signs.shape[2]} bytes per row; {in_features} inputs need "
+            f"{packed_width(in_features)}"
+        )
+
+
+__all__ = [
+    "bitstack_linear",
+    "bitstack_reconstruct",
+    "check_bitstack_tensors",
+    "check_linear_inputs",
+    "dequantize_gptq",
+    "gptq_linear",
+]
