@@ -1,5 +1,8 @@
 """Progress bars and console output on stderr, so stdout stays free for `--json`."""
 
+import contextlib
+from collections.abc import Iterator
+
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -38,3 +41,12 @@ def step_progress() -> Progress:
         console=console,
         transient=True,
     )
+
+
+@contextlib.contextmanager
+def counted_steps(
+    description: str, total: int, show: bool = True
+) -> Iterator[tuple[Progress, int]]:
+    """A `step_progress` bar with one task of `total` steps: yields (progress, task id)."""
+    with step_progress() as progress:
+        yield progress, progress.add_task(description, total=total, status="", visible=show)

@@ -3,11 +3,18 @@ ecosystem loads (GPTQ layout, AWQ GEMM layout, transformers' bitsandbytes checkp
 
 from memtool.compress.api import CompressResult, compress
 from memtool.compress.bnb import BnbConfig
-from memtool.compress.config import AWQConfig, CalibrationConfig, GPTQConfig, RTNConfig
+from memtool.compress.config import (
+    AWQConfig,
+    BitStackConfig,
+    CalibrationConfig,
+    GPTQConfig,
+    RTNConfig,
+)
 from memtool.compress.quantizer import QuantizedWeight, rtn_quantize
 
 __all__ = [
     "AWQConfig",
+    "BitStackConfig",
     "BnbConfig",
     "CalibrationConfig",
     "CompressResult",

@@ -14,8 +14,15 @@ import torch
 
 from memtool.compress.awq import quantize_awq
 from memtool.compress.awq_output import plan_awq, save_awq
+from memtool.compress.bitstack_pipeline import compress_bitstack
 from memtool.compress.bnb import BnbConfig, bnb_quantize, save_bnb_checkpoint
-from memtool.compress.config import AWQConfig, CalibrationConfig, GPTQConfig, RTNConfig
+from memtool.compress.config import (
+    AWQConfig,
+    BitStackConfig,
+    CalibrationConfig,
+    GPTQConfig,
+    RTNConfig,
+)
 from memtool.compress.layers import decoder_layers, linear_children
 from memtool.compress.methods import gptq_group_quantizer, rtn_linear
 from memtool.compress.quantizer import QuantizedWeight
@@ -43,6 +50,7 @@ class CompressResult:
     seconds: float
     warnings: list[str] = field(default_factory=list)
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    details: dict = field(default_factory=dict)  # method-specific facts (BitStack: sizes)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,7 +58,7 @@ class CompressResult:
 
 def compress(
     model: str | LoadedModel | None,
-    config: RTNConfig | GPTQConfig | AWQConfig,
+    config: RTNConfig | GPTQConfig | AWQConfig | BitStackConfig,
     calibration: CalibrationConfig | None = None,
     output: str | Path | None = None,
     overwrite: bool = False,
@@ -61,24 +69,30 @@ def compress(
     Args:
         model: a source to load in float32 (None = the default model) or a loaded model, which
             is modified in place (its linears hold the dequantized weights afterwards).
-        config: `RTNConfig`, `GPTQConfig` or `AWQConfig`.
+        config: `RTNConfig`, `GPTQConfig`, `AWQConfig`, `BnbConfig` or `BitStackConfig`.
         calibration: calibration windows for calibrated methods (default: 128 x 512 of wiki).
         output: folder to write (GPTQ layout; AWQ writes the AWQ GEMM layout when it can hold
-            the result, see `memtool.compress.awq_output`); None to keep it in memory only.
+            the result, see `memtool.compress.awq_output`; BitStack a stack folder, see
+            `memtool.formats.bitstack_stack`); None to keep it in memory only (not BitStack).
         overwrite: replace an existing output folder.
         show_progress: progress bars on stderr.
 
     Returns:
         (result summary, quantized weights by module name, the model with fake-quantized
-        weights, usable to measure the quantization's effect without reloading).
+        weights, usable to measure the quantization's effect without reloading; for BitStack,
+        no weights and the written stack loaded whole).
     """
     config.validate()
     calibration = calibration or CalibrationConfig()
     calibration.validate()
+    if isinstance(config, BitStackConfig) and output is None:
+        raise MemtoolError("BitStack writes a stack folder: pass --output")
     if output is not None:
         prepare_output(Path(output), overwrite)  # fail before hours of work, not after
     began = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype="float32")
+    if isinstance(config, BitStackConfig):
+        return _compress_bitstack(loaded, config, calibration, Path(output), show_progress, began)
     if isinstance(config, BnbConfig):
         return _compress_bnb(loaded, config, output, overwrite, began)
     awq_plan = None
@@ -180,6 +194,29 @@ def _compress_bnb(
     )
     bnb_loaded = LoadedModel(quantized, loaded.tokenizer, loaded.source, loaded.kind, loaded.path)
     return result, {}, bnb_loaded
+
+
+def _compress_bitstack(
+    loaded: LoadedModel,
+    config: BitStackConfig,
+    calibration: CalibrationConfig,
+    output: Path,
+    show_progress: bool,
+    began: float,
+) -> tuple[CompressResult, dict[str, QuantizedWeight], LoadedModel]:
+    done = compress_bitstack(loaded, config, calibration, output, show_progress)
+    result = CompressResult(
+        output=str(output),
+        method=config.method,
+        settings={"method": config.method, **asdict(config)},
+        calibration=done.pop("calibration"),
+        quantized_layers=done.pop("quantized_layers"),
+        seconds=time.perf_counter() - began,
+        warnings=done.pop("warnings"),
+        phase_seconds=done.pop("phase_seconds"),
+        details=done,
+    )
+    return result, {}, load_model(output)
 
 
 def _check_packable(model: torch.nn.Module) -> None:

@@ -95,3 +95,40 @@ class CalibrationConfig:
             if value <= 0:
                 flag = {"n_samples": "--calib-samples"}.get(name, "--" + name.replace("_", "-"))
                 raise MemtoolError(f"{flag} must be a positive number, got {value}")
+
+
+@dataclass(frozen=True)
+class BitStackConfig:
+    """BitStack any-size decomposition; see `memtool.compress.bitstack`.
+
+    With `rank=None` each linear gets the rank whose residual block costs about `block_bits`
+    bits per weight (1 for the signs, the rest for the fp16 factors): on smollm2-135m that is
+    rank 4 for q/o (576x576), 2 for k/v (192x576) and 5 for gate/up/down (576x1536). A fixed
+    rank costs more per weight on narrow matrices: the official K=16 suits 4096-wide models.
+    """
+
+    niter: int = 16  # residual blocks per linear
+    rank: int | None = None  # None: per shape, from block_bits
+    block_bits: float = 1.25
+    order: str = "importance"  # or "uniform" (level by level)
+    scale: bool = True  # activation-aware input scaling
+    residual: str = "fp16"  # subtract the stored fp16 factors ("fp32": the unrounded ones)
+    exact_svd: bool = False
+    score_samples: int = 8  # calibration windows back-propagated for the importance estimate
+    seed: int = 0
+
+    method = "bitstack"
+
+    def validate(self) -> None:
+        if self.niter < 1:
+            raise MemtoolError(f"--niter {self.niter} must be at least 1")
+        if self.rank is not None and self.rank < 1:
+            raise MemtoolError(f"--rank {self.rank} must be at least 1")
+        if not 1 < self.block_bits <= 16:
+            raise MemtoolError(f"block_bits {self.block_bits} must be in (1, 16]")
+        if self.order not in ("importance", "uniform"):
+            raise MemtoolError(f"--order {self.order!r} must be importance or uniform")
+        if self.residual not in ("fp16", "fp32"):
+            raise MemtoolError(f"residual {self.residual!r} must be fp16 or fp32")
+        if self.score_samples < 0:
+            raise MemtoolError(f"--score-samples {self.score_samples} must be 0 or more")

@@ -21,6 +21,8 @@ import torch
 
 from memtool.errors import MemtoolError
 from memtool.formats.awq_checkpoint import is_awq_config, load_awq_model
+from memtool.formats.bitstack_model import BitStackState, load_bitstack_model
+from memtool.formats.bitstack_stack import is_bitstack_folder
 from memtool.formats.gptq_checkpoint import is_gptq_config, load_gptq_model
 from memtool.models.builtin import BUILTIN_MODELS, DEFAULT_MODEL, ensure_builtin
 from memtool.models.safetensors_check import check_safetensors
@@ -40,6 +42,14 @@ class LoadedModel:
     kind: str  # "builtin" | "hf-folder" | "gguf" | "hub"
     path: Path | None  # local folder or file, when there is one
     weight_files: list[Path] = field(default_factory=list)
+    bitstack: BitStackState | None = None  # set for BitStack stacks, which can be resized
+
+    def set_budget(self, budget: int | str | None) -> int:
+        """Grow or shrink a BitStack model in place to fit `budget` (bytes or "300MB"; None =
+        every block); returns the blocks now loaded. Other models cannot be resized."""
+        if self.bitstack is None:
+            raise MemtoolError(f"{self.source} is not a BitStack stack: it has no budget to set")
+        return self.bitstack.set_budget(budget)
 
     @property
     def bytes_on_disk(self) -> int:
@@ -63,6 +73,7 @@ def load_model(
     *,
     dtype: str = "float32",
     allow_pickle: bool = False,
+    budget: int | str | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer on CPU.
 
@@ -71,12 +82,19 @@ def load_model(
             built-in model (`smollm2-135m`).
         dtype: compute dtype of the loaded weights (`float32`, `bfloat16`, `float16`).
         allow_pickle: permit `pytorch_model.bin` checkpoints (unsafe: pickle runs code).
+        budget: for a BitStack stack, the weight bytes to load (int or "300MB"); None loads
+            the whole stack. The result's `set_budget` resizes it in place later.
 
     Raises:
         MemtoolError: the source does not exist, is not a model, or is damaged.
     """
     torch_dtype = resolve_dtype(dtype)
     text = str(source) if source is not None else DEFAULT_MODEL
+    if budget is not None and not is_bitstack_folder(Path(text).expanduser()):
+        raise MemtoolError(
+            f"a budget applies to BitStack stacks (memtool compress --method bitstack); {text} "
+            "is not one"
+        )
     if text in BUILTIN_MODELS:
         folder = ensure_builtin(text)
         loaded = _load_folder(folder, torch_dtype, allow_pickle=False)
@@ -87,7 +105,7 @@ def load_model(
         if path.is_file() and path.suffix == ".gguf":
             return _load_gguf(path, torch_dtype)
         if path.is_dir():
-            loaded = _load_folder(path, torch_dtype, allow_pickle)
+            loaded = _load_folder(path, torch_dtype, allow_pickle, budget)
             loaded.source = text
             return loaded
         raise MemtoolError(f"{path} is neither a model folder (with config.json) nor a .gguf file")
@@ -117,7 +135,9 @@ def _weight_files(folder: Path, allow_pickle: bool) -> list[Path]:
     raise MemtoolError(f"{folder} has config.json but no weights (*.safetensors)")
 
 
-def _load_folder(folder: Path, dtype: torch.dtype, allow_pickle: bool) -> LoadedModel:
+def _load_folder(
+    folder: Path, dtype: torch.dtype, allow_pickle: bool, budget: int | str | None = None
+) -> LoadedModel:
     from transformers import AutoModelForCausalLM
 
     if not (folder / "config.json").is_file():
@@ -131,8 +151,11 @@ def _load_folder(folder: Path, dtype: torch.dtype, allow_pickle: bool) -> Loaded
         config = json.loads((folder / "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise MemtoolError(f"{folder}/config.json is not valid JSON: {exc}") from exc
+    state = None
     try:
-        if is_gptq_config(config):
+        if is_bitstack_folder(folder):
+            model, state = load_bitstack_model(folder, dtype, budget)
+        elif is_gptq_config(config):
             model = load_gptq_model(folder, files, dtype)
         elif is_awq_config(config):
             model = load_awq_model(folder, files, dtype)
@@ -143,7 +166,10 @@ def _load_folder(folder: Path, dtype: torch.dtype, allow_pickle: bool) -> Loaded
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise MemtoolError(f"could not load the model in {folder}: {_first_line(exc)}") from exc
     model.eval()
-    return LoadedModel(model, tokenizer, str(folder), "hf-folder", folder, files)
+    loaded = LoadedModel(model, tokenizer, str(folder), "hf-folder", folder, files, state)
+    if state is not None:
+        model.set_budget = loaded.set_budget  # the resizing handle, on the model itself too
+    return loaded
 
 
 def _load_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:

@@ -7,8 +7,10 @@ Triton when it can (triton installed and CUDA tensors, or CPU tensors with `TRIT
 else, on CPU tensors, the native CPU kernel for calls it handles that have at most
 `CPU_MAX_ROWS` rows (see `gptq_backend_used`), and the reference otherwise. `triton` or `cpu`
 where that backend cannot run is an error, never a silent fallback; under `auto`, a CPU kernel
-that fails to build is reported once (WARNING) and the reference runs. The first call of an op
-on each backend and device logs which backend ran to the `memtool.ops` logger (INFO).
+that fails to build is reported once (WARNING) and the reference runs. BitStack has no native CPU
+kernel: `bitstack_linear` runs Triton or the reference, and `cpu` asked for it is an error. The
+first call of an op on each backend and device logs which backend ran to the `memtool.ops`
+logger (INFO).
 """
 
 import enum
@@ -111,6 +113,14 @@ def cpu_status(device: torch.device | str) -> tuple[bool, str]:
     return cpu_kernel_status()
 
 
+def _as_backend(backend: KernelBackend | str) -> KernelBackend:
+    try:
+        return KernelBackend(backend)
+    except ValueError:
+        names = ", ".join(b.value for b in KernelBackend)
+        raise MemtoolError(f"unknown kernel backend {backend!r}; use one of {names}") from None
+
+
 def backend_used(
     device: torch.device | str,
     backend: KernelBackend | str = KernelBackend.AUTO,
@@ -132,11 +142,7 @@ def backend_used(
     Raises:
         MemtoolError: an unknown backend name, or `triton` or `cpu` where it cannot run.
     """
-    try:
-        backend = KernelBackend(backend)
-    except ValueError:
-        names = ", ".join(b.value for b in KernelBackend)
-        raise MemtoolError(f"unknown kernel backend {backend!r}; use one of {names}") from None
+    backend = _as_backend(backend)
     if backend is KernelBackend.REFERENCE:
         return backend
     if backend is KernelBackend.CPU:
@@ -232,10 +238,52 @@ def gptq_linear(
     return reference.gptq_linear(x, qweight, qzeros, scales, g_idx, bits, in_features, bias)
 
 
+def bitstack_linear(
+    x: Tensor,
+    signs: Tensor,
+    u: Tensor,
+    v: Tensor,
+    in_features: int,
+    bias: Tensor | None = None,
+    backend: KernelBackend | str = KernelBackend.AUTO,
+) -> Tensor:
+    """`x @ Wᵀ + bias` for a BitStack weight `W = Σ_j S_j ⊙ (u_j v_jᵀ)`, on the chosen backend.
+
+    `auto` runs Triton where `backend_used` allows it, else the reference; there is no native
+    CPU kernel for BitStack, so `cpu` is refused rather than replaced.
+
+    Args:
+        x: activations `[..., in_features]`.
+        signs: uint8 `[blocks, out_features, ceil(in_features / 8)]`, packed as in
+            `memtool.formats.bitstack_pack`.
+        u: `[blocks, out_features, rank]` (float16 in checkpoints).
+        v: `[blocks, in_features, rank]`.
+        in_features: input features of the layer.
+        bias: optional `[out_features]`.
+        backend: `auto`, `reference` or `triton`.
+
+    Returns:
+        `[..., out_features]` in `x.dtype`, accumulated in float32.
+
+    Raises:
+        MemtoolError: tensors that do not fit, or a backend that cannot run (`cpu` never can).
+    """
+    if _as_backend(backend) is KernelBackend.CPU:
+        raise MemtoolError("the cpu backend has no bitstack kernel; use auto, reference or triton")
+    chosen = backend_used(x.device, backend, x.dtype)
+    _log_first_use("bitstack_linear", chosen, x.device)
+    if chosen is KernelBackend.TRITON:
+        from memtool.ops.triton.bitstack_matmul import triton_bitstack_linear
+
+        return triton_bitstack_linear(x, signs, u, v, in_features, bias)
+    return reference.bitstack_linear(x, signs, u, v, in_features, bias)
+
+
 __all__ = [
     "CPU_MAX_ROWS",
     "KernelBackend",
     "backend_used",
+    "bitstack_linear",
     "cpu_status",
     "gptq_backend_used",
     "gptq_linear",

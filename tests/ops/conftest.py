@@ -21,11 +21,12 @@ WORKER = Path(__file__).with_name("interpret_worker.py")
 
 @pytest.fixture(scope="session")
 def run_interpreted(tmp_path_factory) -> Callable[[list[dict]], list[dict]]:
-    """Run jobs through `memtool.ops.gptq_linear` under TRITON_INTERPRET=1 in a child process.
+    """Run jobs through `memtool.ops` linears under TRITON_INTERPRET=1 in a child process.
 
-    A job is `{"kwargs": {...gptq_linear arguments...}, "backend": "triton" | "auto"}`; each
-    result is `{"out": Tensor, "backend": str}` or `{"error": str}` (a `MemtoolError` message).
-    Skips when triton is not installed.
+    A job is `{"kwargs": {...the op's arguments...}, "backend": "triton" | "auto", "op": name}`,
+    where `op` is `"gptq_linear"` (the default when absent) or `"bitstack_linear"`; each result
+    is `{"out": Tensor, "backend": str}` or `{"error": str}` (a `MemtoolError` message). Skips
+    when triton is not installed.
     """
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")

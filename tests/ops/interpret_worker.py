@@ -12,16 +12,19 @@ os.environ["TRITON_INTERPRET"] = "1"
 import torch
 
 from memtool.errors import MemtoolError
-from memtool.ops import backend_used, gptq_linear
+from memtool.ops import backend_used, bitstack_linear, gptq_linear
+
+OPS = {"gptq_linear": gptq_linear, "bitstack_linear": bitstack_linear}
 
 
 def main(jobs_path: str, results_path: str) -> None:
     results = []
     for job in torch.load(jobs_path):
         kwargs = job["kwargs"]
+        op = OPS[job.get("op", "gptq_linear")]
         try:
             chosen = backend_used(kwargs["x"].device, job["backend"], kwargs["x"].dtype)
-            out = gptq_linear(**kwargs, backend=job["backend"])
+            out = op(**kwargs, backend=job["backend"])
         except MemtoolError as error:
             results.append({"error": str(error)})
         else:

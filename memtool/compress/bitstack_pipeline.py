@@ -1,0 +1,180 @@
+"""`compress(..., BitStackConfig())`: statistics, scaling, decomposition, ordering, writing.
+
+Memory stays at about one float model plus the stack: each linear's float weight is released
+as soon as its blocks exist, and the input Hessians (one per distinct linear input, about 13 MB
+per decoder layer of smollm2-135m) are the only calibration state kept.
+"""
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from memtool.compress.bitstack import auto_rank, check_rank, decompose
+from memtool.compress.bitstack_order import LinearBlocks, order_stack
+from memtool.compress.bitstack_scaling import (
+    Scaling,
+    body_linears,
+    collect_stats,
+    fold_scales,
+    loss_estimator,
+)
+from memtool.compress.config import BitStackConfig, CalibrationConfig
+from memtool.data import calibration_windows
+from memtool.errors import MemtoolError
+from memtool.formats.bitstack_stack import INPUT_SCALE, LinearSpec, encode_block, write_stack
+from memtool.models import LoadedModel
+from memtool.progress import counted_steps
+
+_STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def compress_bitstack(
+    loaded: LoadedModel,
+    config: BitStackConfig,
+    calibration: CalibrationConfig,
+    output: Path,
+    show_progress: bool = True,
+) -> dict:
+    """Decompose `loaded`'s decoder linears into a stack written to `output`.
+
+    Returns a summary: calibration used, warnings, phase timings, stack sizes.
+    """
+    model = loaded.model
+    linears = body_linears(model)
+    ranks = {}
+    for name, module in linears.items():
+        rank = config.rank or auto_rank(module.out_features, module.in_features, config.block_bits)
+        check_rank(module.out_features, module.in_features, rank, name)
+        ranks[name] = rank
+    if config.score_samples > calibration.n_samples:
+        raise MemtoolError(
+            f"--score-samples {config.score_samples} is more than the {calibration.n_samples} "
+            "calibration windows; lower it or raise --calib-samples"
+        )
+    windows = calibration_windows(
+        calibration.data,
+        loaded.tokenizer,
+        n_samples=calibration.n_samples,
+        seq_len=calibration.seq_len,
+        seed=calibration.seed,
+    )
+    phases: dict[str, float] = {}
+    mark = time.perf_counter()
+    stats, fisher = collect_stats(
+        model, windows.input_ids, calibration.batch_size, config.score_samples, show_progress
+    )
+    phases["statistics"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    if config.scale:
+        scalings, warnings = fold_scales(model, stats)
+    else:
+        scalings = {
+            n: Scaling(torch.ones(m.in_features), explicit=False) for n, m in linears.items()
+        }
+        warnings = []
+    torch.manual_seed(config.seed)
+    specs, per_linear, blocks_of = [], [], []
+    with counted_steps("decomposing", len(linears), show_progress) as (bar, task):
+        for name, module in linears.items():
+            estimate = loss_estimator(stats[name], fisher.get(name), scalings[name])
+            blocks, errors = decompose(
+                module.weight,
+                config.niter,
+                ranks[name],
+                residual=config.residual,
+                exact_svd=config.exact_svd,
+                error=estimate,
+            )
+            module.weight = nn.Parameter(torch.empty(0), requires_grad=False)  # free it now
+            spec = LinearSpec(
+                name,
+                module.out_features,
+                module.in_features,
+                ranks[name],
+                config.niter,
+                scalings[name].explicit,
+            )
+            specs.append(spec)
+            per_linear.append(LinearBlocks(blocks[0].nbytes, tuple(errors)))
+            blocks_of.append(blocks)
+            bar.advance(task)
+    del stats
+    phases["decompose"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    order = order_stack(per_linear, config.order)
+    stack = []
+    for linear, index in order:
+        block = blocks_of[linear][index]
+        stack.append((linear, index, encode_block(block.signs, block.u, block.v)))
+    phases["order"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    storage = _storage_dtype(loaded)
+    base = _base_tensors(model, linears, scalings, storage)
+    model_config = model.config.to_dict()
+    model_config.pop("quantization_config", None)
+    model_config.pop("torch_dtype", None)
+    model_config["dtype"] = str(storage).removeprefix("torch.")
+    extra = {
+        "settings": {"method": config.method, **vars(config)},
+        "calibration": windows.to_dict(),
+        "scaling": {
+            "folded": sorted(n for n, s in scalings.items() if config.scale and not s.explicit),
+            "explicit": sorted(n for n, s in scalings.items() if s.explicit),
+        },
+        "estimated_loss_increase": [list(item.errors) for item in per_linear],
+    }
+    meta = write_stack(output, model_config, loaded.tokenizer, base, specs, stack, extra)
+    phases["write"] = time.perf_counter() - mark
+    return {
+        "calibration": windows.to_dict(),
+        "warnings": warnings,
+        "phase_seconds": phases,
+        "quantized_layers": len(specs),
+        "min_bytes": meta["weight_bytes"][0],
+        "max_bytes": meta["weight_bytes"][-1],
+        "blocks": len(stack),
+        "ranks": sorted(set(ranks.values())),
+    }
+
+
+def _storage_dtype(loaded: LoadedModel) -> torch.dtype:
+    """The source checkpoint's 16-bit dtype (bfloat16 when it was not 16-bit)."""
+    if loaded.path is not None and (loaded.path / "config.json").is_file():
+        config = json.loads((loaded.path / "config.json").read_text())
+        name = config.get("dtype") or config.get("torch_dtype")
+        if name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+    return torch.bfloat16
+
+
+def _base_tensors(
+    model: nn.Module,
+    linears: dict[str, nn.Linear],
+    scalings: dict[str, Scaling],
+    dtype: torch.dtype,
+) -> dict[str, torch.Tensor]:
+    """Everything but the decomposed weights, tied tensors once, in `dtype`."""
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in model.state_dict().items():
+        module_name, _, leaf = name.rpartition(".")
+        if (module_name in linears and leaf == "weight") or tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        tensors[name] = _narrow(tensor, dtype, name)
+    for name, scaling in scalings.items():
+        if scaling.explicit:
+            tensors[f"{name}.{INPUT_SCALE}"] = _narrow(scaling.scale, dtype, name)
+    return tensors
+
+
+def _narrow(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    if not tensor.is_floating_point():
+        return tensor.contiguous()
+    stored = tensor.detach().to(dtype).contiguous()
+    if not torch.isfinite(stored).all():
+        raise MemtoolError(f"{name} overflows {dtype}: this model cannot be stored in 16 bits")
+    return stored

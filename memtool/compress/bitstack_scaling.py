@@ -1,0 +1,243 @@
+"""Calibration statistics for BitStack and folding its activation-aware scales into the model.
+
+Per decoder linear, from one pass over the calibration windows through the float model:
+- `scale` `[in]`: per input channel, the L2 norm along the tokens of each window, averaged over
+  windows (what the official BitStack code uses). The decomposition sees `W diag(s)`, so columns
+  that carry large activations are approximated more carefully.
+- `hessian` `[in, in]`: the input second moment XᵀX / tokens, shared by linears that read the
+  same tensor (q/k/v, gate/up).
+- `fisher` `[out]`: mean squared gradient of the loss with respect to each output channel, from
+  a few windows with backpropagation. With `hessian` it turns a weight error E into an
+  estimated loss increase Σ_i f_i (E H Eᵀ)_ii (a diagonal K-FAC approximation), which orders
+  the stack (`memtool.compress.bitstack_order`).
+
+Folding reuses AWQ's scaling groups (`memtool.compress.awq_groups`): where a norm or linear
+feeds exactly a set of linears, dividing its output by `s` and multiplying their input columns
+by `s` leaves the function unchanged, so no scale is stored. Llama family: input norm → q/k/v,
+post-attention norm → gate/up, up → down, and v → o only when v and o have the same width
+(grouped-query attention shares v channels between heads). Linears outside every group keep an
+explicit input scale (`x / s` before the matmul), stored beside the stack and counted in its
+bytes; an architecture without known groups gets explicit scales everywhere, with a warning.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from memtool.compress.awq_groups import apply_scale, check_supported, scaling_groups
+from memtool.compress.layers import decoder_layers, linear_children
+from memtool.errors import MemtoolError
+from memtool.progress import counted_steps
+
+_MIN_SCALE = 1e-6  # dead channels would otherwise divide by zero when folded
+
+
+@dataclass
+class LinearStats:
+    """Statistics of one linear's input and output (see the module docstring)."""
+
+    scale_sum: Tensor
+    hessian: Tensor
+    windows: int = 0
+
+    @property
+    def scale(self) -> Tensor:
+        return (self.scale_sum / max(self.windows, 1)).clamp_min(_MIN_SCALE)
+
+
+@dataclass
+class Scaling:
+    """How one linear's weight was scaled before decomposition: `W' = diag(1/r) W diag(s)`."""
+
+    scale: Tensor  # s: input columns multiplied
+    explicit: bool  # s is applied to the input at run time (not folded upstream)
+    row_divisor: Tensor | None = None  # r: output rows divided (the linear feeds a folded scale)
+
+
+@dataclass
+class _InputRecorder:
+    """Forward hooks recording every linear's input statistics, sharing identical inputs."""
+
+    linears: dict[str, nn.Linear]
+    stats: dict[str, LinearStats] = field(default_factory=dict)
+    _last: tuple[Tensor, LinearStats] | None = None
+
+    def __enter__(self) -> "_InputRecorder":
+        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in self.linears.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            x = args[0]
+            if self._last is not None and self._last[0] is x:
+                self.stats.setdefault(name, self._last[1])
+                return
+            entry = self.stats.get(name)
+            if entry is None:
+                dim = x.shape[-1]
+                entry = LinearStats(torch.zeros(dim), torch.zeros(dim, dim))
+                self.stats[name] = entry
+            flat = x.detach().reshape(-1, x.shape[-2], x.shape[-1]).float()  # [B, L, in]
+            entry.scale_sum += flat.pow(2).sum(dim=1).sqrt().sum(dim=0)
+            tokens = flat.reshape(-1, flat.shape[-1])
+            seen = entry.windows * flat.shape[1]
+            total = seen + tokens.shape[0]
+            entry.hessian.mul_(seen / total).addmm_(tokens.T, tokens, alpha=1.0 / total)
+            entry.windows += flat.shape[0]
+            self._last = (x, entry)
+
+        return hook
+
+
+def body_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every decoder layer's linears by full module name, in layer and forward order."""
+    layers = decoder_layers(model)
+    prefix = next(name for name, m in model.named_modules() if m is layers)
+    return {
+        f"{prefix}.{index}.{name}": module
+        for index, layer in enumerate(layers)
+        for name, module in linear_children(layer).items()
+    }
+
+
+def collect_stats(
+    model: nn.Module,
+    windows: Tensor,
+    batch_size: int,
+    fisher_windows: int,
+    show_progress: bool = True,
+) -> tuple[dict[str, LinearStats], dict[str, Tensor]]:
+    """Input statistics of every decoder linear over `windows` `[n, L]` (linears reading the
+    same input share one entry), and output Fisher diagonals from the first `fisher_windows`
+    of them (an empty dict when 0)."""
+    linears = body_linears(model)
+    recorder = _InputRecorder(linears)
+    batches = range(0, windows.shape[0], batch_size)
+    with counted_steps("statistics", len(batches) + fisher_windows, show_progress) as (bar, task):
+        with recorder, torch.inference_mode():
+            for start in batches:
+                model(input_ids=windows[start : start + batch_size], use_cache=False)
+                recorder._last = None
+                bar.advance(task)
+        missing = [name for name in linears if name not in recorder.stats]
+        if missing:
+            raise MemtoolError(f"calibration never reached {missing[0]}: cannot scale it")
+        fisher: dict[str, Tensor] = {}
+        n_fisher = min(fisher_windows, windows.shape[0])
+        for index in range(n_fisher):
+            _accumulate_fisher(model, linears, fisher, windows[index : index + 1])
+            bar.advance(task)
+    return recorder.stats, {name: total / n_fisher for name, total in fisher.items()}
+
+
+def _accumulate_fisher(
+    model: nn.Module, linears: dict[str, nn.Linear], fisher: dict[str, Tensor], ids: Tensor
+) -> None:
+    """Add one window's mean squared output gradients to each linear's `fisher`.
+
+    Parameters stop requiring gradients for the pass: only activation gradients are needed,
+    and weight gradients would double the backward's cost and hold a model-sized buffer.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    handles = []
+
+    def output_hook(name: str):
+        def hook(module, args, output):
+            def on_grad(grad: Tensor) -> None:
+                squared = grad.detach().float().pow(2).reshape(-1, grad.shape[-1]).mean(dim=0)
+                fisher[name] = fisher[name] + squared if name in fisher else squared
+
+            if output.requires_grad:
+                output.register_hook(on_grad)
+
+        return hook
+
+    def embedding_hook(module, args, output):
+        return output.requires_grad_()
+
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        handles.append(model.get_input_embeddings().register_forward_hook(embedding_hook))
+        handles += [m.register_forward_hook(output_hook(n)) for n, m in linears.items()]
+        with torch.enable_grad():
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p in params:
+            p.requires_grad_(True)
+
+
+@torch.no_grad()
+def fold_scales(
+    model: nn.Module, stats: dict[str, LinearStats]
+) -> tuple[dict[str, Scaling], list[str]]:
+    """Scale every decoder linear's input columns by its `scale`, folding `1/s` upstream where
+    that is exact; returns each linear's `Scaling` and warnings."""
+    layers = decoder_layers(model)
+    prefix = next(name for name, m in model.named_modules() if m is layers)
+    warnings: list[str] = []
+    folded = True
+    try:
+        check_supported(model)
+    except MemtoolError:
+        folded = False
+        kind = getattr(model.config, "model_type", type(model).__name__)
+        warnings.append(
+            f"no known scaling groups for model_type {kind!r}: every linear keeps an explicit "
+            "input scale (exact, but a little slower and a few bytes larger)"
+        )
+    scalings: dict[str, Scaling] = {}
+    for index, layer in enumerate(layers):
+        base = f"{prefix}.{index}."
+        groups = scaling_groups(model, layer) if folded else []
+        for group in groups:
+            scale = stats[base + group.linears[0]].scale
+            apply_scale(layer, group, scale)
+            for name in group.linears:
+                scalings[base + name] = Scaling(scale, explicit=False)
+        for group in groups:  # a prev linear's rows took 1/s: record it once all are scaled
+            if isinstance(layer.get_submodule(group.prev), nn.Linear):
+                scalings[base + group.prev].row_divisor = scalings[base + group.linears[0]].scale
+        for name, module in linear_children(layer).items():
+            if base + name not in scalings:
+                scale = stats[base + name].scale
+                module.weight.mul_(scale.view(1, -1).to(module.weight.dtype))
+                scalings[base + name] = Scaling(scale, explicit=True)
+    return scalings, warnings
+
+
+def loss_estimator(stats: LinearStats, fisher: Tensor | None, scaling: Scaling):
+    """A function mapping a residual of the scaled weight to its estimated loss increase.
+
+    Back in the original weight space the error is `E = diag(r) E' diag(1/s)`; the estimate is
+    `Σ_i f_i (E H Eᵀ)_ii = Σ_i f_i r_i² (E' H' E'ᵀ)_ii` with `H' = diag(1/s) H diag(1/s)`.
+    Without Fisher diagonals every output channel weighs 1.
+    """
+    inverse = 1.0 / scaling.scale
+    hessian = stats.hessian * inverse.view(-1, 1) * inverse.view(1, -1)
+    rows = hessian.new_ones(1) if fisher is None else fisher.clone()
+    if scaling.row_divisor is not None:
+        rows = rows * scaling.row_divisor.pow(2)
+
+    def estimate(residual: Tensor) -> float:
+        per_row = ((residual @ hessian) * residual).sum(dim=1)
+        return float((per_row * rows).sum())
+
+    return estimate
+
+
+__all__ = [
+    "LinearStats",
+    "Scaling",
+    "body_linears",
+    "collect_stats",
+    "fold_scales",
+    "loss_estimator",
+]
