@@ -6,7 +6,7 @@ two numbers are only compared when they were measured the same way.
 """
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from memtool import __version__
 from memtool.data import evaluation_windows
@@ -21,6 +21,7 @@ from memtool.metrics import (
     weight_bytes,
 )
 from memtool.models import LoadedModel, load_model
+from memtool.sizes import parse_size
 
 DEFAULT_MAX_WINDOWS = 32
 
@@ -37,6 +38,7 @@ class MeasureConfig:
         batch_size: windows per forward call.
         allow_pickle: permit pickle checkpoints when loading.
         show_progress: draw progress bars on stderr.
+        budget: for a BitStack stack, the weight bytes to load ("300MB" or bytes).
     """
 
     data: str = "wiki"
@@ -46,6 +48,7 @@ class MeasureConfig:
     batch_size: int = 1
     allow_pickle: bool = False
     show_progress: bool = True
+    budget: int | str | None = None
 
     def validate(self) -> None:
         for name in ("seq_len", "batch_size", "max_windows"):
@@ -85,6 +88,10 @@ class MeasureReport:
     tokens_per_s: float
     forward_seconds: float
     load_seconds: float
+    kv_cache_bytes: int  # per evaluation batch at its full length, beside the weights
+    budget_bytes: int | None = None  # BitStack: the budget the model was loaded or resized to
+    stack_blocks: int | None = None  # BitStack: residual blocks held
+    resize_seconds: float | None = None  # BitStack sweeps: time to grow to this budget
     memtool_version: str = __version__
     conventions: dict = field(
         default_factory=lambda: {
@@ -94,6 +101,7 @@ class MeasureReport:
             "bits_per_weight_linear": "storage bits / weights of the body's linear layers",
             "peak_rss_bytes": "peak resident memory of the process, loading included",
             "tokens_per_s": "eval_tokens / forward_seconds",
+            "kv_cache_bytes": "keys and values of one batch of windows, not in weight_bytes",
         }
     )
 
@@ -115,7 +123,9 @@ def measure(
     loaded = (
         model
         if isinstance(model, LoadedModel)
-        else load_model(model, dtype=config.dtype, allow_pickle=config.allow_pickle)
+        else load_model(
+            model, dtype=config.dtype, allow_pickle=config.allow_pickle, budget=config.budget
+        )
     )
     load_s = time.perf_counter() - began
     context = loaded.max_context
@@ -131,11 +141,12 @@ def measure(
         loaded.model, windows.input_ids, config.batch_size, show_progress=config.show_progress
     )
     total, non_embedding = count_params(loaded.model)
-    dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
+    dtype = loaded.model.get_input_embeddings().weight.dtype
+    stack = loaded.bitstack
     return MeasureReport(
         model=loaded.source,
         model_kind=loaded.kind,
-        dtype=dtype,
+        dtype=str(dtype).removeprefix("torch."),
         perplexity=result.perplexity,
         nll_mean=result.nll_mean,
         eval_tokens=result.fed_tokens,
@@ -157,7 +168,53 @@ def measure(
         tokens_per_s=result.tokens_per_s,
         forward_seconds=result.forward_seconds,
         load_seconds=load_s,
+        kv_cache_bytes=kv_cache_bytes(
+            loaded.model.config, config.batch_size * config.seq_len, dtype.itemsize
+        ),
+        budget_bytes=None if config.budget is None else parse_size(config.budget),
+        stack_blocks=stack.n_blocks if stack is not None else None,
     )
+
+
+def measure_budgets(
+    model: str, budgets: list[int | str], config: MeasureConfig | None = None
+) -> list[MeasureReport]:
+    """Measure a BitStack stack at each budget, smallest first, resizing one loaded model in
+    place between them (each report's `resize_seconds` says how long that took)."""
+    config = config or MeasureConfig()
+    sizes = sorted(parse_size(b) for b in budgets)
+    if not sizes:
+        raise MemtoolError("--budgets needs at least one size")
+    began = time.perf_counter()
+    loaded = load_model(
+        model, dtype=config.dtype, allow_pickle=config.allow_pickle, budget=sizes[0]
+    )
+    if loaded.bitstack is None:
+        raise MemtoolError(f"{model} is not a BitStack stack: --budgets needs one")
+    for size in sizes:  # check every budget before measuring any
+        loaded.bitstack.stack.blocks_for_budget(size)
+    load_s = time.perf_counter() - began
+    reports = []
+    for size in sizes:
+        mark = time.perf_counter()
+        loaded.set_budget(size)
+        resize_s = time.perf_counter() - mark
+        report = measure(loaded, replace(config, budget=size))
+        report.load_seconds, report.resize_seconds = load_s, resize_s
+        reports.append(report)
+    return reports
+
+
+def kv_cache_bytes(model_config, tokens: int, element_bytes: int) -> int:
+    """Bytes of keys and values for `tokens` positions (0 when the config does not say)."""
+    layers = getattr(model_config, "num_hidden_layers", None)
+    heads = getattr(model_config, "num_attention_heads", None)
+    hidden = getattr(model_config, "hidden_size", None)
+    if not (layers and heads and hidden):
+        return 0
+    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(model_config, "head_dim", None) or hidden // heads
+    return 2 * layers * kv_heads * head_dim * tokens * element_bytes
 
 
 def threshold_failures(

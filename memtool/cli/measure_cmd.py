@@ -5,7 +5,14 @@ from rich.console import Console
 from rich.table import Table
 
 from memtool.cli.common import DebugOption, JsonOption, run_command
-from memtool.measurement import DEFAULT_MAX_WINDOWS, MeasureConfig, measure, threshold_failures
+from memtool.errors import MemtoolError
+from memtool.measurement import (
+    DEFAULT_MAX_WINDOWS,
+    MeasureConfig,
+    measure,
+    measure_budgets,
+    threshold_failures,
+)
 from memtool.sizes import format_size, parse_size
 
 
@@ -35,6 +42,15 @@ def measure_command(
     allow_pickle: bool = typer.Option(
         False, "--allow-pickle", help="Load pickle checkpoints (unsafe: pickle runs code)."
     ),
+    budget: str = typer.Option(
+        None, "--budget", help="BitStack stack: load the blocks that fit this many weight bytes."
+    ),
+    budgets: str = typer.Option(
+        None, "--budgets", help="BitStack stack: measure at each size (250MB,300MB,400MB)."
+    ),
+    plot: str = typer.Option(
+        None, "--plot", help="With --budgets: write perplexity against bytes to FILE.png."
+    ),
     json_out: bool = JsonOption,
     debug: bool = DebugOption,
 ) -> None:
@@ -43,6 +59,11 @@ def measure_command(
     def action() -> tuple[dict, list[str]]:
         # Parse sizes before the (slow) model load so bad input fails at once.
         weight_limit = parse_size(max_weight_bytes) if max_weight_bytes is not None else None
+        if budget is not None and budgets is not None:
+            raise MemtoolError("give --budget or --budgets, not both")
+        if plot is not None and budgets is None:
+            raise MemtoolError("--plot draws a --budgets sweep: pass --budgets too")
+        sweep = [parse_size(b.strip()) for b in budgets.split(",")] if budgets else None
         config = MeasureConfig(
             data=data,
             seq_len=seq_len,
@@ -50,15 +71,64 @@ def measure_command(
             dtype=dtype,
             batch_size=batch_size,
             allow_pickle=allow_pickle,
+            budget=parse_size(budget) if budget is not None else None,
         )
         config.validate()
-        report = measure(model, config)
-        return report.to_dict(), threshold_failures(report, max_perplexity, weight_limit)
+        if sweep is None:
+            report = measure(model, config)
+            return report.to_dict(), threshold_failures(report, max_perplexity, weight_limit)
+        reports = measure_budgets(model, sweep, config)
+        failures = [
+            f"at {format_size(r.budget_bytes)}: {failure}"
+            for r in reports
+            for failure in threshold_failures(r, max_perplexity, weight_limit)
+        ]
+        result = {"model": reports[0].model, "budgets": [r.to_dict() for r in reports]}
+        if plot is not None:
+            from memtool.plots import plot_perplexity_vs_bytes
+
+            points = [(r.weight_bytes, r.perplexity) for r in reports]
+            title = f"{reports[0].model}: perplexity on {reports[0].data}"
+            result["plot"] = str(plot_perplexity_vs_bytes({"BitStack": points}, plot, title))
+        return result, failures
 
     run_command(action, json_out=json_out, debug=debug, render=_render)
 
 
 def _render(report: dict) -> None:
+    if "budgets" in report:
+        _render_budgets(report)
+    else:
+        _render_one(report)
+
+
+def _render_budgets(result: dict) -> None:
+    reports = result["budgets"]
+    first = reports[0]
+    table = Table(title=f"memtool measure: {result['model']} at {len(reports)} budgets")
+    for column in ("budget", "weight bytes", "blocks", "bits/weight (linear)", "perplexity"):
+        table.add_column(column, justify="right")
+    for r in reports:
+        table.add_row(
+            format_size(r["budget_bytes"]),
+            format_size(r["weight_bytes"]),
+            str(r["stack_blocks"]),
+            f"{r['bits_per_weight_linear']:.2f}",
+            f"{r['perplexity']:.4f}",
+        )
+    console = Console()
+    console.print(table)
+    console.print(
+        f"[dim]data: {first['data']} ({first['split']} split, {first['windows']} windows x "
+        f"{first['seq_len']}); KV cache per batch {format_size(first['kv_cache_bytes'])}, "
+        "not in weight bytes; protocol: "
+        f"{first['protocol']}[/]"
+    )
+    if "plot" in result:
+        console.print(f"plot: {result['plot']}")
+
+
+def _render_one(report: dict) -> None:
     table = Table(title=f"memtool measure: {report['model']}", show_header=False)
     table.add_column(style="bold")
     table.add_column()
@@ -75,6 +145,7 @@ def _render(report: dict) -> None:
         ),
         ("bytes on disk", format_size(report["bytes_on_disk"])),
         ("weight bytes in memory", f"{format_size(report['weight_bytes'])} ({report['dtype']})"),
+        ("KV cache per batch", format_size(report["kv_cache_bytes"])),
         (
             "bits per weight",
             f"{report['bits_per_weight']:.2f} (linear layers "
@@ -83,6 +154,9 @@ def _render(report: dict) -> None:
         ("peak RSS", format_size(report["peak_rss_bytes"])),
         ("throughput", f"{report['tokens_per_s']:.1f} tokens/s"),
     ]
+    if report["stack_blocks"] is not None:
+        budget = format_size(report["budget_bytes"]) if report["budget_bytes"] else "whole stack"
+        rows.append(("BitStack", f"budget {budget}, {report['stack_blocks']} blocks"))
     for key, value in rows:
         table.add_row(key, value)
     Console().print(table)

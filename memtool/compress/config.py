@@ -103,7 +103,7 @@ class BitStackConfig:
 
     With `rank=None` each linear gets the rank whose residual block costs about `block_bits`
     bits per weight (1 for the signs, the rest for the fp16 factors): on smollm2-135m that is
-    rank 4 for q/o (576x576), 2 for k/v (192x576) and 5 for gate/up/down (576x1536). A fixed
+    rank 4 for q/o (576x576), 2 for k/v (192x576) and 7 for gate/up/down (576x1536). A fixed
     rank costs more per weight on narrow matrices: the official K=16 suits 4096-wide models.
     """
 

@@ -214,6 +214,9 @@ def test_compress_cli_writes_and_measure_reads(tiny_llama_dir, text_file, tmp_pa
         (["--method", "nf4", "--bits", 3], "4-bit"),
         (["--method", "gptq", "--group-size", 0], "--group-size 0"),
         (["--method", "gptq", "--calib-samples", 0], "--calib-samples"),
+        (["--method", "bitstack", "--rank", 100], "--rank 100 does not fit"),
+        (["--method", "bitstack", "--niter", 0], "--niter 0"),
+        (["--method", "bitstack", "--order", "random"], "--order 'random'"),
     ],
 )
 def test_compress_bad_input(tiny_llama_dir, tmp_path, args, match):
@@ -230,3 +233,50 @@ def test_info_reports_every_kernel_backend():
     assert all(
         isinstance(b["usable"], bool) and b["note"] for b in info["kernel_backends"].values()
     )
+
+
+def test_bitstack_cli_compresses_and_measures_budgets(tiny_llama_dir, text_file, tmp_path):
+    out = tmp_path / "stack"
+    result = _run(
+        "compress",
+        tiny_llama_dir,
+        "--method",
+        "bitstack",
+        "--niter",
+        3,
+        "--calib",
+        text_file,
+        "--calib-samples",
+        4,
+        "--score-samples",
+        2,
+        "--seq-len",
+        32,
+        "-o",
+        out,
+        "--json",
+    )
+    assert result.exit_code == 0, result.stderr
+    details = json.loads(result.stdout)["details"]
+    low, high = details["min_bytes"], details["max_bytes"]
+    common = ["--data", text_file, "--seq-len", 32, "--max-windows", 1]
+    one = _run("measure", out, *common, "--budget", low, "--json")
+    assert one.exit_code == 0, one.stderr
+    assert json.loads(one.stdout)["weight_bytes"] == low
+    plot = tmp_path / "curve.png"
+    sweep = _run("measure", out, *common, "--budgets", f"{low},{high}", "--plot", plot)
+    assert sweep.exit_code == 0, sweep.stderr
+    assert "2 budgets" in sweep.stdout and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    gate = _run("measure", out, *common, "--budgets", f"{low},{high}", "--max-weight-bytes", low)
+    assert gate.exit_code == 1
+    for args, match in (
+        (["--budget", low - 1], "below this stack's minimum"),
+        (["--budget", "1TB"], "above the full stack"),
+        (["--budget", low, "--budgets", high], "not both"),
+        (["--plot", tmp_path / "x.png"], "--plot draws a --budgets sweep"),
+    ):
+        bad = _run("measure", out, *common, *args)
+        assert bad.exit_code == 2 and match in _error_lines(bad)[0], bad.stderr
+    assert not (tmp_path / "x.png").exists()
+    not_stack = _run("measure", tiny_llama_dir, *common, "--budget", "1MB")
+    assert not_stack.exit_code == 2 and "applies to BitStack stacks" in not_stack.stderr

@@ -1,0 +1,43 @@
+"""Pictures of perplexity against bytes (matplotlib, an optional extra: `memtool[plot]`)."""
+
+from pathlib import Path
+
+from memtool.atomic import atomic_file
+from memtool.errors import MemtoolError
+
+
+def plot_perplexity_vs_bytes(
+    series: dict[str, list[tuple[int, float]]], path: str | Path, title: str
+) -> Path:
+    """Draw each series of (weight bytes, perplexity) points as a line and write a PNG.
+
+    Raises:
+        MemtoolError: matplotlib is missing, or the path is not a .png file.
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise MemtoolError(f"--plot {path}: give a .png file name")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display on CI machines
+        from matplotlib import pyplot
+    except ImportError:
+        raise MemtoolError(
+            "--plot needs matplotlib: pip install 'memtool[plot]' (or pip install matplotlib)"
+        ) from None
+    figure, axes = pyplot.subplots(figsize=(7, 4.5))
+    for label, points in series.items():
+        points = sorted(points)
+        axes.plot([b / 1e6 for b, _ in points], [p for _, p in points], marker=".", label=label)
+    axes.set_xlabel("weight bytes (MB)")
+    axes.set_ylabel("perplexity")
+    axes.set_yscale("log")
+    axes.set_title(title)
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    with atomic_file(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=120)
+    pyplot.close(figure)
+    return path

@@ -1,0 +1,198 @@
+"""BitStack mechanics: decomposition, rank choice, exact scale folding, stack ordering."""
+
+import pytest
+import torch
+
+from memtool import load_model
+from memtool.compress import BitStackConfig, CalibrationConfig, compress
+from memtool.compress.bitstack import (
+    auto_rank,
+    block_bits_per_weight,
+    decompose,
+)
+from memtool.compress.bitstack_order import LinearBlocks, order_stack
+from memtool.compress.bitstack_scaling import body_linears, collect_stats, fold_scales
+from memtool.data import calibration_windows
+from memtool.errors import MemtoolError
+from memtool.formats.bitstack_pack import pack_signs
+from memtool.ops.reference import bitstack_reconstruct
+
+
+def _calib(text_file, n=8, seq_len=32):
+    return CalibrationConfig(data=str(text_file), n_samples=n, seq_len=seq_len, batch_size=4)
+
+
+def _stacked(blocks):
+    return (
+        torch.stack([b.signs for b in blocks]),
+        torch.stack([b.u for b in blocks]),
+        torch.stack([b.v for b in blocks]),
+    )
+
+
+def test_blocks_sum_to_weight_minus_residual_and_error_falls():
+    torch.manual_seed(0)
+    weight = torch.randn(48, 40) * 0.05
+    seen = []
+
+    def error(residual):
+        seen.append(residual.clone())
+        return float(residual.pow(2).sum())
+
+    blocks, errors = decompose(weight, niter=6, rank=3, error=error)
+    assert len(blocks) == 6 and len(errors) == 7
+    assert errors == sorted(errors, reverse=True)  # every block helps
+    assert errors[-1] < 0.25 * errors[0]
+    # What the stack stores adds up to exactly the weight minus the residual it reports.
+    torch.testing.assert_close(
+        bitstack_reconstruct(*_stacked(blocks), 40), weight - seen[-1], rtol=0, atol=1e-6
+    )
+    # Each block's signs are the signs of the residual it was fitted to (zeros as +1).
+    assert torch.equal(blocks[1].signs, pack_signs(seen[1]))
+    assert blocks[0].u.dtype == torch.float16 and blocks[0].nbytes == 48 * 5 + 2 * 3 * (48 + 40)
+
+
+def test_fp16_residual_tracks_the_stored_factors_better_than_fp32():
+    # The residual that subtracts the rounded factors lets later blocks fix the rounding;
+    # measured against what is actually stored, it never does worse.
+    torch.manual_seed(1)
+    weight = torch.randn(64, 64) * 0.02
+    errs = {}
+    for residual in ("fp16", "fp32"):
+        torch.manual_seed(2)
+        blocks, _ = decompose(weight, niter=8, rank=4, residual=residual, exact_svd=True)
+        approx = bitstack_reconstruct(*_stacked(blocks), 64)
+        errs[residual] = float((weight - approx).norm())
+    assert errs["fp16"] <= errs["fp32"] * 1.0001
+
+
+def test_randomized_svd_is_as_good_as_exact():
+    torch.manual_seed(3)
+    weight = torch.randn(96, 80) * 0.05
+    norms = {}
+    for exact in (True, False):
+        torch.manual_seed(4)
+        blocks, _ = decompose(weight, niter=4, rank=3, exact_svd=exact)
+        norms[exact] = float((weight - bitstack_reconstruct(*_stacked(blocks), 80)).norm())
+    assert norms[False] <= norms[True] * 1.02
+
+
+def test_auto_rank_gives_blocks_of_about_the_target_bits():
+    # smollm2-135m's shapes: q/o, k/v, gate/up/down.
+    assert auto_rank(576, 576, 1.25) == 4
+    assert auto_rank(192, 576, 1.25) == 2
+    assert auto_rank(1536, 576, 1.25) == 7
+    assert auto_rank(4096, 4096, 1.25) == 32
+    for m, n in ((576, 576), (192, 576), (1536, 576), (576, 1536)):
+        assert 1.1 <= block_bits_per_weight(m, n, auto_rank(m, n, 1.25)) <= 1.3
+    assert auto_rank(8, 8, 1.25) == 1  # never zero
+
+
+def test_uniform_order_goes_level_by_level():
+    linears = [LinearBlocks(10, (9, 5, 3, 2)), LinearBlocks(20, (9, 8, 1, 0))]
+    stack = order_stack(linears, "uniform")
+    assert stack == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]
+
+
+def test_importance_order_keeps_each_linear_in_order_and_follows_gain_per_byte():
+    # Linear 1's next block gains little but the one after gains a lot: the envelope lets it
+    # compete with its average and come before linear 0's mediocre blocks.
+    linears = [
+        LinearBlocks(10, (100, 50, 40, 31, 25)),
+        LinearBlocks(10, (100, 60, 59, 5, 4)),
+        LinearBlocks(1000, (100, 90, 80, 70, 60)),  # costly for its gains: last
+    ]
+    stack = order_stack(linears, "importance")
+    assert stack[:3] == [(0, 0), (1, 0), (2, 0)]
+    rest = stack[3:]
+    assert rest[:2] == [(1, 1), (1, 2)]
+    for index in range(3):
+        levels = [level for linear, level in rest if linear == index]
+        assert levels == sorted(levels) == list(range(1, 4))
+    assert [linear for linear, _ in rest[-3:]] == [2, 2, 2]
+    with pytest.raises(MemtoolError, match="unknown stack order"):
+        order_stack(linears, "random")
+
+
+def _logits(model, ids):
+    with torch.inference_mode():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("heads", [(4, 2), (4, 4)])  # grouped-query and plain attention
+def test_folding_scales_keeps_the_function(tiny_llama_dir, text_file, heads):
+    from transformers import LlamaForCausalLM
+
+    loaded = load_model(tiny_llama_dir)
+    config = loaded.model.config
+    config.num_attention_heads, config.num_key_value_heads = heads
+    torch.manual_seed(5)
+    model = LlamaForCausalLM(config).eval()
+    windows = calibration_windows(str(text_file), loaded.tokenizer, n_samples=4, seq_len=32)
+    ids = windows.input_ids[:2]
+    before = _logits(model, ids)
+    stats, fisher = collect_stats(model, windows.input_ids, 2, 2, show_progress=False)
+    assert set(fisher) == set(body_linears(model))
+    # Linears reading one tensor share statistics; different outputs keep their own Fisher.
+    assert stats["model.layers.0.self_attn.q_proj"] is stats["model.layers.0.self_attn.k_proj"]
+    assert fisher["model.layers.0.self_attn.q_proj"].shape == (config.hidden_size,)
+    scalings, warnings = fold_scales(model, stats)
+    # The folded model computes the same function with every linear's columns scaled.
+    torch.testing.assert_close(_logits_with_scales(model, scalings, ids), before)
+    explicit = {n for n, s in scalings.items() if s.explicit}
+    if heads[0] == heads[1]:
+        assert explicit == set()
+    else:  # v is narrower than o's input: o keeps its scale
+        assert explicit == {f"model.layers.{i}.self_attn.o_proj" for i in range(2)}
+    assert scalings["model.layers.0.mlp.up_proj"].row_divisor is not None
+    assert warnings == []
+
+
+def _logits_with_scales(model, scalings, ids):
+    """Run `model` with explicit scales applied to their linears' inputs, as loading does."""
+    linears = body_linears(model)
+    handles = [
+        linears[name].register_forward_pre_hook(
+            lambda module, args, s=scaling.scale: (args[0] / s,)
+        )
+        for name, scaling in scalings.items()
+        if scaling.explicit
+    ]
+    try:
+        return _logits(model, ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def test_unknown_architecture_keeps_explicit_scales_with_a_warning(tiny_llama_dir, text_file):
+    loaded = load_model(tiny_llama_dir)
+    model = loaded.model
+    windows = calibration_windows(str(text_file), loaded.tokenizer, n_samples=4, seq_len=32)
+    ids = windows.input_ids[:2]
+    before = _logits(model, ids)
+    stats, _ = collect_stats(model, windows.input_ids, 2, 0, show_progress=False)
+    model.config.model_type = "strange"
+    scalings, warnings = fold_scales(model, stats)
+    assert len(warnings) == 1 and "'strange'" in warnings[0]
+    assert all(s.explicit for s in scalings.values())
+    torch.testing.assert_close(_logits_with_scales(model, scalings, ids), before)
+
+
+def test_compress_refuses_a_rank_too_large_before_any_work(tiny_llama_dir, text_file, tmp_path):
+    out = tmp_path / "stack"
+    with pytest.raises(MemtoolError, match=r"--rank 500 does not fit .*q_proj \(64x64\)"):
+        compress(tiny_llama_dir, BitStackConfig(rank=500), _calib(text_file), output=out)
+    assert not out.exists()
+
+
+def test_compress_refuses_more_score_windows_than_calibration(tiny_llama_dir, text_file, tmp_path):
+    config = BitStackConfig(niter=2, score_samples=20)
+    with pytest.raises(MemtoolError, match="--score-samples 20 is more than the 8"):
+        compress(tiny_llama_dir, config, _calib(text_file), output=tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+
+
+def test_compress_needs_an_output(tiny_llama_dir, text_file):
+    with pytest.raises(MemtoolError, match="pass --output"):
+        compress(tiny_llama_dir, BitStackConfig(niter=2), _calib(text_file))
