@@ -1,5 +1,6 @@
 """The BitStack stack on disk: budgets, exact byte accounting, resizing in place, damage."""
 
+import itertools
 import json
 import shutil
 
@@ -36,7 +37,7 @@ def test_blocks_are_stored_in_stack_order_as_one_contiguous_prefix(stack_dir):
     header = check_safetensors(stack_dir / STACK_FILE)
     offsets = [header[block_name(i)]["data_offsets"] for i in range(len(stack.stack))]
     assert offsets[0][0] == 0
-    assert all(a[1] == b[0] for a, b in zip(offsets, offsets[1:], strict=False))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(offsets))
     # Every linear's first block comes first, and a linear's blocks stay in order.
     assert [entry[1] for entry in stack.stack[: stack.min_blocks]] == [0] * stack.min_blocks
     for linear in range(len(stack.linears)):
@@ -134,7 +135,7 @@ def test_metadata_that_disagrees_with_the_file_is_detected(stack_dir, tmp_path):
     meta = json.loads((bad / "bitstack.json").read_text())
     meta["stack"][3][2] += 1
     (bad / "bitstack.json").write_text(json.dumps(meta))
-    with pytest.raises(MemtoolError, match="does not match bitstack.json at block 3"):
+    with pytest.raises(MemtoolError, match=r"does not match bitstack\.json at block 3"):
         load_model(bad)
 
 
