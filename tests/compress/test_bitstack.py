@@ -196,3 +196,23 @@ def test_compress_refuses_more_score_windows_than_calibration(tiny_llama_dir, te
 def test_compress_needs_an_output(tiny_llama_dir, text_file):
     with pytest.raises(MemtoolError, match="pass --output"):
         compress(tiny_llama_dir, BitStackConfig(niter=2), _calib(text_file))
+
+
+def test_loss_estimate_is_the_fisher_weighted_error_in_the_original_weight_space():
+    from memtool.compress.bitstack_scaling import LinearStats, Scaling, loss_estimator
+
+    torch.manual_seed(6)
+    x = torch.randn(100, 12)
+    stats = LinearStats(torch.ones(12))
+    stats.add_hessian(x[:60])
+    stats.add_hessian(x[60:])
+    torch.testing.assert_close(stats.hessian, x.T @ x / 100)
+    s, r, f = torch.rand(12) + 0.5, torch.rand(8) + 0.5, torch.rand(8)
+    scaled_error = torch.randn(8, 12)
+    error = r.view(-1, 1) * scaled_error / s.view(1, -1)  # back in the original space
+    expected = float((f * ((error @ stats.hessian) * error).sum(dim=1)).sum())
+    estimate = loss_estimator(stats, f, Scaling(s, explicit=False, row_divisor=r))
+    assert estimate(scaled_error) == pytest.approx(expected, rel=1e-5)
+    # Without statistics: the scaled residual's energy.
+    bare = loss_estimator(LinearStats(torch.ones(12)), None, Scaling(s, explicit=False))
+    assert bare(scaled_error) == pytest.approx(float(scaled_error.pow(2).sum()), rel=1e-6)
