@@ -129,9 +129,12 @@ def collect_stats(
     recorder = _InputRecorder(linears)
     batches = range(0, windows.shape[0], batch_size)
     with counted_steps("statistics", len(batches) + fisher_windows, show_progress) as (bar, task):
+        # The decoder body only: the output head's logits (49152 wide on smollm2) would cost a
+        # fifth of the compute and 800 MB per batch of 8 windows, and no linear reads them.
+        body = getattr(model, getattr(model, "base_model_prefix", ""), model)
         with recorder, torch.inference_mode():
             for start in batches:
-                model(input_ids=windows[start : start + batch_size], use_cache=False)
+                body(input_ids=windows[start : start + batch_size], use_cache=False)
                 recorder._last = None
                 bar.advance(task)
         missing = [name for name in linears if name not in recorder.stats]
