@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from memtool.compress.awq_groups import apply_scale, check_supported, scaling_groups
+from memtool.compress.hessian import add_second_moment
 from memtool.compress.layers import decoder_layers, linear_children
 from memtool.errors import MemtoolError
 from memtool.progress import counted_steps
@@ -52,9 +53,7 @@ class LinearStats:
         """Fold `tokens` `[n, in]` into the running mean of xxᵀ."""
         if self.hessian is None:
             self.hessian = tokens.new_zeros(tokens.shape[1], tokens.shape[1])
-        total = self.hessian_rows + tokens.shape[0]
-        self.hessian.mul_(self.hessian_rows / total).addmm_(tokens.T, tokens, alpha=1.0 / total)
-        self.hessian_rows = total
+        self.hessian_rows = add_second_moment(self.hessian, self.hessian_rows, tokens)
 
 
 @dataclass

@@ -20,11 +20,19 @@ class HessianGroup:
     n_rows: int = 0  # input vectors accumulated
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
-        # Running mean of 2 xxᵀ: rescale the old sum, add the new batch (no copy of x).
-        total = self.n_rows + x.shape[0]
-        self.hessian.mul_(self.n_rows / total).addmm_(x.T, x, alpha=2.0 / total)
-        self.n_rows = total
+        self.n_rows = add_second_moment(self.hessian, self.n_rows, x, factor=2.0)
+
+
+def add_second_moment(
+    matrix: torch.Tensor, n_rows: int, x: torch.Tensor, factor: float = 1.0
+) -> int:
+    """Fold the rows of `x` `[..., d]` into `matrix`, the running mean of `factor * xxᵀ` over
+    `n_rows` rows so far, in place; returns the new row count."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    # Rescale the old mean and add the new batch in one addmm (no copy of x).
+    total = n_rows + x.shape[0]
+    matrix.mul_(n_rows / total).addmm_(x.T, x, alpha=factor / total)
+    return total
 
 
 @dataclass

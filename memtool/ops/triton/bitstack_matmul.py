@@ -41,10 +41,8 @@ import triton.language as tl
 from torch import Tensor
 
 from memtool.errors import MemtoolError
-from memtool.ops import triton_interpreting
 from memtool.ops.reference import check_bitstack_tensors, check_linear_inputs
-
-_DOT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from memtool.ops.triton.launch import check_launch
 
 
 @triton.jit
@@ -172,24 +170,10 @@ def triton_bitstack_linear(
     check_bitstack_tensors(signs, u, v, in_features)
     out_features = signs.shape[1]
     check_linear_inputs(x, bias, signs, in_features, out_features)
-    if x.dtype not in _DOT_DTYPES:
-        raise MemtoolError(
-            f"the Triton BitStack kernel takes float16/bfloat16/float32 x, not {x.dtype}"
-        )
     for name, tensor in (("u", u), ("v", v)):
         if not tensor.is_floating_point():
             raise MemtoolError(f"{name} must be a float tensor, got {tensor.dtype}")
-        if tensor.device != signs.device:
-            raise MemtoolError(f"{name} is on {tensor.device} but signs are on {signs.device}")
-    interpreted = triton_interpreting()
-    if x.device.type == "cpu" and not interpreted:
-        raise MemtoolError(
-            "CPU tensors need the Triton interpreter, but triton was imported for the GPU: "
-            "set TRITON_INTERPRET=1 before Python starts"
-        )
-    if interpreted and x.dtype == torch.bfloat16:
-        # triton-lang/triton#11584: the interpreter's tl.dot multiplies bfloat16 bit patterns.
-        raise MemtoolError("the Triton interpreter does not support bfloat16 dots; use a GPU")
+    check_launch("BitStack", x, signs, {"u": u, "v": v})
     x2 = x.reshape(-1, in_features)
     m = x2.shape[0]
     blocks, _, rank = u.shape

@@ -31,12 +31,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from memtool.errors import MemtoolError
 from memtool.formats.gptq_pack import check_gptq_tensors
-from memtool.ops import triton_interpreting
 from memtool.ops.reference import check_linear_inputs
-
-_DOT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from memtool.ops.triton.launch import check_launch
 
 
 @triton.jit
@@ -172,22 +169,7 @@ def triton_gptq_linear(
     """
     out_features = check_gptq_tensors(qweight, qzeros, scales, g_idx, bits, in_features)
     check_linear_inputs(x, bias, qweight, in_features, out_features)
-    if x.dtype not in _DOT_DTYPES:
-        raise MemtoolError(
-            f"the Triton GPTQ kernel takes float16/bfloat16/float32 x, not {x.dtype}"
-        )
-    for name, tensor in (("qzeros", qzeros), ("scales", scales), ("g_idx", g_idx)):
-        if tensor.device != qweight.device:
-            raise MemtoolError(f"{name} is on {tensor.device} but qweight is on {qweight.device}")
-    interpreted = triton_interpreting()
-    if x.device.type == "cpu" and not interpreted:
-        raise MemtoolError(
-            "CPU tensors need the Triton interpreter, but triton was imported for the GPU: "
-            "set TRITON_INTERPRET=1 before Python starts"
-        )
-    if interpreted and x.dtype == torch.bfloat16:
-        # triton-lang/triton#11584: the interpreter's tl.dot multiplies bfloat16 bit patterns.
-        raise MemtoolError("the Triton interpreter does not support bfloat16 dots; use a GPU")
+    check_launch("GPTQ", x, qweight, {"qzeros": qzeros, "scales": scales, "g_idx": g_idx})
     x2 = x.reshape(-1, in_features)
     m = x2.shape[0]
     out = torch.empty(m, out_features, dtype=x.dtype, device=x.device)
