@@ -216,3 +216,27 @@ def test_loss_estimate_is_the_fisher_weighted_error_in_the_original_weight_space
     # Without statistics: the scaled residual's energy.
     bare = loss_estimator(LinearStats(torch.ones(12)), None, Scaling(s, explicit=False))
     assert bare(scaled_error) == pytest.approx(float(scaled_error.pow(2).sum()), rel=1e-6)
+
+
+def test_interrupting_a_compression_leaves_no_output(
+    tiny_llama_dir, text_file, tmp_path, monkeypatch
+):
+    import memtool.compress.bitstack_pipeline as pipeline
+    from memtool.formats import bitstack_stack
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    # Once mid-decomposition, once while the files are being written.
+    for module, name in ((pipeline, "decompose"), (bitstack_stack, "save_file")):
+        with monkeypatch.context() as patch:
+            patch.setattr(module, name, interrupted)
+            with pytest.raises(KeyboardInterrupt):
+                compress(
+                    tiny_llama_dir,
+                    BitStackConfig(niter=2),
+                    _calib(text_file),
+                    output=tmp_path / "stack",
+                    show_progress=False,
+                )
+        assert list(tmp_path.iterdir()) == []
