@@ -14,6 +14,7 @@ from memtool.compress import (
     compress,
 )
 from memtool.errors import MemtoolError
+from memtool.progress import console as stderr
 from memtool.recipes import load_recipe, run_recipe
 from memtool.sizes import format_size
 
@@ -121,6 +122,8 @@ def compress_command(
 
 
 def _render(result: dict) -> None:
+    for warning in result.get("warnings", []):  # recipes: printed with their "compress"
+        stderr.print(f"[bold yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     if "recipe" in result:
         _render(result["compress"])
         for data, report in result["measure"].items():

@@ -280,3 +280,35 @@ def test_bitstack_cli_compresses_and_measures_budgets(tiny_llama_dir, text_file,
     assert not (tmp_path / "x.png").exists()
     not_stack = _run("measure", tiny_llama_dir, *common, "--budget", "1MB")
     assert not_stack.exit_code == 2 and "applies to BitStack stacks" in not_stack.stderr
+
+
+def test_compress_shows_warnings_in_human_output(tiny_llama_dir, text_file, tmp_path, monkeypatch):
+    import memtool.compress.bitstack_scaling as scaling
+
+    monkeypatch.setattr(scaling, "check_supported", _refuse_architecture)
+    result = _run(
+        "compress",
+        tiny_llama_dir,
+        "--method",
+        "bitstack",
+        "--niter",
+        2,
+        "--calib",
+        text_file,
+        "--calib-samples",
+        4,
+        "--score-samples",
+        1,
+        "--seq-len",
+        32,
+        "-o",
+        tmp_path / "s",
+    )
+    assert result.exit_code == 0, result.stderr
+    assert "warning: no known scaling groups" in result.stderr
+
+
+def _refuse_architecture(model):
+    from memtool.errors import MemtoolError
+
+    raise MemtoolError("unknown")
