@@ -4,13 +4,12 @@
 are imported only once chosen (memtool imports without triton); `cpu/` holds a native C++ kernel
 for decode-sized calls, compiled on first use. The caller picks a `KernelBackend`: `auto` runs
 Triton when it can (triton installed and CUDA tensors, or CPU tensors with `TRITON_INTERPRET=1`),
-else, on CPU tensors, the native CPU kernel for calls it handles that have at most
-`CPU_MAX_ROWS` rows (see `gptq_backend_used`), and the reference otherwise. `triton` or `cpu`
-where that backend cannot run is an error, never a silent fallback; under `auto`, a CPU kernel
-that fails to build is reported once (WARNING) and the reference runs. BitStack has no native CPU
-kernel: `bitstack_linear` runs Triton or the reference, and `cpu` asked for it is an error. The
-first call of an op on each backend and device logs which backend ran to the `memtool.ops`
-logger (INFO).
+else, on CPU tensors, the native CPU kernel for calls it handles that have few rows (at most
+`CPU_MAX_ROWS` for GPTQ, see `gptq_backend_used`; `CPU_MAX_ROWS_BITSTACK` for BitStack, see
+`bitstack_backend_used`), and the reference otherwise. `triton` or `cpu` where that backend
+cannot run is an error, never a silent fallback; under `auto`, a CPU kernel that fails to build
+is reported once (WARNING) and the reference runs. The first call of an op on each backend and
+device logs which backend ran to the `memtool.ops` logger (INFO).
 """
 
 import enum
@@ -27,6 +26,8 @@ from memtool.errors import MemtoolError
 from memtool.ops import reference
 from memtool.ops.cpu import (
     CPU_MAX_ROWS,
+    CPU_MAX_ROWS_BITSTACK,
+    cpu_bitstack_linear,
     cpu_gptq_linear,
     cpu_kernel_status,
     cpu_unsupported_reason,
@@ -128,8 +129,9 @@ def backend_used(
 ) -> KernelBackend:
     """The backend that an op asked for `backend` runs on tensors on `device`, shapes aside.
 
-    `auto` picks the native CPU kernel only per call, since that depends on the call's bits,
-    g_idx and rows: `gptq_backend_used` answers for a `gptq_linear` call.
+    `auto` picks the native CPU kernel only per call, since that depends on the call's rows
+    (and GPTQ's bits and g_idx): `gptq_backend_used` and `bitstack_backend_used` answer for a
+    `gptq_linear` or `bitstack_linear` call.
 
     Args:
         device: where the op's tensors live.
@@ -172,7 +174,6 @@ def gptq_backend_used(
     Raises:
         MemtoolError: as `backend_used`, or `cpu` asked for a call the kernel does not handle.
     """
-    global _warned_cpu_kernel
     chosen = backend_used(x.device, backend, x.dtype)
     if chosen is KernelBackend.CPU:
         reason = cpu_unsupported_reason(x, g_idx, bits)
@@ -184,13 +185,41 @@ def gptq_backend_used(
     rows = x.numel() // in_features if in_features else 0
     if rows > CPU_MAX_ROWS or cpu_unsupported_reason(x, g_idx, bits) is not None:
         return chosen
+    return _cpu_kernel_or(chosen)
+
+
+def bitstack_backend_used(
+    x: Tensor, in_features: int, backend: KernelBackend | str = KernelBackend.AUTO
+) -> KernelBackend:
+    """The backend `bitstack_linear` runs for activations `x`.
+
+    Under `auto` on CPU tensors (Triton not usable), the native kernel runs when it is built and
+    `x` has at most `CPU_MAX_ROWS_BITSTACK` rows; above that, reconstructing the weight once and
+    calling BLAS is faster. The kernel handles every BitStack layer (any rank, width and block
+    count), so `cpu` is refused only where the kernel cannot run at all.
+
+    Raises:
+        MemtoolError: as `backend_used`.
+    """
+    chosen = backend_used(x.device, backend, x.dtype)
+    if KernelBackend(backend) is not KernelBackend.AUTO or chosen is not KernelBackend.REFERENCE:
+        return chosen
+    rows = x.numel() // in_features if in_features else 0
+    if x.device.type != "cpu" or rows > CPU_MAX_ROWS_BITSTACK:
+        return chosen
+    return _cpu_kernel_or(chosen)
+
+
+def _cpu_kernel_or(fallback: KernelBackend) -> KernelBackend:
+    """`CPU` when the native kernel builds here, else `fallback`, warning once per process."""
+    global _warned_cpu_kernel
     usable, reason = cpu_kernel_status()
     if usable:
         return KernelBackend.CPU
     if not _warned_cpu_kernel:
         _warned_cpu_kernel = True
         log.warning("the native CPU kernel is unavailable (%s); using the reference", reason)
-    return chosen
+    return fallback
 
 
 def _log_first_use(op: str, backend: KernelBackend, device: torch.device) -> None:
@@ -249,8 +278,8 @@ def bitstack_linear(
 ) -> Tensor:
     """`x @ Wᵀ + bias` for a BitStack weight `W = Σ_j S_j ⊙ (u_j v_jᵀ)`, on the chosen backend.
 
-    `auto` runs Triton where `backend_used` allows it, else the reference; there is no native
-    CPU kernel for BitStack, so `cpu` is refused rather than replaced.
+    `auto` runs Triton where `backend_used` allows it, else on CPU tensors the native kernel
+    for decode-sized calls (see `bitstack_backend_used`), else the reference.
 
     Args:
         x: activations `[..., in_features]`.
@@ -260,29 +289,31 @@ def bitstack_linear(
         v: `[blocks, in_features, rank]`.
         in_features: input features of the layer.
         bias: optional `[out_features]`.
-        backend: `auto`, `reference` or `triton`.
+        backend: `auto`, `reference`, `triton` or `cpu`.
 
     Returns:
         `[..., out_features]` in `x.dtype`, accumulated in float32.
 
     Raises:
-        MemtoolError: tensors that do not fit, or a backend that cannot run (`cpu` never can).
+        MemtoolError: tensors that do not fit, or a backend that cannot run.
     """
-    if _as_backend(backend) is KernelBackend.CPU:
-        raise MemtoolError("the cpu backend has no bitstack kernel; use auto, reference or triton")
-    chosen = backend_used(x.device, backend, x.dtype)
+    chosen = bitstack_backend_used(x, in_features, backend)
     _log_first_use("bitstack_linear", chosen, x.device)
     if chosen is KernelBackend.TRITON:
         from memtool.ops.triton.bitstack_matmul import triton_bitstack_linear
 
         return triton_bitstack_linear(x, signs, u, v, in_features, bias)
+    if chosen is KernelBackend.CPU:
+        return cpu_bitstack_linear(x, signs, u, v, in_features, bias)
     return reference.bitstack_linear(x, signs, u, v, in_features, bias)
 
 
 __all__ = [
     "CPU_MAX_ROWS",
+    "CPU_MAX_ROWS_BITSTACK",
     "KernelBackend",
     "backend_used",
+    "bitstack_backend_used",
     "bitstack_linear",
     "cpu_status",
     "gptq_backend_used",

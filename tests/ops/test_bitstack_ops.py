@@ -14,7 +14,8 @@ import torch
 import memtool.ops as ops
 from memtool.errors import MemtoolError
 from memtool.formats.bitstack_pack import pack_signs, packed_width, unpack_signs
-from memtool.ops import KernelBackend, backend_used, bitstack_linear
+from memtool.ops import CPU_MAX_ROWS_BITSTACK, KernelBackend, backend_used, bitstack_linear
+from memtool.ops.cpu import cpu_kernel_status
 from memtool.ops.reference import bitstack_linear as reference_linear
 from memtool.ops.reference import bitstack_reconstruct
 
@@ -203,7 +204,9 @@ def kernel_results(run_interpreted):
     jobs["bf16"] = kernel_job("bf16", 32, 40, 4, 2, (3,), dtype=torch.bfloat16)
     jobs["auto"] = kernel_job("auto", 32, 40, 4, 2, (3,), bias=True, backend="auto")
     bf16_auto = {"dtype": torch.bfloat16, "backend": "auto"}
-    jobs["auto-bf16"] = kernel_job("auto-bf16", 32, 40, 4, 2, (3,), **bf16_auto)
+    # Rows above the native CPU kernel's crossover: `auto` falls back to the reference itself.
+    prefill = (CPU_MAX_ROWS_BITSTACK + 1,)
+    jobs["auto-bf16"] = kernel_job("auto-bf16", 32, 40, 4, 2, prefill, **bf16_auto)
     results = run_interpreted(list(jobs.values()))
     return {
         case_id: (job, result) for (case_id, job), result in zip(jobs.items(), results, strict=True)
@@ -262,17 +265,27 @@ def test_triton_on_plain_cpu_is_an_error_not_a_fallback(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["cpu", KernelBackend.CPU])
-def test_cpu_backend_has_no_bitstack_kernel(backend):
+def test_cpu_backend_runs_the_native_kernel_or_says_why_not(backend):
+    # The kernel itself is tested in test_cpu_bitstack.py.
     _, packed = make_layer(16, 24, 2, 2)
-    with pytest.raises(MemtoolError, match="cpu backend has no bitstack kernel"):
-        bitstack_linear(torch.randn(1, 24), **packed, backend=backend)
+    x = torch.randn(1, 24, generator=torch.Generator().manual_seed(5))
+    usable, _ = cpu_kernel_status()
+    if not usable:
+        with pytest.raises(MemtoolError, match="cpu backend cannot run here"):
+            bitstack_linear(x, **packed, backend=backend)
+        return
+    assert_close_relative(
+        bitstack_linear(x, **packed, backend=backend), reference_linear(x, **packed), FP32_RTOL
+    )
 
 
 def test_auto_on_plain_cpu_runs_the_reference_and_says_so(monkeypatch, caplog):
+    # Above CPU_MAX_ROWS_BITSTACK rows: fewer would run the native CPU kernel.
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(ops, "_logged", set())
     _, packed = make_layer(16, 24, 2, 2)
-    x = torch.randn(2, 24, generator=torch.Generator().manual_seed(4))
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(CPU_MAX_ROWS_BITSTACK + 1, 24, generator=gen)
 
     assert backend_used(x.device) is KernelBackend.REFERENCE
     with caplog.at_level(logging.INFO, logger="memtool.ops"):

@@ -1,4 +1,4 @@
-"""Native CPU kernel for GPTQ linears at decode sizes: `x @ W + b` straight from packed words.
+"""Native CPU kernels for GPTQ and BitStack linears at decode sizes, straight from packed data.
 
 The reference (`memtool.ops.reference.gptq_linear`) dequantizes the whole weight to float32 on
 every call, which is fine when hundreds of tokens share it (prefill, perplexity) and ruinous when
@@ -22,6 +22,34 @@ The curves cross between 192 and 256 rows; `auto` sends up to 128 rows (decoding
 prompts: the kernel wins every measurement there, 1.1-60x) to the kernel and more (perplexity's
 512-token windows, long prompts) to the reference. Two-thread runs could not be timed cleanly
 on the shared 2-core machine; both paths use both threads, so the crossover should not move far.
+
+BitStack (`bitstack_gemv.cpp`, `cpu_bitstack_linear`): a lookup-table GEMV (as in T-MAC and
+LUT-GEMM) that never forms the weight. Per token row and block it tabulates, for each byte of
+8 input columns, the 256 possible sums of `v_k * x` over the byte's negative-sign columns, then
+each output row adds one table entry per byte: `S_j (v_k * x) = total_k - 2 * lookups`. The
+reference instead reconstructs the dense weight on every call (~4-35 ms for 16 blocks of
+smollm2-135m's shapes) and calls BLAS.
+
+Crossover (`CPU_MAX_ROWS_BITSTACK`, provisional): the kernel's time grows linearly with the
+rows of x, the reference's is almost flat at these sizes. Best-of-5 ms per call, 16 blocks,
+fp16 factors, one thread, AMD EPYC (AVX2), measured while another benchmark kept both cores of
+the machine busy, so individual numbers are noisy by tens of percent
+(`OMP_NUM_THREADS=1 python benchmarks/cpu_bitstack_decode.py`):
+
+    rows                  1      2      4      8     16     32     64
+    576x576  r4  kernel  0.58   1.16   2.11   3.96   8.12   16.0   31.3
+                 ref    15.1   15.0   11.2   10.8   11.1   10.1   11.4
+    192x576  r2  kernel  0.25   0.49   1.00   1.90   3.82   7.65   16.2
+                 ref     4.24   4.50   4.22   4.00   4.21   4.17   4.24
+    1536x576 r7  kernel  1.73   3.84   7.72   15.8   33.1   56.2   117
+                 ref    32.4   39.0   33.4   33.5   33.6   32.7   41.4
+    576x1536 r7  kernel  1.95   4.66   9.40   15.4   46.0   75.5   157
+                 ref    34.5   35.2   36.5   34.0   36.5   34.8   30.4
+
+(`out x in`, rank.) The kernel is 17-26x faster at one row (decoding) and 2.1-2.7x at 8; the
+curves cross at about 15-22 rows (0.8-1.4x at 16), so `auto` sends up to 16 rows to the kernel
+and more (prefill, perplexity windows) to the reference. To be re-measured on a quiet machine,
+and with two threads (the kernel splits (row, block) pairs over threads; not timed here).
 """
 
 import functools
@@ -33,11 +61,16 @@ from torch import Tensor
 from memtool.errors import MemtoolError
 from memtool.formats.gptq_pack import check_gptq_tensors
 from memtool.ops.cpu.build import build_dir, load_kernel
-from memtool.ops.reference import check_linear_inputs
+from memtool.ops.reference import check_bitstack_tensors, check_linear_inputs
 
 # Rows of x up to which `auto` runs the kernel; measured in the module docstring. The dispatch
 # reads `memtool.ops.CPU_MAX_ROWS`.
 CPU_MAX_ROWS = 128
+
+# Rows of x up to which `auto` runs the BitStack kernel (`cpu_bitstack_linear`); provisional,
+# measured on a busy machine (module docstring). The dispatch reads
+# `memtool.ops.CPU_MAX_ROWS_BITSTACK`.
+CPU_MAX_ROWS_BITSTACK = 16
 
 _BLOCK = 32  # input features per packed block; group sizes must be multiples of it
 _group_sizes: dict[int, tuple[weakref.ref, int | None, int | None]] = {}
@@ -59,6 +92,10 @@ def cpu_kernel_status() -> tuple[bool, str]:
         @torch.library.register_fake("memtool_cpu::gptq_gemm")
         def _(x, qweight, qzeros, scales, bias, bits, group_size):
             return x.new_empty(x.shape[0], qweight.shape[1])
+
+        @torch.library.register_fake("memtool_cpu::bitstack_gemv")
+        def _(x, signs, u, v, bias, in_features):
+            return x.new_empty(x.shape[0], signs.shape[1])
 
     return usable, reason
 
@@ -165,9 +202,58 @@ def _gemm_op():
     return torch.ops.memtool_cpu.gptq_gemm
 
 
+def cpu_bitstack_linear(
+    x: Tensor, signs: Tensor, u: Tensor, v: Tensor, in_features: int, bias: Tensor | None = None
+) -> Tensor:
+    """`x @ Wᵀ + bias` for a BitStack weight with the native CPU kernel, accumulated in float32.
+
+    Same contract as `memtool.ops.reference.bitstack_linear`; results agree with it to float32
+    rounding (the kernel sums the same products grouped per sign byte, in another order).
+
+    Args:
+        x: activations `[..., in_features]`, any float dtype (computed in float32).
+        signs: uint8 `[blocks, out_features, ceil(in_features / 8)]`.
+        u: `[blocks, out_features, rank]`, float16 or float32 read as stored (others converted).
+        v: `[blocks, in_features, rank]`, likewise.
+        in_features: input features of the layer.
+        bias: optional `[out_features]`.
+
+    Returns:
+        `[..., out_features]` in `x.dtype`.
+
+    Raises:
+        MemtoolError: tensors that do not fit, tensors not on the CPU, or a kernel that could
+            not be built here.
+    """
+    check_bitstack_tensors(signs, u, v, in_features)
+    out_features = signs.shape[1]
+    check_linear_inputs(x, bias, signs, in_features, out_features)
+    if signs.device.type != "cpu" or u.device != signs.device or v.device != signs.device:
+        raise MemtoolError(
+            f"the cpu backend cannot run this call: tensors are on {signs.device.type}; the "
+            f"native CPU kernel needs CPU tensors"
+        )
+    usable, why = cpu_kernel_status()
+    if not usable:
+        raise MemtoolError(f"the cpu backend cannot run here: {why}")
+    flat = x.dim() != 2
+    rows = x.reshape(-1, in_features) if flat else x
+    out = _bitstack_op()(rows.float(), signs, u, v, bias, in_features)
+    if flat:
+        out = out.view(*x.shape[:-1], out_features)
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+@functools.cache
+def _bitstack_op():
+    return torch.ops.memtool_cpu.bitstack_gemv
+
+
 __all__ = [
     "CPU_MAX_ROWS",
+    "CPU_MAX_ROWS_BITSTACK",
     "build_dir",
+    "cpu_bitstack_linear",
     "cpu_gptq_linear",
     "cpu_kernel_status",
     "cpu_unsupported_reason",

@@ -1,10 +1,12 @@
-"""Compiling `gptq_gemm.cpp` on first use, once per process, into memtool's cache.
+"""Compiling the native CPU kernels on first use, once per process, into memtool's cache.
 
-The kernel is built with `-march=native`, so a build is only valid on the machine (CPU
-features), torch and Python that made it: all three name the build folder, which also lets a
-shared home directory serve several machines. torch's `cpp_extension.load` rebuilds only when
-the source or flags change and serialises concurrent builds with a lock file, so a second
-process (or a later run) just loads the library.
+One extension holds every kernel (`SOURCES`: GPTQ's `gptq_gemm.cpp`, BitStack's
+`bitstack_gemv.cpp`), registered as ops of one TORCH_LIBRARY namespace. They are built with
+`-march=native`, so a build is only valid on the machine (CPU features), torch and Python that
+made it: all three name the build folder, which also lets a shared home directory serve several
+machines. torch's `cpp_extension.load` rebuilds only when a source or the flags change and
+serialises concurrent builds with a lock file, so a second process (or a later run) just loads
+the library.
 """
 
 import functools
@@ -23,8 +25,9 @@ from memtool.paths import memtool_home
 
 log = logging.getLogger("memtool.ops")
 
-SOURCE = Path(__file__).with_name("gptq_gemm.cpp")
-LIBRARY = "memtool_cpu"  # the TORCH_LIBRARY namespace the source registers
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("gptq_gemm.cpp", "bitstack_gemv.cpp"))
+SOURCE = SOURCES[0]  # the GPTQ kernel, which holds the namespace's TORCH_LIBRARY block
+LIBRARY = "memtool_cpu"  # the TORCH_LIBRARY namespace the sources register
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
 
 
@@ -39,10 +42,14 @@ def _machine_tag() -> str:
 
 
 def build_dir() -> Path:
-    """Where this machine's build of the kernel lives."""
+    """Where this machine's build of the kernels lives.
+
+    Named apart from the GPTQ-only build of earlier versions (`gptq_cpu-...`), whose library
+    name and source list differ, so neither build is ever mistaken for the other.
+    """
     torch_tag = torch.__version__.replace("+", "_")
     python_tag = f"py{sys.version_info.major}{sys.version_info.minor}"
-    name = f"gptq_cpu-{torch_tag}-{python_tag}-{_machine_tag()}"
+    name = f"memtool_cpu-{torch_tag}-{python_tag}-{_machine_tag()}"
     return memtool_home() / "torch_extensions" / name
 
 
@@ -76,12 +83,12 @@ def _with_venv_on_path() -> None:
 
 @functools.cache
 def load_kernel() -> tuple[bool, str]:
-    """Build (or load the cached build of) the kernel once per process.
+    """Build (or load the cached build of) the kernels once per process.
 
     Returns:
-        `(usable, reason)`: on success the op is registered as `torch.ops.memtool_cpu.gptq_gemm`
-        and the reason names the build folder; on failure the reason is one line (a missing
-        tool or the compiler's first error).
+        `(usable, reason)`: on success the ops are registered as `torch.ops.memtool_cpu.gptq_gemm`
+        and `torch.ops.memtool_cpu.bitstack_gemv` and the reason names the build folder; on
+        failure the reason is one line (a missing tool or the compiler's first error).
     """
     _with_venv_on_path()
     missing = _missing_tool()
@@ -94,8 +101,8 @@ def load_kernel() -> tuple[bool, str]:
     began = time.perf_counter()
     try:
         cpp_extension.load(
-            name="memtool_gptq_cpu",
-            sources=[str(SOURCE)],
+            name="memtool_cpu_kernels",
+            sources=[str(source) for source in SOURCES],
             extra_cflags=_CFLAGS,
             extra_ldflags=["-fopenmp"],
             build_directory=str(folder),
@@ -113,4 +120,4 @@ def load_kernel() -> tuple[bool, str]:
     return True, f"compiled for this machine in {folder}"
 
 
-__all__ = ["LIBRARY", "SOURCE", "build_dir", "load_kernel"]
+__all__ = ["LIBRARY", "SOURCE", "SOURCES", "build_dir", "load_kernel"]
