@@ -121,8 +121,9 @@ def main() -> None:
         print(name, "compress", entry["compress"], flush=True)
         loaded = load_model(folder)
         stack = loaded.bitstack.stack
-        if name == "importance":
+        if name == "importance":  # at the uniform levels' bytes, and where the ablations are
             budgets = [_uniform_bytes(loaded, level) for level in LEVELS]
+            budgets += [mb * 10**6 for mb in ABLATION_BUDGETS_MB]
         else:
             budgets = [mb * 10**6 for mb in ABLATION_BUDGETS_MB]
         budgets = [b for b in budgets if stack.min_bytes <= b <= stack.max_bytes]
