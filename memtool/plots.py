@@ -29,13 +29,14 @@ def plot_perplexity_vs_bytes(
     figure, axes = pyplot.subplots(figsize=(7, 4.5))
     for label, points in series.items():
         points = sorted(points)
-        axes.plot([b / 1e6 for b, _ in points], [p for _, p in points], marker=".", label=label)
+        style = {"marker": "o", "linestyle": "none"} if len(points) == 1 else {"marker": "."}
+        axes.plot([b / 1e6 for b, _ in points], [p for _, p in points], label=label, **style)
     axes.set_xlabel("weight bytes (MB)")
     axes.set_ylabel("perplexity")
     axes.set_yscale("log")
     axes.set_title(title)
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend()
+    axes.legend(fontsize="small")
     figure.tight_layout()
     with atomic_file(path) as tmp:
         figure.savefig(tmp, format="png", dpi=120)
