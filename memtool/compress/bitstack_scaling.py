@@ -71,7 +71,7 @@ class _InputRecorder:
 
     linears: dict[str, nn.Linear]
     stats: dict[str, LinearStats] = field(default_factory=dict)
-    hessian: bool = False  # record input second moments instead of scales
+    hessian: bool = False  # also record input second moments
     _last: tuple[Tensor, LinearStats] | None = None
 
     def __enter__(self) -> "_InputRecorder":
@@ -95,9 +95,8 @@ class _InputRecorder:
             flat = x.detach().reshape(-1, x.shape[-2], x.shape[-1]).float()  # [B, L, in]
             if self.hessian:
                 entry.add_hessian(flat.reshape(-1, flat.shape[-1]))
-            else:
-                entry.scale_sum += flat.pow(2).sum(dim=1).sqrt().sum(dim=0)
-                entry.windows += flat.shape[0]
+            entry.scale_sum += flat.pow(2).sum(dim=1).sqrt().sum(dim=0)
+            entry.windows += flat.shape[0]
             self._last = (x, entry)
 
         return hook
@@ -126,8 +125,19 @@ def collect_stats(
     the first `fisher_windows` of them (none when 0)."""
     linears = body_linears(model)
     recorder = _InputRecorder(linears)
-    batches = range(0, windows.shape[0], batch_size)
-    with counted_steps("statistics", len(batches) + fisher_windows, show_progress) as (bar, task):
+    n_fisher = min(fisher_windows, windows.shape[0])
+    fisher: dict[str, Tensor] = {}
+    batches = range(n_fisher, windows.shape[0], batch_size)
+    with counted_steps("statistics", len(batches) + n_fisher, show_progress) as (bar, task):
+        # The scoring windows first, one at a time with backpropagation: their forward also
+        # records their scales, so the scale pass below skips them.
+        recorder.hessian = True
+        with recorder:
+            for index in range(n_fisher):
+                _accumulate_fisher(model, linears, fisher, windows[index : index + 1])
+                recorder._last = None
+                bar.advance(task)
+        recorder.hessian = False
         # The decoder body only: the output head's logits (49152 wide on smollm2) would cost a
         # fifth of the compute and 800 MB per batch of 8 windows, and no linear reads them.
         body = getattr(model, getattr(model, "base_model_prefix", ""), model)
@@ -136,17 +146,9 @@ def collect_stats(
                 body(input_ids=windows[start : start + batch_size], use_cache=False)
                 recorder._last = None
                 bar.advance(task)
-        missing = [name for name in linears if name not in recorder.stats]
-        if missing:
-            raise MemtoolError(f"calibration never reached {missing[0]}: cannot scale it")
-        fisher: dict[str, Tensor] = {}
-        n_fisher = min(fisher_windows, windows.shape[0])
-        recorder.hessian = True
-        with recorder:
-            for index in range(n_fisher):
-                _accumulate_fisher(model, linears, fisher, windows[index : index + 1])
-                recorder._last = None
-                bar.advance(task)
+    missing = [name for name in linears if name not in recorder.stats]
+    if missing:
+        raise MemtoolError(f"calibration never reached {missing[0]}: cannot scale it")
     return recorder.stats, {name: total / n_fisher for name, total in fisher.items()}
 
 

@@ -240,3 +240,29 @@ def test_interrupting_a_compression_leaves_no_output(
                     show_progress=False,
                 )
         assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("scored", [0, 3])
+def test_scale_is_the_mean_window_l2_norm_over_every_window(tiny_llama_dir, text_file, scored):
+    loaded = load_model(tiny_llama_dir)
+    model = loaded.model
+    windows = calibration_windows(str(text_file), loaded.tokenizer, n_samples=6, seq_len=32)
+    seen = []
+    handle = model.get_submodule("model.layers.1.mlp.down_proj").register_forward_hook(
+        lambda module, args, out: seen.append(args[0].detach()[0])
+    )
+    with torch.no_grad():
+        for row in windows.input_ids:
+            model(input_ids=row[None])
+    handle.remove()
+    expected = torch.stack([x.pow(2).sum(dim=0).sqrt() for x in seen]).mean(dim=0)
+    stats, fisher = collect_stats(model, windows.input_ids, 4, scored, show_progress=False)
+    entry = stats["model.layers.1.mlp.down_proj"]
+    assert entry.windows == 6
+    torch.testing.assert_close(entry.scale, expected, rtol=1e-4, atol=1e-6)
+    assert (entry.hessian is None) == (scored == 0) and len(fisher) == (14 if scored else 0)
+    if scored:  # the Hessian comes from the scored windows only
+        tokens = torch.cat(seen[:scored])
+        torch.testing.assert_close(
+            entry.hessian, tokens.T @ tokens / len(tokens), rtol=1e-4, atol=1e-6
+        )
