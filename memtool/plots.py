@@ -7,9 +7,13 @@ from memtool.errors import MemtoolError
 
 
 def plot_perplexity_vs_bytes(
-    series: dict[str, list[tuple[int, float]]], path: str | Path, title: str
+    series: dict[str, list[tuple[int, float]]],
+    path: str | Path,
+    title: str,
+    frontier: list[tuple[int, float]] | None = None,
 ) -> Path:
-    """Draw each series of (weight bytes, perplexity) points as a line and write a PNG.
+    """Draw each series of (weight bytes, perplexity) points as a line and write a PNG;
+    `frontier` (the Pareto-optimal points) is drawn as a dashed staircase over them.
 
     Raises:
         MemtoolError: matplotlib is missing, or the path is not a .png file.
@@ -31,6 +35,17 @@ def plot_perplexity_vs_bytes(
         points = sorted(points)
         style = {"marker": "o", "linestyle": "none"} if len(points) == 1 else {"marker": "."}
         axes.plot([b / 1e6 for b, _ in points], [p for _, p in points], label=label, **style)
+    if frontier:
+        points = sorted(frontier)
+        axes.step(
+            [b / 1e6 for b, _ in points],
+            [p for _, p in points],
+            where="post",
+            color="black",
+            linestyle="--",
+            linewidth=1,
+            label="Pareto frontier",
+        )
     axes.set_xlabel("weight bytes (MB)")
     axes.set_ylabel("perplexity")
     axes.set_yscale("log")

@@ -5,6 +5,7 @@ from rich.console import Console
 from rich.table import Table
 
 from memtool.cli.common import DebugOption, JsonOption, run_command
+from memtool.cli.measure_compare import Gates, render_comparison, run_comparison
 from memtool.errors import MemtoolError
 from memtool.measurement import (
     DEFAULT_MAX_WINDOWS,
@@ -17,14 +18,16 @@ from memtool.sizes import format_size, parse_size
 
 
 def measure_command(
-    model: str = typer.Argument(
-        None, help="Built-in name, model folder, .gguf file or hub id. Default: smollm2-135m."
+    models: list[str] = typer.Argument(
+        None,
+        help="Built-in name, model folder, .gguf file or hub id (default: smollm2-135m). "
+        "Several: compare them, the first being the base.",
     ),
-    data: str = typer.Option(
-        "wiki",
+    data: list[str] = typer.Option(
+        None,
         "--data",
-        help="Evaluation data: wiki, code, mixed, a "
-        ".txt/.jsonl file (FILE.jsonl:FIELD), a folder (DIR:GLOB), hf:NAME.",
+        help="Evaluation data (default wiki): wiki, code, mixed, a .txt/.jsonl file "
+        "(FILE.jsonl:FIELD), a folder (DIR:GLOB), hf:NAME. Repeat it to compare on several.",
     ),
     seq_len: int = typer.Option(512, "--seq-len", help="Window length in tokens."),
     max_windows: int = typer.Option(
@@ -39,6 +42,14 @@ def measure_command(
     max_weight_bytes: str = typer.Option(
         None, "--max-weight-bytes", help="Exit 1 if weights take more (300MB, 1.5GiB, bytes)."
     ),
+    max_perplexity_increase: float = typer.Option(
+        None,
+        "--max-perplexity-increase",
+        help="Comparison: exit 1 if a variant's perplexity is over PCT percent above the base's.",
+    ),
+    summary: str = typer.Option(
+        None, "--summary", help="Comparison: also write the table as Markdown to FILE.md."
+    ),
     allow_pickle: bool = typer.Option(
         False, "--allow-pickle", help="Load pickle checkpoints (unsafe: pickle runs code)."
     ),
@@ -49,23 +60,38 @@ def measure_command(
         None, "--budgets", help="BitStack stack: measure at each size (250MB,300MB,400MB)."
     ),
     plot: str = typer.Option(
-        None, "--plot", help="With --budgets: write perplexity against bytes to FILE.png."
+        None,
+        "--plot",
+        help="Perplexity against bytes to FILE.png (a --budgets sweep, or a comparison with its "
+        "Pareto frontier).",
     ),
     json_out: bool = JsonOption,
     debug: bool = DebugOption,
 ) -> None:
-    """Measure perplexity, parameters, bytes, bits per weight, peak memory and speed."""
+    """Measure perplexity, parameters, bytes, bits per weight, peak memory and speed; with
+    several models, compare them in one table."""
 
     def action() -> tuple[dict, list[str]]:
         # Parse sizes before the (slow) model load so bad input fails at once.
         weight_limit = parse_size(max_weight_bytes) if max_weight_bytes is not None else None
         if budget is not None and budgets is not None:
             raise MemtoolError("give --budget or --budgets, not both")
-        if plot is not None and budgets is None:
-            raise MemtoolError("--plot draws a --budgets sweep: pass --budgets too")
         sweep = [parse_size(b.strip()) for b in budgets.split(",")] if budgets else None
+        specs = data or ["wiki"]
+        comparing = models is not None and len(models) > 1
+        if not comparing:
+            for flag, value in (
+                ("--max-perplexity-increase", max_perplexity_increase),
+                ("--summary", summary),
+            ):
+                if value is not None:
+                    raise MemtoolError(f"{flag} applies to a comparison: give two models or more")
+            if len(specs) > 1:
+                raise MemtoolError("several --data need a comparison: give two models or more")
+            if plot is not None and budgets is None:
+                raise MemtoolError("--plot draws a --budgets sweep: pass --budgets too")
         config = MeasureConfig(
-            data=data,
+            data=specs[0],
             seq_len=seq_len,
             max_windows=None if all_windows else max_windows,
             dtype=dtype,
@@ -74,6 +100,21 @@ def measure_command(
             budget=parse_size(budget) if budget is not None else None,
         )
         config.validate()
+        if comparing:
+            if budget is not None:
+                raise MemtoolError(
+                    "a comparison takes --budgets (for its BitStack stacks), not --budget"
+                )
+            return run_comparison(
+                models,
+                specs,
+                config,
+                sweep,
+                Gates(max_perplexity, weight_limit, max_perplexity_increase),
+                plot,
+                summary,
+            )
+        model = models[0] if models else None
         if sweep is None:
             report = measure(model, config)
             return report.to_dict(), threshold_failures(report, max_perplexity, weight_limit)
@@ -96,7 +137,9 @@ def measure_command(
 
 
 def _render(report: dict) -> None:
-    if "budgets" in report:
+    if "rows" in report:
+        render_comparison(report)
+    elif "budgets" in report:
         _render_budgets(report)
     else:
         _render_one(report)

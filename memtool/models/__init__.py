@@ -1,7 +1,13 @@
 """Model loading: built-in models, local folders, GGUF files and hub ids."""
 
 from memtool.models.builtin import BUILTIN_MODELS, DEFAULT_MODEL, ensure_builtin
-from memtool.models.loader import DTYPES, LoadedModel, load_model, resolve_dtype
+from memtool.models.loader import (
+    DTYPES,
+    LoadedModel,
+    load_model,
+    load_tokenizer,
+    resolve_dtype,
+)
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -10,5 +16,6 @@ __all__ = [
     "LoadedModel",
     "ensure_builtin",
     "load_model",
+    "load_tokenizer",
     "resolve_dtype",
 ]

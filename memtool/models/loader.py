@@ -118,6 +118,19 @@ def load_model(
     )
 
 
+def load_tokenizer(source: str | os.PathLike | None = None):
+    """The tokenizer `load_model(source)` would give, without loading the weights."""
+    text = str(source) if source is not None else DEFAULT_MODEL
+    if text in BUILTIN_MODELS:
+        return _load_tokenizer(str(ensure_builtin(text)))
+    path = Path(text).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return _load_tokenizer(str(path.parent), gguf_file=path.name)
+    if path.is_dir():
+        return _load_tokenizer(str(path))
+    return load_model(text).tokenizer  # a hub id: the loader's offline handling applies
+
+
 def _weight_files(folder: Path, allow_pickle: bool) -> list[Path]:
     safetensors = sorted(folder.glob("*.safetensors"))
     if safetensors:
