@@ -34,6 +34,7 @@ from torch import Tensor
 from memtool.formats.gptq_pack import check_gptq_tensors
 from memtool.ops.reference import check_linear_inputs
 from memtool.ops.triton.launch import check_launch
+from memtool.ops.triton.tiles import dot_accumulate, store_output
 
 
 @triton.jit
@@ -121,17 +122,10 @@ def _gptq_matmul_kernel(
         ).to(tl.float32)
         # Checkpoints store zero - 1 (GPTQ "v1"); masked rows get scale 0, so w is 0 there.
         w = scale * (q - zero - 1).to(tl.float32)
-        if IEEE_FP32:
-            acc = tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, w.to(x.dtype), acc)
+        acc = dot_accumulate(acc, x, w, IEEE_FP32)
 
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(
-        out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
-        acc.to(out_ptr.dtype.element_ty),
-        mask=m_mask[:, None] & n_mask[None, :],
+    store_output(
+        acc, bias_ptr, out_ptr, offs_m, offs_n, m_mask, n_mask, stride_om, stride_on, HAS_BIAS
     )
 
 
