@@ -4,7 +4,6 @@ import json
 import shutil
 
 import pytest
-from conftest import make_text
 from typer.testing import CliRunner
 
 from memtool.cli.app import app
@@ -35,7 +34,7 @@ def test_compare_measures_every_model_and_budget_against_the_base(
     tiny_llama_dir, variants, text_file, tmp_path
 ):
     second = tmp_path / "second.txt"
-    second.write_text(make_text(2000, seed=11))
+    second.write_text(" ".join(reversed(text_file.read_text().split())))
     stack = StackFile(variants / "stack")
     budgets = [stack.min_bytes, stack.max_bytes]
     config = MeasureConfig(seq_len=32, max_windows=2, show_progress=False)
