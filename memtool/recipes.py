@@ -7,7 +7,7 @@ and, optionally, what to measure afterwards with CI gates:
     output = "out/smollm2-gptq-4bit"
 
     [compress]
-    method = "gptq"          # gptq | awq | rtn | nf4 | fp4 | int8
+    method = "gptq"          # gptq | awq | rtn | nf4 | fp4 | int8 | bitstack
     bits = 4
     group_size = 128
 
@@ -19,6 +19,7 @@ and, optionally, what to measure afterwards with CI gates:
     data = ["wiki", "code"]
     max_windows = 32
     max_perplexity = 30.0
+    budget = "150MB"         # BitStack only: load the stack at this budget to measure
 
 Unknown keys, wrong types and impossible values are errors that name the key, before any work.
 """
@@ -28,10 +29,23 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from memtool.compress import AWQConfig, BnbConfig, CalibrationConfig, GPTQConfig, RTNConfig
+from memtool.compress import (
+    AWQConfig,
+    BitStackConfig,
+    BnbConfig,
+    CalibrationConfig,
+    GPTQConfig,
+    RTNConfig,
+)
 from memtool.errors import MemtoolError
+from memtool.sizes import parse_size
 
-METHOD_CONFIGS = {"rtn": RTNConfig, "gptq": GPTQConfig, "awq": AWQConfig}
+METHOD_CONFIGS = {
+    "rtn": RTNConfig,
+    "gptq": GPTQConfig,
+    "awq": AWQConfig,
+    "bitstack": BitStackConfig,
+}
 BNB_METHODS = ("nf4", "fp4", "int8")
 
 
@@ -41,6 +55,7 @@ class MeasureStep:
     max_windows: int = 32
     seq_len: int = 512
     max_perplexity: float | None = None
+    budget: str | None = None  # BitStack stacks: measure at this budget ("150MB")
 
 
 @dataclass
@@ -48,7 +63,7 @@ class Recipe:
     path: Path
     model: str | None
     output: str
-    compress: RTNConfig | GPTQConfig | AWQConfig | BnbConfig
+    compress: RTNConfig | GPTQConfig | AWQConfig | BnbConfig | BitStackConfig
     calibration: CalibrationConfig
     measure: MeasureStep | None
 
@@ -134,6 +149,10 @@ def load_recipe(path: str | Path) -> Recipe:
         measure = _build(MeasureStep, table, f"{where} [measure]")
         if measure.max_windows <= 0 or measure.seq_len <= 1:
             raise MemtoolError(f"{where} [measure]: max_windows and seq_len must be positive")
+        if measure.budget is not None:
+            if not isinstance(config, BitStackConfig):
+                raise MemtoolError(f'{where} [measure]: budget applies to method = "bitstack"')
+            parse_size(measure.budget)  # a bad size fails now, not after the compression
     model = raw.get("model")
     if model is not None and not isinstance(model, str):
         raise MemtoolError(f"{where}: 'model' must be a string")
@@ -165,13 +184,14 @@ def run_recipe(
     summary = {"recipe": str(recipe.path), "compress": result.to_dict(), "measure": {}}
     failures: list[str] = []
     if recipe.measure is not None:
-        written = load_model(target)  # measure what ships, not the in-memory model
-        for data in recipe.measure.data:
+        step = recipe.measure
+        written = load_model(target, budget=step.budget)  # what ships, not what is in memory
+        for data in step.data:
             config = MeasureConfig(
-                data=data, seq_len=recipe.measure.seq_len, max_windows=recipe.measure.max_windows
+                data=data, seq_len=step.seq_len, max_windows=step.max_windows, budget=step.budget
             )
             report = measure(written, config)
             summary["measure"][data] = report.to_dict()
-            gates = threshold_failures(report, max_perplexity=recipe.measure.max_perplexity)
+            gates = threshold_failures(report, max_perplexity=step.max_perplexity)
             failures += [f"{data}: {gate}" for gate in gates]
     return summary, failures

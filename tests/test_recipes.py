@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from memtool.compress import BnbConfig, GPTQConfig
+from memtool.compress import BitStackConfig, BnbConfig, GPTQConfig
 from memtool.errors import MemtoolError
 from memtool.recipes import load_recipe, run_recipe
 
@@ -42,6 +42,14 @@ def test_shipped_gptq_recipe_contents():
             "--calib-samples",
         ),
         ("output = [\n", "not valid TOML"),
+        (
+            'output = "x"\n[compress]\nmethod = "gptq"\n[measure]\nbudget = "1MB"\n',
+            "budget applies to method",
+        ),
+        (
+            'output = "x"\n[compress]\nmethod = "bitstack"\n[measure]\nbudget = "lots"\n',
+            "size",
+        ),
     ],
 )
 def test_bad_recipes_name_the_problem(tmp_path, text, match):
@@ -72,3 +80,29 @@ def test_recipe_runs_and_gates(tiny_llama_dir, text_file, tmp_path):
     report = next(iter(summary["measure"].values()))
     assert report["bits_per_weight_linear"] < 8
     assert len(failures) == 1 and "max-perplexity" in failures[0]
+
+
+def test_bitstack_recipe_measures_the_stack_at_its_budget(tiny_llama_dir, text_file, tmp_path):
+    from memtool.compress import CalibrationConfig, compress
+    from memtool.formats.bitstack_stack import StackFile
+
+    config = BitStackConfig(niter=3, score_samples=2)
+    calibration = CalibrationConfig(data=str(text_file), n_samples=4, seq_len=32)
+    compress(tiny_llama_dir, config, calibration, output=tmp_path / "probe", show_progress=False)
+    probe = StackFile(tmp_path / "probe")  # the recipe writes the same stack: same sizes
+    budget = (probe.min_bytes + probe.max_bytes) // 2
+    path = tmp_path / "r.toml"
+    out = tmp_path / "stack"
+    path.write_text(
+        f'model = "{tiny_llama_dir}"\noutput = "{out}"\n'
+        '[compress]\nmethod = "bitstack"\nniter = 3\nscore_samples = 2\n'
+        f'[calibration]\ndata = "{text_file}"\nn_samples = 4\nseq_len = 32\n'
+        f'[measure]\ndata = "{text_file}"\nmax_windows = 1\nseq_len = 32\nbudget = "{budget}"\n'
+    )
+    recipe = load_recipe(path)
+    assert recipe.compress == config
+    summary, failures = run_recipe(recipe)
+    report = next(iter(summary["measure"].values()))
+    assert report["budget_bytes"] == budget
+    assert report["weight_bytes"] == max(b for b in probe.weight_bytes if b <= budget)
+    assert failures == []
