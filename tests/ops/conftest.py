@@ -49,3 +49,15 @@ def run_interpreted(tmp_path_factory) -> Callable[[list[dict]], list[dict]]:
         return torch.load(folder / "out.pt")
 
     return run
+
+
+@pytest.fixture(scope="module")
+def kernel() -> None:
+    """Build (or load) the native CPU kernels once; skip only where no build tool is installed."""
+    from memtool.ops.cpu import cpu_kernel_status
+
+    usable, reason = cpu_kernel_status()
+    if not usable:
+        if reason.startswith(("no C++ compiler", "ninja is not installed")):
+            pytest.skip(reason)
+        pytest.fail(f"the CPU kernel did not build: {reason}")

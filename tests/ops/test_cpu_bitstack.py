@@ -24,20 +24,10 @@ from memtool.ops import (
     bitstack_backend_used,
     bitstack_linear,
 )
-from memtool.ops.cpu import cpu_bitstack_linear, cpu_kernel_status
+from memtool.ops.cpu import cpu_bitstack_linear
 from memtool.ops.reference import bitstack_linear as reference_linear
 
 FP32_RTOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def kernel() -> None:
-    """Build (or load) the kernel once; skip only where no build tool is installed."""
-    usable, reason = cpu_kernel_status()
-    if not usable:
-        if reason.startswith(("no C++ compiler", "ninja is not installed")):
-            pytest.skip(reason)
-        pytest.fail(f"the CPU kernel did not build: {reason}")
 
 
 def make_layer(

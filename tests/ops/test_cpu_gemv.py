@@ -16,21 +16,11 @@ import memtool.ops as ops
 from memtool.errors import MemtoolError
 from memtool.formats.gptq_pack import pack_gptq
 from memtool.ops import CPU_MAX_ROWS, KernelBackend, backend_used, gptq_backend_used, gptq_linear
-from memtool.ops.cpu import build, cpu_gptq_linear, cpu_kernel_status, static_group_size
+from memtool.ops.cpu import build, cpu_gptq_linear, static_group_size
 from memtool.ops.reference import gptq_linear as reference_linear
 
 FP32_RTOL = 1e-5
 IN, OUT = 576, 96  # groups of 128 leave a ragged last group of 64
-
-
-@pytest.fixture(scope="module")
-def kernel() -> None:
-    """Build (or load) the kernel once; skip only where no build tool is installed."""
-    usable, reason = cpu_kernel_status()
-    if not usable:
-        if reason.startswith(("no C++ compiler", "ninja is not installed")):
-            pytest.skip(reason)
-        pytest.fail(f"the CPU kernel did not build: {reason}")
 
 
 def make_layer(
