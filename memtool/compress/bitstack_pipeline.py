@@ -25,6 +25,7 @@ from memtool.compress.config import BitStackConfig, CalibrationConfig
 from memtool.data import calibration_windows
 from memtool.errors import MemtoolError
 from memtool.formats.bitstack_stack import INPUT_SCALE, LinearSpec, encode_block, write_stack
+from memtool.formats.checkpoint_io import narrow, unpacked_tensors
 from memtool.models import LoadedModel
 from memtool.progress import counted_steps
 
@@ -156,25 +157,11 @@ def _base_tensors(
     scalings: dict[str, Scaling],
     dtype: torch.dtype,
 ) -> dict[str, torch.Tensor]:
-    """Everything but the decomposed weights, tied tensors once, in `dtype`."""
-    tensors: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for name, tensor in model.state_dict().items():
-        module_name, _, leaf = name.rpartition(".")
-        if (module_name in linears and leaf == "weight") or tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        tensors[name] = _narrow(tensor, dtype, name)
+    """Everything but the decomposed weights, tied tensors once, in `dtype`, plus the explicit
+    input scales."""
+    why = "this model cannot be stored in 16 bits"
+    tensors = unpacked_tensors(model, linears, dtype, why)
     for name, scaling in scalings.items():
         if scaling.explicit:
-            tensors[f"{name}.{INPUT_SCALE}"] = _narrow(scaling.scale, dtype, name)
+            tensors[f"{name}.{INPUT_SCALE}"] = narrow(scaling.scale, dtype, why)
     return tensors
-
-
-def _narrow(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
-    if not tensor.is_floating_point():
-        return tensor.contiguous()
-    stored = tensor.detach().to(dtype).contiguous()
-    if not torch.isfinite(stored).all():
-        raise MemtoolError(f"{name} overflows {dtype}: this model cannot be stored in 16 bits")
-    return stored

@@ -19,13 +19,31 @@ from memtool.errors import MemtoolError
 STORE_DTYPE = torch.float16
 
 
-def _store(tensor: torch.Tensor, layout: str) -> torch.Tensor:
+def narrow(tensor: torch.Tensor, dtype: torch.dtype, why: str) -> torch.Tensor:
+    """`tensor` stored in the 16-bit `dtype` (non-float tensors as they are); `why` ends the
+    error raised when a value overflows it."""
     if not tensor.is_floating_point():
         return tensor.contiguous()
-    stored = tensor.detach().to(STORE_DTYPE).contiguous()
+    stored = tensor.detach().to(dtype).contiguous()
     if not torch.isfinite(stored).all():
-        raise MemtoolError(f"a weight overflows float16; this model cannot be stored as {layout}")
+        raise MemtoolError(f"a weight overflows {str(dtype).removeprefix('torch.')}; {why}")
     return stored
+
+
+def unpacked_tensors(
+    model: nn.Module, replaced: set[str] | dict, dtype: torch.dtype, why: str
+) -> dict[str, torch.Tensor]:
+    """The state dict minus the `.weight` of the modules in `replaced`, tied tensors once
+    (transformers re-ties them on load), floats narrowed to `dtype`."""
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in model.state_dict().items():
+        module_name, _, leaf = name.rpartition(".")
+        if (module_name in replaced and leaf == "weight") or tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        tensors[name] = narrow(tensor, dtype, why)
+    return tensors
 
 
 def write_quantized_folder(
@@ -41,16 +59,8 @@ def write_quantized_folder(
 
     The caller has already checked `output` (`prepare_output`).
     """
-    tensors: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for name, tensor in model.state_dict().items():
-        module_name, _, leaf = name.rpartition(".")
-        if module_name in packed and leaf == "weight":
-            continue
-        if tensor.data_ptr() in seen:  # tied weights: transformers re-ties them on load
-            continue
-        seen.add(tensor.data_ptr())
-        tensors[name] = _store(tensor, layout)
+    why = f"this model cannot be stored as {layout}"
+    tensors = unpacked_tensors(model, packed, STORE_DTYPE, why)
     for name, parts in packed.items():
         for key, value in parts.items():
             tensors[f"{name}.{key}"] = value.contiguous()
