@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from memtool.compress.awq_groups import apply_scale, check_supported, scaling_groups
-from memtool.compress.hessian import add_second_moment
+from memtool.compress.hessian import LinearHooks, add_second_moment
 from memtool.compress.layers import decoder_layers, linear_children
 from memtool.errors import MemtoolError
 from memtool.progress import counted_steps
@@ -66,21 +66,13 @@ class Scaling:
 
 
 @dataclass
-class _InputRecorder:
+class _InputRecorder(LinearHooks):
     """Forward hooks recording every linear's input statistics, sharing identical inputs."""
 
     linears: dict[str, nn.Linear]
     stats: dict[str, LinearStats] = field(default_factory=dict)
     hessian: bool = False  # also record input second moments
     _last: tuple[Tensor, LinearStats] | None = None
-
-    def __enter__(self) -> "_InputRecorder":
-        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in self.linears.items()]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
 
     def _hook(self, name: str):
         def hook(module, args, output):

@@ -35,24 +35,31 @@ def add_second_moment(
     return total
 
 
+class LinearHooks:
+    """Context manager: `self._hook(name)`'s forward hook on each of `self.linears` while open."""
+
+    linears: dict[str, nn.Linear]
+
+    def _hook(self, name: str):
+        raise NotImplementedError
+
+    def __enter__(self):
+        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in self.linears.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
 @dataclass
-class HessianCollector:
+class HessianCollector(LinearHooks):
     """Forward hooks on a layer's linears that accumulate their input Hessians."""
 
     linears: dict[str, nn.Linear]
     groups: list[HessianGroup] = field(default_factory=list)
     _by_name: dict[str, HessianGroup] = field(default_factory=dict)
     _last: tuple[torch.Tensor, HessianGroup] | None = None
-
-    def __enter__(self) -> "HessianCollector":
-        self._handles = [
-            module.register_forward_hook(self._hook(name)) for name, module in self.linears.items()
-        ]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
 
     def _hook(self, name: str):
         def hook(module, args, output):
