@@ -5,6 +5,7 @@ import typer
 from memtool.cli.compress_cmd import compress_command
 from memtool.cli.info_cmd import info_command
 from memtool.cli.measure_cmd import measure_command
+from memtool.cli.train_cmd import train_command
 
 app = typer.Typer(
     name="memtool",
@@ -15,6 +16,7 @@ app = typer.Typer(
 )
 app.command("compress")(compress_command)
 app.command("measure")(measure_command)
+app.command("train")(train_command)
 app.command("info")(info_command)
 
 

@@ -7,7 +7,12 @@ a path: text file, `.jsonl[:FIELD]`, directory`[:GLOB]`); `load_documents` resol
 
 from memtool.data.documents import Documents, load_documents
 from memtool.data.spec import DataSpec, Split, parse_data_spec
-from memtool.data.windows import TokenWindows, calibration_windows, evaluation_windows
+from memtool.data.windows import (
+    TokenWindows,
+    calibration_windows,
+    evaluation_windows,
+    training_windows,
+)
 
 __all__ = [
     "DataSpec",
@@ -18,4 +23,5 @@ __all__ = [
     "evaluation_windows",
     "load_documents",
     "parse_data_spec",
+    "training_windows",
 ]

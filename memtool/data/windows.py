@@ -205,3 +205,23 @@ def calibration_windows(
     else:
         input_ids = torch.stack(interleave(list(drawn[0]), list(drawn[1])))
     return _result(spec, streams, input_ids, seq_len, seed=seed)
+
+
+def training_windows(spec: str | DataSpec, tokenizer: Any, seq_len: int) -> TokenWindows:
+    """Every aligned `seq_len` window of the calibration (training) text, in stream order.
+
+    For `mixed`, wiki and code windows alternate while both last. The trainer shuffles them
+    itself, per epoch, so a resumed run can recompute which windows any step used.
+
+    Raises:
+        MemtoolError: Bad spec or data, non-positive `seq_len`, or text shorter than one window.
+    """
+    _positive("seq_len", seq_len)
+    spec = parse_data_spec(spec) if isinstance(spec, str) else spec
+    streams = _streams(spec, "calibration", tokenizer)
+    grids = [stream.grid(seq_len, _label(spec, stream)) for stream in streams]
+    if len(grids) == 1:
+        input_ids = grids[0].clone()
+    else:
+        input_ids = torch.stack(interleave(list(grids[0]), list(grids[1])))
+    return _result(spec, streams, input_ids, seq_len)

@@ -1,0 +1,1 @@
+"""Training: ZeRO-style sharding and offload on torch.distributed, activation swapping."""

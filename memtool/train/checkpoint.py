@@ -1,0 +1,142 @@
+"""Sharded, resumable training checkpoints.
+
+A checkpoint is a folder `checkpoints/step-NNNNNN/` holding one safetensors file per rank (that
+rank's optimizer shard: fp32 master weights and Adam moments, or for stage 3 its parameter and
+moment shards; plus its RNG state) and `trainer.json` (step, tokens, losses, the run's config,
+the world size, and a CRC32 of every rank file). Every rank writes its own file into one
+temporary folder, which rank 0 renames into place once all have finished: a checkpoint is
+either complete or absent, so an interrupt or a dying rank never leaves a half-written one.
+
+Resuming needs the same world size, ZeRO stage and compute dtype (the shards are cut for them);
+a mismatch, a missing or damaged file is a one-line error.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from memtool.errors import MemtoolError
+from memtool.train.distributed import Dist
+
+STATE_FILE = "trainer.json"
+FORMAT = "memtool-train-checkpoint/1"
+
+
+@dataclass
+class TrainerState:
+    step: int
+    tokens: int
+    losses: list[float]
+    config: dict
+    world_size: int
+    source: str
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _rank_file(rank: int, world_size: int) -> str:
+    return f"rank-{rank:05d}-of-{world_size:05d}.safetensors"
+
+
+def _crc32(path: Path) -> int:
+    value = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            value = zlib.crc32(chunk, value)
+    return value
+
+
+def save_checkpoint(
+    root: Path, state: TrainerState, shard: dict[str, torch.Tensor], group: Dist
+) -> Path:
+    """Write this rank's shard and (rank 0) the trainer state; collective. Returns the folder."""
+    dest = root / f"step-{state.step:06d}"
+    tmp_name = [None]
+    if group.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        if dest.exists():  # a rerun from an earlier checkpoint overwrites its later ones
+            shutil.rmtree(dest)
+        tmp_name[0] = tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=root)
+    dist.broadcast_object_list(tmp_name, src=0)
+    tmp = Path(tmp_name[0])
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in shard.items()}
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if group.device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(group.device)
+    path = tmp / _rank_file(group.rank, group.world_size)
+    save_file(tensors, str(path))
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+    crcs = group.gather_objects(_crc32(path))
+    if group.is_main:
+        payload = {"format": FORMAT, **state.to_dict(), "crc32": crcs}
+        (tmp / STATE_FILE).write_text(json.dumps(payload, indent=1) + "\n")
+        os.chmod(tmp, 0o755)
+        os.rename(tmp, dest)
+    group.barrier()
+    return dest
+
+
+def latest_checkpoint(path: Path) -> Path:
+    """`path` itself when it is a checkpoint, else the newest one under `path/checkpoints`."""
+    if (path / STATE_FILE).is_file():
+        return path
+    found = sorted((path / "checkpoints").glob("step-*[0-9]"))
+    found = [p for p in found if (p / STATE_FILE).is_file()]
+    if not found:
+        raise MemtoolError(
+            f"no checkpoint in {path}: give a checkpoint folder (…/checkpoints/step-NNNNNN) or "
+            "the --output folder of an earlier run"
+        )
+    return found[-1]
+
+
+def read_state(folder: Path) -> dict:
+    try:
+        payload = json.loads((folder / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        message = f"checkpoint {folder} is damaged: {STATE_FILE} unreadable ({exc})"
+        raise MemtoolError(message) from None
+    if payload.get("format") != FORMAT:
+        raise MemtoolError(f"{folder} is not a memtool training checkpoint")
+    return payload
+
+
+def load_shard(folder: Path, payload: dict, group: Dist, config: dict) -> dict[str, torch.Tensor]:
+    """This rank's shard from checkpoint `folder`, after checking it fits this run."""
+    saved = payload["config"]
+    if payload["world_size"] != group.world_size:
+        raise MemtoolError(
+            f"checkpoint {folder} was written by {payload['world_size']} rank(s); resume it "
+            f"with the same number (this run has {group.world_size})"
+        )
+    for key in ("zero", "compute_dtype", "offload_optimizer"):
+        if saved[key] != config[key]:
+            raise MemtoolError(
+                f"checkpoint {folder} was written with {key}={saved[key]!r}; resume with the "
+                f"same setting (this run has {config[key]!r})"
+            )
+    path = folder / _rank_file(group.rank, group.world_size)
+    if not path.is_file():
+        raise MemtoolError(f"checkpoint {folder} is damaged: {path.name} is missing")
+    if _crc32(path) != payload["crc32"][group.rank]:
+        raise MemtoolError(f"checkpoint {folder} is damaged: {path.name} fails its checksum")
+    try:
+        tensors = load_file(str(path))
+    except SafetensorError as exc:
+        raise MemtoolError(f"checkpoint {folder} is damaged: {path.name}: {exc}") from None
+    torch.set_rng_state(tensors.pop("rng.cpu"))
+    cuda_rng = tensors.pop("rng.cuda", None)
+    if cuda_rng is not None and group.device.type == "cuda":
+        torch.cuda.set_rng_state(cuda_rng, group.device)
+    return tensors

@@ -1,0 +1,334 @@
+"""ZeRO stages 0-2 over flat buckets, with optional optimizer offload (ZeRO-Offload).
+
+Papers: "ZeRO: Memory Optimizations Toward Training Trillion Parameter Models" (Rajbhandari et
+al., 2020) and "ZeRO-Offload" (Ren et al., 2021). Stage 3 is PyTorch FSDP2 (`memtool.train.fsdp`);
+torch.distributed has no ZeRO-2 (FSDP2's `reshard_after_forward=False` still shards parameters
+at rest), so stages 0-2 are written here, on its collectives:
+
+- Parameters are packed into buckets: each bucket is one flat compute-dtype buffer, padded to a
+  multiple of the world size, and every parameter becomes a view into it. Rank r owns slice r of
+  every bucket (stage 0: every rank owns the whole bucket).
+- Stage 0/1: gradients accumulate into a flat buffer per bucket (the parameters' `.grad` are views
+  into it); at the step it is all-reduced (0) or reduce-scattered (1) and divided by the world.
+- Stage 2: no full gradient buffer. When the last gradient of a bucket has been accumulated in a
+  micro-batch's backward, the bucket is flattened, reduce-scattered into the rank's persistent
+  gradient shard and the parameters' `.grad` are freed (DeepSpeed's ZeRO-2 also reduces every
+  micro-batch).
+- The optimizer is torch's AdamW (fused where the device supports it) over the rank's fp32
+  master shards; its state is therefore sharded. With an fp32 compute dtype and no offload the
+  master shard is a view of the parameters themselves (no extra copy). After the step the shards
+  are all-gathered back into the flat parameter buffers.
+- Offload: master shards, Adam moments and an fp32 copy of the gradient shard live in host memory
+  (pinned when the device is CUDA); AdamW(fused=True) steps them on the CPU and the new weights are
+  copied back to the device shard in the compute dtype.
+
+Clipping uses the global gradient norm (each rank's shard squared, summed over ranks), with
+torch's `clip_grad_norm_` coefficient, so the update equals single-process AdamW's.
+"""
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from memtool.train.config import OptimConfig
+from memtool.train.distributed import Dist
+
+# torch 2.13 renamed reduce_scatter_tensor (deprecated since) to reduce_scatter_single
+_reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+BUCKET_NUMEL = 1 << 24  # 16M elements: a few large collectives per step, bounded transients
+
+
+@dataclass
+class _Bucket:
+    params: list[nn.Parameter]
+    offsets: list[int]
+    numel: int  # padded to a multiple of the world size
+    owned: slice  # this rank's slice of the flat buffers
+    flat_param: torch.Tensor = field(init=False)
+    flat_grad: torch.Tensor | None = None  # stages 0 and 1
+    grad_shard: torch.Tensor | None = None  # stage 2 (and the reduced gradient of stage 1)
+    master: nn.Parameter = field(init=False)  # fp32 master of the owned slice
+    ready: int = 0  # stage 2: gradients accumulated in the current backward
+
+
+def _unique_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _plan_buckets(params: list[nn.Parameter], world_size: int, stage: int) -> list[_Bucket]:
+    groups: list[list[nn.Parameter]] = [[]]
+    size = 0
+    for param in params:
+        if groups[-1] and size + param.numel() > BUCKET_NUMEL:
+            groups.append([])
+            size = 0
+        groups[-1].append(param)
+        size += param.numel()
+    buckets = []
+    for group in groups:
+        offsets, total = [], 0
+        for param in group:
+            offsets.append(total)
+            total += param.numel()
+        padded = -(-total // world_size) * world_size
+        shard = padded // world_size
+        rank = dist.get_rank()
+        owned = slice(0, padded) if stage == 0 else slice(rank * shard, (rank + 1) * shard)
+        buckets.append(_Bucket(group, offsets, padded, owned))
+    return buckets
+
+
+class ZeroOptimizer:
+    """AdamW over a model's parameters with ZeRO stage 0, 1 or 2 sharding (module docstring).
+
+    Args:
+        model: The model, its parameters in fp32 (they become views into flat buffers, cast to
+            `compute_dtype`).
+        stage: 0, 1 or 2.
+        optim: Learning rate, betas, weight decay, clipping.
+        group: The process group's rank, world size and compute device.
+        compute_dtype: dtype of the weights the forward pass sees.
+        offload: Keep master weights, moments and the fp32 gradient shard in host memory.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        stage: int,
+        optim: OptimConfig,
+        group: Dist,
+        compute_dtype: torch.dtype,
+        offload: bool,
+    ) -> None:
+        self.stage, self.optim, self.group, self.offload = stage, optim, group, offload
+        self.compute_dtype = compute_dtype
+        self.host = torch.device("cpu")
+        pin = group.device.type == "cuda"
+        self.buckets = _plan_buckets(_unique_parameters(model), group.world_size, stage)
+        masters = []
+        for bucket in self.buckets:
+            self._pack(bucket)
+            shard_numel = bucket.owned.stop - bucket.owned.start
+            master_view = bucket.flat_param[bucket.owned]
+            if offload:
+                master = torch.empty(shard_numel, dtype=torch.float32, pin_memory=pin)
+                master.copy_(master_view)
+            elif compute_dtype == torch.float32:
+                master = master_view  # the parameters are the master weights
+            else:
+                master = master_view.float().clone()
+            bucket.master = nn.Parameter(master)
+            masters.append(bucket.master)
+            if stage == 2:
+                bucket.grad_shard = torch.zeros(
+                    shard_numel, dtype=compute_dtype, device=group.device
+                )
+        for bucket in self.buckets:  # only now: the fp32 values were needed for the masters
+            if bucket.flat_param.dtype != compute_dtype:
+                self._cast(bucket, compute_dtype)
+            if stage < 2:
+                bucket.flat_grad = torch.zeros_like(bucket.flat_param)
+                self._view_grads(bucket)
+        if offload:
+            self.host_grads = [
+                torch.zeros(b.master.numel(), dtype=torch.float32, pin_memory=pin)
+                for b in self.buckets
+            ]
+        self.adamw = torch.optim.AdamW(
+            masters,
+            lr=optim.lr,
+            betas=optim.betas,
+            eps=optim.eps,
+            weight_decay=optim.weight_decay,
+            fused=True,  # torch's fused AdamW runs on CPU and CUDA; the fastest CPU step
+        )
+        self._hooks = []
+        if stage == 2:
+            for bucket in self.buckets:
+                for param in bucket.params:
+                    hook = param.register_post_accumulate_grad_hook(self._grad_ready(bucket))
+                    self._hooks.append(hook)
+
+    # -- layout -------------------------------------------------------------------------------
+
+    def _pack(self, bucket: _Bucket) -> None:
+        first = bucket.params[0]
+        flat = torch.zeros(bucket.numel, dtype=first.dtype, device=self.group.device)
+        for param, offset in zip(bucket.params, bucket.offsets, strict=True):
+            flat[offset : offset + param.numel()].copy_(param.detach().reshape(-1))
+        bucket.flat_param = flat
+        self._view_params(bucket)
+
+    def _view_params(self, bucket: _Bucket) -> None:
+        for param, offset in zip(bucket.params, bucket.offsets, strict=True):
+            param.data = bucket.flat_param[offset : offset + param.numel()].view(param.shape)
+
+    def _view_grads(self, bucket: _Bucket) -> None:
+        for param, offset in zip(bucket.params, bucket.offsets, strict=True):
+            param.grad = bucket.flat_grad[offset : offset + param.numel()].view(param.shape)
+
+    def _cast(self, bucket: _Bucket, dtype: torch.dtype) -> None:
+        bucket.flat_param = bucket.flat_param.to(dtype)
+        self._view_params(bucket)
+
+    # -- backward -----------------------------------------------------------------------------
+
+    def _grad_ready(self, bucket: _Bucket):
+        def hook(param: torch.Tensor) -> None:
+            bucket.ready += 1
+            if bucket.ready == len(bucket.params):
+                self._reduce_into_shard(bucket)
+
+        return hook
+
+    def _reduce_into_shard(self, bucket: _Bucket) -> None:
+        """Stage 2: reduce-scatter this micro-batch's bucket gradient and free the full one."""
+        flat = torch.zeros(bucket.numel, dtype=self.compute_dtype, device=self.group.device)
+        for param, offset in zip(bucket.params, bucket.offsets, strict=True):
+            if param.grad is not None:
+                flat[offset : offset + param.numel()].copy_(param.grad.reshape(-1))
+                param.grad = None
+        shard = torch.empty_like(bucket.grad_shard)
+        _reduce_scatter(shard, flat)
+        bucket.grad_shard += shard
+        bucket.ready = 0
+
+    def after_backward(self) -> None:
+        """Call after every micro-batch's backward: stage 2 flushes buckets whose parameters
+        got no gradient (in bucket order, so every rank issues the same collectives)."""
+        if self.stage == 2:
+            for bucket in self.buckets:
+                if bucket.ready or any(p.grad is not None for p in bucket.params):
+                    self._reduce_into_shard(bucket)
+
+    # -- step ---------------------------------------------------------------------------------
+
+    def _reduced_grads(self) -> list[torch.Tensor]:
+        """Every bucket's gradient over the owned slice, averaged over ranks, in fp32."""
+        grads = []
+        world = self.group.world_size
+        for bucket in self.buckets:
+            if self.stage == 0:
+                if world > 1:
+                    dist.all_reduce(bucket.flat_grad)
+                grad = bucket.flat_grad
+            elif self.stage == 1:
+                grad = torch.empty(
+                    bucket.master.numel(), dtype=self.compute_dtype, device=self.group.device
+                )
+                _reduce_scatter(grad, bucket.flat_grad)
+            else:
+                grad = bucket.grad_shard
+            grad = grad.float()  # in place where already fp32: the buffers are zeroed after
+            grads.append(grad.div_(world) if world > 1 else grad)
+        return grads
+
+    def step(self, step: int) -> float:
+        """One optimizer step (1-based `step` for the learning-rate schedule); returns the
+        global gradient norm before clipping. Leaves the gradients zeroed."""
+        grads = self._reduced_grads()
+        squares = torch.zeros((), dtype=torch.float32, device=self.group.device)
+        for grad in grads:
+            squares += grad.pow(2).sum()
+        if self.stage > 0 and self.group.world_size > 1:
+            dist.all_reduce(squares)
+        norm = float(squares.sqrt())
+        coef = 1.0
+        if self.optim.max_grad_norm is not None:
+            coef = min(1.0, self.optim.max_grad_norm / (norm + 1e-6))
+        for index, (bucket, grad) in enumerate(zip(self.buckets, grads, strict=True)):
+            if self.offload:
+                target = self.host_grads[index]
+                target.copy_(grad)
+            else:
+                target = grad
+            bucket.master.grad = target.mul_(coef) if coef != 1.0 else target
+        for param_group in self.adamw.param_groups:
+            param_group["lr"] = self.optim.lr_at(step)
+        self.adamw.step()
+        for bucket in self.buckets:
+            bucket.master.grad = None
+            self._publish(bucket)
+            if bucket.flat_grad is not None:
+                bucket.flat_grad.zero_()
+            if bucket.grad_shard is not None:
+                bucket.grad_shard.zero_()
+        return norm
+
+    def _publish(self, bucket: _Bucket) -> None:
+        """Copy the updated master shard into the compute weights and gather the other ranks'."""
+        owned = bucket.flat_param[bucket.owned]
+        if bucket.master.data_ptr() != owned.data_ptr():
+            owned.copy_(bucket.master.detach(), non_blocking=True)
+        if self.stage > 0 and self.group.world_size > 1:
+            dist.all_gather_into_tensor(bucket.flat_param, owned.clone())
+
+    # -- state --------------------------------------------------------------------------------
+
+    def memory(self) -> dict[str, int]:
+        """Bytes this rank holds, by role; `device_*` on the compute device, `host_*` in host
+        memory (on a CPU-only machine both are RAM, but the roles stay distinct)."""
+        params = sum(b.flat_param.nbytes for b in self.buckets)
+        grads = sum(
+            (b.flat_grad.nbytes if b.flat_grad is not None else 0)
+            + (b.grad_shard.nbytes if b.grad_shard is not None else 0)
+            for b in self.buckets
+        )
+        states = 0
+        for bucket in self.buckets:
+            state = self.adamw.state.get(bucket.master, {})
+            states += sum(t.nbytes for t in state.values() if torch.is_tensor(t) and t.dim())
+            if bucket.master.data_ptr() != bucket.flat_param[bucket.owned].data_ptr():
+                states += bucket.master.nbytes
+        if self.offload:
+            host_grads = sum(t.nbytes for t in self.host_grads)
+            return {
+                "param_bytes": params,
+                "grad_bytes": grads,
+                "optimizer_state_bytes": 0,
+                "host_optimizer_state_bytes": states,
+                "host_grad_bytes": host_grads,
+            }
+        return {"param_bytes": params, "grad_bytes": grads, "optimizer_state_bytes": states}
+
+    def shard_state(self) -> dict[str, torch.Tensor]:
+        """This rank's resumable state: master shards and moments, per bucket."""
+        out = {}
+        for index, bucket in enumerate(self.buckets):
+            out[f"master.{index}"] = bucket.master.detach()
+            for name, value in self.adamw.state.get(bucket.master, {}).items():
+                if torch.is_tensor(value) and value.dim():
+                    out[f"{name}.{index}"] = value
+        return out
+
+    def load_shard_state(self, tensors: dict[str, torch.Tensor], steps_done: int) -> None:
+        for index, bucket in enumerate(self.buckets):
+            bucket.master.data.copy_(tensors[f"master.{index}"])
+            if steps_done:
+                state = self.adamw.state[bucket.master]
+                for name in ("exp_avg", "exp_avg_sq"):
+                    state[name] = tensors[f"{name}.{index}"].to(bucket.master.device).clone()
+                state["step"] = torch.tensor(
+                    float(steps_done), dtype=torch.float32, device=bucket.master.device
+                )
+            self._publish(bucket)
+
+    def full_parameters(self, model: nn.Module) -> Iterator[tuple[nn.Parameter, torch.Tensor]]:
+        """Each parameter's full fp32 value (collective: every rank iterates)."""
+        for bucket in self.buckets:
+            if bucket.master.data_ptr() == bucket.flat_param[bucket.owned].data_ptr():
+                flat = bucket.flat_param
+            elif self.stage == 0 or self.group.world_size == 1:
+                flat = bucket.master.detach().to(self.group.device)
+            else:
+                flat = torch.empty(bucket.numel, dtype=torch.float32, device=self.group.device)
+                dist.all_gather_into_tensor(flat, bucket.master.detach().to(self.group.device))
+            for param, offset in zip(bucket.params, bucket.offsets, strict=True):
+                yield param, flat[offset : offset + param.numel()].view(param.shape).float()
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
