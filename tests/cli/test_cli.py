@@ -312,3 +312,71 @@ def _refuse_architecture(model):
     from memtool.errors import MemtoolError
 
     raise MemtoolError("unknown")
+
+
+def test_train_cli_fine_tunes_and_measure_reads_the_export(tiny_llama_dir, text_file, tmp_path):
+    out = tmp_path / "run"
+    result = _run(
+        "train", tiny_llama_dir, "--data", text_file, "--seq-len", 32, "--batch-size", 2,
+        "--steps", 3, "--zero", 2, "-o", out, "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    payload = json.loads(result.stdout.strip().splitlines()[-1])  # the last line is the JSON
+    assert payload["steps"] == 3 and payload["tokens"] == 3 * 2 * 32
+    assert payload["tokens_per_s"] > 0 and len(payload["losses"]) == 3
+    for key in ("param_bytes", "grad_bytes", "optimizer_state_bytes"):
+        assert payload["ranks"][0][key] > 0
+    assert (out / "checkpoints" / "step-000003" / "trainer.json").is_file()
+    measured = _run("measure", out / "model", "--data", text_file, "--seq-len", 32, "--json")
+    assert measured.exit_code == 0, measured.stderr
+    assert json.loads(measured.stdout)["perplexity"] > 1
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--zero", "5"], "unknown --zero 5"),
+        (["--batch-size", "3", "--grad-accum", "2"], "does not split"),
+        (["--recompute", "half"], "unknown --recompute"),
+        (["--swap-fraction", "0.5"], "applies with --swap-activations"),
+        (["--resume", "{tmp}"], "no checkpoint in"),
+    ],
+)
+def test_train_bad_input_exit_2_one_line(tiny_llama_dir, text_file, tmp_path, args, match):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    result = _run("train", tiny_llama_dir, "--data", text_file, "--seq-len", 32, "-o",
+                  tmp_path / "out", *args)  # fmt: skip
+    assert result.exit_code == 2
+    lines = _error_lines(result)
+    assert len(lines) == 1 and match in lines[0], result.stderr
+
+
+def test_train_ctrl_c_leaves_a_resumable_checkpoint(tiny_llama_dir, text_file, tmp_path):
+    """A real SIGINT to a running `memtool train`: exit 130, a checkpoint, and a resume."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "memtool", "train", str(tiny_llama_dir), "--data",
+            str(text_file), "--seq-len", "32", "--batch-size", "2", "-o", str(out)]  # fmt: skip
+    proc = subprocess.Popen(
+        [*args, "--steps", "100000", "--save-every", "1"], stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 120
+    while not (out / "checkpoints").is_dir():  # training runs once step 1 is saved
+        assert proc.poll() is None and time.time() < deadline, "training did not start"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "resume with --resume" in stderr
+    saved = sorted((out / "checkpoints").glob("step-*"))
+    assert saved and not (out / "model").exists()  # stopped early: no export
+    assert not list((out / "checkpoints").glob(".tmp-*"))  # nothing half-written
+    steps_done = int(saved[-1].name.split("-")[1])
+    resumed = subprocess.run(
+        [*args, "--steps", str(steps_done + 1), "--resume", str(out), "--json"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout.strip().splitlines()[-1])["steps"] == steps_done + 1
