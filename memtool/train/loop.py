@@ -227,28 +227,30 @@ def _run(config, output, group, source, from_config, resume, activations, export
         for step in range(start, config.steps):
             try:
                 loss = _one_step(net, engine, schedule, step, group, config, manager)
+                losses.append(loss)
+                tokens += step_tokens
+                done_here += 1
+                if on_step is not None:
+                    on_step(step + 1, loss)
+                rate = done_here * step_tokens / (time.perf_counter() - began)
+                rss = peak_rss_bytes() / 2**30
+                bar.update(
+                    task, advance=1, status=f"loss {loss:.4f}  {rate:,.0f} tok/s  {rss:.2f} GiB"
+                )
+                last_step = step + 1 == config.steps
+                periodic = config.save_every and (step + 1) % config.save_every == 0
+                stopping = group.all_reduce_max(float(stop.requested)) > 0
+                if periodic or stopping or last_step:
+                    shard = engine.shard_state()
+                    checkpoint = save_checkpoint(ckpt_root, state(step + 1), shard, group)
             except RuntimeError as exc:
-                if "Connection" in str(exc) or "closed" in str(exc) or "gloo" in str(exc).lower():
+                if group.world_size > 1 and _lost_peer(exc):
                     last = str(checkpoint or resume_dir or "none written")
                     raise MemtoolError(
                         f"rank {group.rank} lost contact with the other ranks at step "
                         f"{step + 1} (did one stop?); the last checkpoint ({last}) stays valid"
                     ) from None
                 raise
-            losses.append(loss)
-            tokens += step_tokens
-            done_here += 1
-            if on_step is not None:
-                on_step(step + 1, loss)
-            rate = done_here * step_tokens / (time.perf_counter() - began)
-            status = f"loss {loss:.4f}  {rate:,.0f} tok/s  RSS {peak_rss_bytes() / 2**30:.2f} GiB"
-            bar.update(task, advance=1, status=status)
-            last_step = step + 1 == config.steps
-            periodic = config.save_every and (step + 1) % config.save_every == 0
-            stopping = group.all_reduce_max(float(stop.requested)) > 0
-            if periodic or stopping or last_step:
-                shard = engine.shard_state()
-                checkpoint = save_checkpoint(ckpt_root, state(step + 1), shard, group)
             if stopping and not last_step:
                 interrupted = True
                 break
@@ -279,6 +281,14 @@ def _run(config, output, group, source, from_config, resume, activations, export
         world_size=group.world_size,
         ranks=ranks,
         peak_rss_bytes=peak_rss_bytes(),
+    )
+
+
+def _lost_peer(exc: RuntimeError) -> bool:
+    """A collective failed because another rank went away (gloo/NCCL transport errors)."""
+    text = str(exc).lower()
+    return any(
+        word in text for word in ("connection", "peer", "socket", "nccl", "gloo", "timed out")
     )
 
 

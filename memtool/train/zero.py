@@ -36,8 +36,9 @@ from torch import nn
 from memtool.train.config import OptimConfig
 from memtool.train.distributed import Dist
 
-# torch 2.13 renamed reduce_scatter_tensor (deprecated since) to reduce_scatter_single
+# torch 2.13 renamed reduce_scatter_tensor / all_gather_into_tensor (deprecated since)
 _reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+_all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 BUCKET_NUMEL = 1 << 24  # 16M elements: a few large collectives per step, bounded transients
 
 
@@ -264,7 +265,7 @@ class ZeroOptimizer:
         if bucket.master.data_ptr() != owned.data_ptr():
             owned.copy_(bucket.master.detach(), non_blocking=True)
         if self.stage > 0 and self.group.world_size > 1:
-            dist.all_gather_into_tensor(bucket.flat_param, owned.clone())
+            _all_gather(bucket.flat_param, owned.clone())
 
     # -- state --------------------------------------------------------------------------------
 
@@ -325,7 +326,7 @@ class ZeroOptimizer:
                 flat = bucket.master.detach().to(self.group.device)
             else:
                 flat = torch.empty(bucket.numel, dtype=torch.float32, device=self.group.device)
-                dist.all_gather_into_tensor(flat, bucket.master.detach().to(self.group.device))
+                _all_gather(flat, bucket.master.detach().to(self.group.device))
             for param, offset in zip(bucket.params, bucket.offsets, strict=True):
                 yield param, flat[offset : offset + param.numel()].view(param.shape).float()
 

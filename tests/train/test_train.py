@@ -237,3 +237,30 @@ def test_two_processes_equal_plain_adamw(tiny_run, tmp_path, plain):
 
     for rank in zero3:  # ZeRO-3 on 2 ranks: about half of one rank's bytes each
         assert abs(held(rank) / held(one_rank) - 0.5) < 0.02
+
+
+def test_a_dying_rank_stops_the_others_and_keeps_the_last_checkpoint(tiny_run, tmp_path):
+    config_json, tokens = tiny_run
+    spec = {
+        "config_json": str(config_json),
+        "tokens": str(tokens),
+        "output": str(tmp_path),
+        "base": _config(data=str(tokens), save_every=2).to_dict(),
+        "jobs": [{"zero": 2}],
+        "die": {"rank": 1, "step": 3},
+    }
+    (tmp_path / "jobs.json").write_text(json.dumps(spec))
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(WORKER), str(tmp_path / "jobs.json")],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert done.returncode != 0
+    message = (tmp_path / "error-0.txt").read_text()
+    assert "lost contact with the other ranks" in message and "step-000002" in message
+    from memtool.train.checkpoint import read_state
+
+    state = read_state(tmp_path / "job-0" / "checkpoints" / "step-000002")
+    assert state["step"] == 2 and len(state["crc32"]) == 2
+    assert not (tmp_path / "job-0" / "checkpoints" / "step-000004").exists()
