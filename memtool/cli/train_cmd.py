@@ -52,6 +52,9 @@ def train_command(
     offload_optimizer: bool = typer.Option(
         False, "--offload-optimizer", help="fp32 masters and Adam moments in host memory."
     ),
+    optimizer_bits: int = typer.Option(
+        32, "--optimizer-bits", help="32, or 8 for bitsandbytes 8-bit Adam states (zero 0-2)."
+    ),
     swap_activations: bool = typer.Option(
         False, "--swap-activations", help="Offload saved activations to host memory (MEMO)."
     ),
@@ -95,6 +98,7 @@ def train_command(
             zero=zero,
             offload_optimizer=offload_optimizer,
             compute_dtype=compute_dtype,
+            optimizer_bits=optimizer_bits,
             seed=seed,
             save_every=save_every,
             optim=OptimConfig(

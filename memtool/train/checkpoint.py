@@ -120,8 +120,8 @@ def load_shard(folder: Path, payload: dict, group: Dist, config: dict) -> dict[s
             f"checkpoint {folder} was written by {payload['world_size']} rank(s); resume it "
             f"with the same number (this run has {group.world_size})"
         )
-    for key in ("zero", "compute_dtype", "offload_optimizer"):
-        if saved[key] != config[key]:
+    for key in ("zero", "compute_dtype", "offload_optimizer", "optimizer_bits"):
+        if saved.get(key) != config[key]:
             raise MemtoolError(
                 f"checkpoint {folder} was written with {key}={saved[key]!r}; resume with the "
                 f"same setting (this run has {config[key]!r})"

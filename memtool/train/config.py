@@ -48,6 +48,8 @@ class TrainConfig:
             gradients.
         compute_dtype: dtype of the weights the forward pass runs in; with `bfloat16` the
             optimizer keeps fp32 master weights.
+        optimizer_bits: 32 (torch's fused AdamW) or 8 (bitsandbytes' AdamW8bit: block-wise 8-bit
+            moments; stages 0-2).
         seed: Seeds the fresh model (`--from-config`), the data order and every rank's RNG.
         save_every: Write a resumable checkpoint every this many steps (None: only at the end and
             on interrupt).
@@ -61,6 +63,7 @@ class TrainConfig:
     zero: int = 0
     offload_optimizer: bool = False
     compute_dtype: str = "float32"
+    optimizer_bits: int = 32
     seed: int = 0
     save_every: int | None = None
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -72,6 +75,13 @@ class TrainConfig:
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise MemtoolError(
                 f"unknown compute dtype {self.compute_dtype!r}: use {' or '.join(COMPUTE_DTYPES)}"
+            )
+        if self.optimizer_bits not in (8, 32):
+            raise MemtoolError(f"--optimizer-bits must be 32 or 8, got {self.optimizer_bits}")
+        if self.optimizer_bits == 8 and self.zero == 3:
+            raise MemtoolError(
+                "8-bit optimizer states apply to --zero 0, 1 or 2 (bitsandbytes does not step "
+                "FSDP2's sharded DTensors); use one of those or 32-bit states"
             )
         for name in ("steps", "batch_size", "seq_len", "grad_accum"):
             if getattr(self, name) <= 0:

@@ -143,7 +143,10 @@ def _engine(model: nn.Module, config: TrainConfig, group: Dist):
     if config.zero == 3:
         return FSDPOptimizer(model, config.optim, group, dtype, config.offload_optimizer)
     model.to(group.device)
-    return ZeroOptimizer(model, config.zero, config.optim, group, dtype, config.offload_optimizer)
+    return ZeroOptimizer(
+        model, config.zero, config.optim, group, dtype, config.offload_optimizer,
+        config.optimizer_bits,
+    )  # fmt: skip
 
 
 def train(

@@ -82,6 +82,32 @@ def _plan_buckets(params: list[nn.Parameter], world_size: int, stage: int) -> li
     return buckets
 
 
+def _adamw(masters: list[nn.Parameter], optim: OptimConfig, bits: int) -> torch.optim.Optimizer:
+    if bits == 8:
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(
+            masters, lr=optim.lr, betas=optim.betas, eps=optim.eps,
+            weight_decay=optim.weight_decay,
+        )  # fmt: skip
+    return torch.optim.AdamW(
+        masters,
+        lr=optim.lr,
+        betas=optim.betas,
+        eps=optim.eps,
+        weight_decay=optim.weight_decay,
+        fused=True,  # torch's fused AdamW runs on CPU and CUDA; the fastest CPU step
+    )
+
+
+def _step_value(optimizer: torch.optim.Optimizer, steps: int, device: torch.device):
+    """The `step` state entry as each optimizer keeps it (fused AdamW: a float32 tensor on the
+    parameter's device; bitsandbytes: an int)."""
+    if isinstance(optimizer, torch.optim.AdamW):
+        return torch.tensor(float(steps), dtype=torch.float32, device=device)
+    return steps
+
+
 class ZeroOptimizer:
     """AdamW over a model's parameters with ZeRO stage 0, 1 or 2 sharding (module docstring).
 
@@ -93,6 +119,8 @@ class ZeroOptimizer:
         group: The process group's rank, world size and compute device.
         compute_dtype: dtype of the weights the forward pass sees.
         offload: Keep master weights, moments and the fp32 gradient shard in host memory.
+        optimizer_bits: 32 for torch's fused AdamW; 8 for bitsandbytes' AdamW8bit (block-wise
+            8-bit moments: 2 bytes per parameter instead of 8).
     """
 
     def __init__(
@@ -103,6 +131,7 @@ class ZeroOptimizer:
         group: Dist,
         compute_dtype: torch.dtype,
         offload: bool,
+        optimizer_bits: int = 32,
     ) -> None:
         self.stage, self.optim, self.group, self.offload = stage, optim, group, offload
         self.compute_dtype = compute_dtype
@@ -138,14 +167,7 @@ class ZeroOptimizer:
                 torch.zeros(b.master.numel(), dtype=torch.float32, pin_memory=pin)
                 for b in self.buckets
             ]
-        self.adamw = torch.optim.AdamW(
-            masters,
-            lr=optim.lr,
-            betas=optim.betas,
-            eps=optim.eps,
-            weight_decay=optim.weight_decay,
-            fused=True,  # torch's fused AdamW runs on CPU and CUDA; the fastest CPU step
-        )
+        self.adamw = _adamw(masters, optim, optimizer_bits)
         self._hooks = []
         if stage == 2:
             for bucket in self.buckets:
@@ -296,13 +318,13 @@ class ZeroOptimizer:
         return {"param_bytes": params, "grad_bytes": grads, "optimizer_state_bytes": states}
 
     def shard_state(self) -> dict[str, torch.Tensor]:
-        """This rank's resumable state: master shards and moments, per bucket."""
+        """This rank's resumable state: master shards and optimizer state tensors, per bucket."""
         out = {}
         for index, bucket in enumerate(self.buckets):
             out[f"master.{index}"] = bucket.master.detach()
             for name, value in self.adamw.state.get(bucket.master, {}).items():
                 if torch.is_tensor(value) and value.dim():
-                    out[f"{name}.{index}"] = value
+                    out[f"opt.{name}.{index}"] = value
         return out
 
     def load_shard_state(self, tensors: dict[str, torch.Tensor], steps_done: int) -> None:
@@ -310,11 +332,12 @@ class ZeroOptimizer:
             bucket.master.data.copy_(tensors[f"master.{index}"])
             if steps_done:
                 state = self.adamw.state[bucket.master]
-                for name in ("exp_avg", "exp_avg_sq"):
-                    state[name] = tensors[f"{name}.{index}"].to(bucket.master.device).clone()
-                state["step"] = torch.tensor(
-                    float(steps_done), dtype=torch.float32, device=bucket.master.device
-                )
+                suffix = f".{index}"
+                for key, value in tensors.items():
+                    if key.startswith("opt.") and key.endswith(suffix):
+                        name = key.removeprefix("opt.").removesuffix(suffix)
+                        state[name] = value.to(bucket.master.device).clone()
+                state["step"] = _step_value(self.adamw, steps_done, bucket.master.device)
             self._publish(bucket)
 
     def full_parameters(self, model: nn.Module) -> Iterator[tuple[nn.Parameter, torch.Tensor]]:
