@@ -209,6 +209,13 @@ class ZeroOptimizer:
 
     def _reduce_into_shard(self, bucket: _Bucket) -> None:
         """Stage 2: reduce-scatter this micro-batch's bucket gradient and free the full one."""
+        if self.group.world_size == 1:  # the shard is the bucket: accumulate without copies
+            for param, offset in zip(bucket.params, bucket.offsets, strict=True):
+                if param.grad is not None:
+                    bucket.grad_shard[offset : offset + param.numel()] += param.grad.reshape(-1)
+                    param.grad = None
+            bucket.ready = 0
+            return
         flat = torch.zeros(bucket.numel, dtype=self.compute_dtype, device=self.group.device)
         for param, offset in zip(bucket.params, bucket.offsets, strict=True):
             if param.grad is not None:
