@@ -43,7 +43,8 @@ def _devices() -> list[dict]:
 
 
 def _backends() -> dict[str, dict]:
-    """Each kernel backend's own check (memtool.ops), so `info` and dispatch never disagree."""
+    """Each kernel backend's own check (memtool.ops), so `info` and dispatch never disagree,
+    and the ops it implements."""
     import torch
 
     from memtool import ops
@@ -51,11 +52,14 @@ def _backends() -> dict[str, dict]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     triton_usable, triton_note = ops.triton_status(device)
     cpu_usable, cpu_note = ops.cpu_status("cpu")  # builds the native kernel once if needed
-    return {
+    backends = {
         "reference": {"usable": True, "note": "pure PyTorch, every device"},
         "triton": {"usable": triton_usable, "note": triton_note},
         "cpu": {"usable": cpu_usable, "note": cpu_note},
     }
+    for name, backend in backends.items():
+        backend["ops"] = list(ops.OPS_BY_BACKEND[name])
+    return backends
 
 
 def environment_info() -> dict:

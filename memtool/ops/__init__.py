@@ -10,6 +10,10 @@ else, on CPU tensors, the native CPU kernel for calls it handles that have few r
 cannot run is an error, never a silent fallback; under `auto`, a CPU kernel that fails to build
 is reported once (WARNING) and the reference runs. The first call of an op on each backend and
 device logs which backend ran to the `memtool.ops` logger (INFO).
+
+The training ops (`pack_activation`, `unpack_activation`, `adamw_step`; references in
+`reference_train.py`) have Triton kernels and no native CPU kernel: see `train_backend_used`.
+`OPS_BY_BACKEND` lists which ops each backend implements (`memtool info` shows it).
 """
 
 import enum
@@ -23,7 +27,7 @@ import torch
 from torch import Tensor
 
 from memtool.errors import MemtoolError
-from memtool.ops import reference
+from memtool.ops import reference, reference_train
 from memtool.ops.cpu import (
     CPU_MAX_ROWS,
     CPU_MAX_ROWS_BITSTACK,
@@ -32,6 +36,7 @@ from memtool.ops.cpu import (
     cpu_kernel_status,
     cpu_unsupported_reason,
 )
+from memtool.ops.reference_train import PACK_FORMATS, Packed, PackFormat
 
 log = logging.getLogger("memtool.ops")
 _logged: set[tuple[str, str, str]] = set()
@@ -45,6 +50,15 @@ class KernelBackend(enum.StrEnum):
     REFERENCE = "reference"
     TRITON = "triton"
     CPU = "cpu"
+
+
+_LINEAR_OPS = ("gptq_linear", "bitstack_linear")
+_TRAIN_OPS = ("pack_activation", "unpack_activation", "adamw_step")
+OPS_BY_BACKEND: dict[str, tuple[str, ...]] = {
+    KernelBackend.REFERENCE.value: _LINEAR_OPS + _TRAIN_OPS,
+    KernelBackend.TRITON.value: _LINEAR_OPS + _TRAIN_OPS,
+    KernelBackend.CPU.value: _LINEAR_OPS,
+}
 
 
 @functools.cache
@@ -308,16 +322,143 @@ def bitstack_linear(
     return reference.bitstack_linear(x, signs, u, v, in_features, bias)
 
 
+def train_backend_used(
+    device: torch.device | str, backend: KernelBackend | str = KernelBackend.AUTO
+) -> KernelBackend:
+    """The backend the training ops (activation packing, `adamw_step`) run on `device`.
+
+    `auto` runs Triton where `triton_status` allows it (CUDA tensors, or CPU tensors under the
+    interpreter), else the reference. These kernels take no dots, so bfloat16 runs in the
+    interpreter too. There is no native CPU kernel for them: `cpu` is an error.
+
+    Raises:
+        MemtoolError: an unknown backend name, `cpu`, or `triton` where it cannot run.
+    """
+    if _as_backend(backend) is KernelBackend.CPU:
+        raise MemtoolError(
+            "the cpu backend has no training kernels (activation packing, AdamW); "
+            "use auto, reference or triton"
+        )
+    return backend_used(device, backend)
+
+
+def pack_activation(
+    x: Tensor, fmt: PackFormat | str, backend: KernelBackend | str = KernelBackend.AUTO
+) -> Packed:
+    """Compress an activation stashed for backward, before it is swapped to host memory.
+
+    Args:
+        x: float32/float16/bfloat16, any shape and strides; the last dimension is the row.
+        fmt: `"bf16"` (round to nearest even) or `"int8"` (per-row symmetric absmax, float32
+            scales); see `memtool.ops.reference_train`.
+        backend: `auto`, `reference` or `triton` (see `train_backend_used`).
+
+    Returns:
+        A `Packed` on `x`'s device; `Packed.nbytes` is what swapping it moves.
+
+    Raises:
+        MemtoolError: an unknown format, a non-float `x`, or a backend that cannot run.
+    """
+    chosen = train_backend_used(x.device, backend)
+    _log_first_use("pack_activation", chosen, x.device)
+    if chosen is KernelBackend.TRITON:
+        from memtool.ops.triton.activation_pack import triton_pack_activation
+
+        return triton_pack_activation(x, fmt)
+    return reference_train.pack_activation_reference(x, fmt)
+
+
+def unpack_activation(packed: Packed, backend: KernelBackend | str = KernelBackend.AUTO) -> Tensor:
+    """Restore an activation packed by `pack_activation`, in its original shape and dtype.
+
+    Args:
+        packed: the packed activation, on the device to unpack on.
+        backend: `auto`, `reference` or `triton` (see `train_backend_used`).
+
+    Returns:
+        A new contiguous tensor of `packed.shape` and `packed.dtype`.
+
+    Raises:
+        MemtoolError: an inconsistent `packed`, or a backend that cannot run.
+    """
+    chosen = train_backend_used(packed.data.device, backend)
+    _log_first_use("unpack_activation", chosen, packed.data.device)
+    if chosen is KernelBackend.TRITON:
+        from memtool.ops.triton.activation_pack import triton_unpack_activation
+
+        return triton_unpack_activation(packed)
+    return reference_train.unpack_activation_reference(packed)
+
+
+def adamw_step(
+    param_fp32: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+    grad_scale: float = 1.0,
+    clip_coef: float = 1.0,
+    out_lowp: Tensor | None = None,
+    backend: KernelBackend | str = KernelBackend.AUTO,
+) -> None:
+    """One AdamW step over flat buffers, in place: unscale, clip, update, write compute weights.
+
+    The update is `torch.optim.AdamW`'s (decoupled weight decay) applied to
+    `grad * (clip_coef / grad_scale)`; `out_lowp`, if given, receives the new weights.
+    Arguments as in `memtool.ops.reference_train.adamw_step_reference`; the Triton kernel's
+    agreement with it is described in `memtool.ops.triton.adamw_step`.
+
+    Args:
+        backend: `auto`, `reference` or `triton` (see `train_backend_used`).
+
+    Raises:
+        MemtoolError: buffers that do not fit, or a backend that cannot run.
+    """
+    chosen = train_backend_used(param_fp32.device, backend)
+    _log_first_use("adamw_step", chosen, param_fp32.device)
+    hyper = {
+        "lr": lr,
+        "beta1": beta1,
+        "beta2": beta2,
+        "eps": eps,
+        "weight_decay": weight_decay,
+        "step": step,
+        "grad_scale": grad_scale,
+        "clip_coef": clip_coef,
+        "out_lowp": out_lowp,
+    }
+    if chosen is KernelBackend.TRITON:
+        from memtool.ops.triton.adamw_step import triton_adamw_step
+
+        triton_adamw_step(param_fp32, grad, exp_avg, exp_avg_sq, **hyper)
+        return
+    reference_train.adamw_step_reference(param_fp32, grad, exp_avg, exp_avg_sq, **hyper)
+
+
 __all__ = [
     "CPU_MAX_ROWS",
     "CPU_MAX_ROWS_BITSTACK",
+    "OPS_BY_BACKEND",
+    "PACK_FORMATS",
     "KernelBackend",
+    "PackFormat",
+    "Packed",
+    "adamw_step",
     "backend_used",
     "bitstack_backend_used",
     "bitstack_linear",
     "cpu_status",
     "gptq_backend_used",
     "gptq_linear",
+    "pack_activation",
+    "train_backend_used",
     "triton_interpreting",
     "triton_status",
+    "unpack_activation",
 ]

@@ -1,8 +1,12 @@
 """Child process for kernel tests: runs ops under the Triton interpreter (see conftest.py).
 
 Usage: python interpret_worker.py JOBS.pt RESULTS.pt
+
+Jobs and results travel through `torch.save`/`torch.load` (weights-only), so a `Packed` travels
+as a dict of its fields, and `adamw_step`, which returns nothing, reports its updated buffers.
 """
 
+import dataclasses
 import os
 import sys
 
@@ -12,19 +16,60 @@ os.environ["TRITON_INTERPRET"] = "1"
 import torch
 
 from memtool.errors import MemtoolError
-from memtool.ops import backend_used, bitstack_linear, gptq_linear
+from memtool.ops import (
+    Packed,
+    adamw_step,
+    backend_used,
+    bitstack_linear,
+    gptq_linear,
+    pack_activation,
+    train_backend_used,
+    unpack_activation,
+)
 
-OPS = {"gptq_linear": gptq_linear, "bitstack_linear": bitstack_linear}
+ADAMW_BUFFERS = ("param_fp32", "exp_avg", "exp_avg_sq", "out_lowp")
+
+
+def _linear(op):
+    def run(kwargs: dict, backend: str):
+        chosen = backend_used(kwargs["x"].device, backend, kwargs["x"].dtype)
+        return op(**kwargs, backend=backend), chosen
+
+    return run
+
+
+def _pack(kwargs: dict, backend: str):
+    chosen = train_backend_used(kwargs["x"].device, backend)
+    return dataclasses.asdict(pack_activation(**kwargs, backend=backend)), chosen
+
+
+def _unpack(kwargs: dict, backend: str):
+    packed = Packed(**kwargs["packed"])
+    chosen = train_backend_used(packed.data.device, backend)
+    return unpack_activation(packed, backend=backend), chosen
+
+
+def _adamw(kwargs: dict, backend: str):
+    chosen = train_backend_used(kwargs["param_fp32"].device, backend)
+    adamw_step(**kwargs, backend=backend)
+    return {name: kwargs[name] for name in ADAMW_BUFFERS if kwargs.get(name) is not None}, chosen
+
+
+OPS = {
+    "gptq_linear": _linear(gptq_linear),
+    "bitstack_linear": _linear(bitstack_linear),
+    "pack_activation": _pack,
+    "unpack_activation": _unpack,
+    "adamw_step": _adamw,
+}
 
 
 def main(jobs_path: str, results_path: str) -> None:
     results = []
     for job in torch.load(jobs_path):
-        kwargs = job["kwargs"]
-        op = OPS[job.get("op", "gptq_linear")]
+        run = OPS[job.get("op", "gptq_linear")]
         try:
-            chosen = backend_used(kwargs["x"].device, job["backend"], kwargs["x"].dtype)
-            out = op(**kwargs, backend=job["backend"])
+            out, chosen = run(job["kwargs"], job["backend"])
         except MemtoolError as error:
             results.append({"error": str(error)})
         else:
