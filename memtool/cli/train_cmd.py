@@ -16,23 +16,32 @@ from memtool.sizes import format_size, parse_size
 from memtool.train.config import OptimConfig, TrainConfig
 
 
-def _activation_config(swap: bool, fraction: float | None, budget: str | None, recompute: str):
+def _activation_config(
+    swap: bool, fraction: float | None, budget: str | None, recompute: str, stash: str | None
+):
     if recompute not in ("none", "full", "tokens"):
         raise MemtoolError(f"unknown --recompute {recompute!r}: use none, full or tokens")
     if fraction is not None and budget is not None:
         raise MemtoolError("give --swap-fraction or --activation-budget, not both")
     if fraction is not None and not swap:
         raise MemtoolError("--swap-fraction applies with --swap-activations")
+    if stash is not None and not swap:
+        raise MemtoolError("--stash-dtype applies with --swap-activations")
     if not swap and recompute == "none" and budget is None:
         return None
     from memtool.train.activations import ActivationConfig
 
-    return ActivationConfig(
+    if fraction is not None and recompute == "none":
+        recompute = "tokens"  # a fraction of tokens swapped means the rest is recomputed (MEMO)
+    config = ActivationConfig(
         recompute=recompute,
         swap=swap,
         swap_fraction=fraction,
         activation_budget_bytes=parse_size(budget) if budget is not None else None,
+        compress=stash,
     )
+    config.validate()
+    return config
 
 
 def train_command(
@@ -65,6 +74,9 @@ def train_command(
         None, "--activation-budget", help="Device activation budget (2GB): picks the fraction."
     ),
     recompute: str = typer.Option("none", "--recompute", help="none, full or tokens."),
+    stash_dtype: str = typer.Option(
+        None, "--stash-dtype", help="Swapped activations kept on the host as bf16 or int8."
+    ),
     compute_dtype: str = typer.Option("float32", "--compute-dtype", help="float32 or bfloat16."),
     weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW decoupled weight decay."),
     warmup_steps: int = typer.Option(0, "--warmup-steps", help="Linear learning-rate warmup."),
@@ -110,7 +122,7 @@ def train_command(
         )
         config.validate()  # world-size checks follow once the process group exists
         activations = _activation_config(
-            swap_activations, swap_fraction, activation_budget, recompute
+            swap_activations, swap_fraction, activation_budget, recompute, stash_dtype
         )
         result = train(
             config,
@@ -134,9 +146,9 @@ def train_command(
         )
         for rank in payload["ranks"]:
             parts = ", ".join(
-                f"{k.removesuffix('_bytes')} {format_size(v)}"
+                f"{k.replace('_bytes', '')} {format_size(v)}"
                 for k, v in rank.items()
-                if k.endswith("_bytes")
+                if "_bytes" in k
             )
             console.print(f"  rank {rank['rank']}: {parts}")
         if payload["model_dir"]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from memtool.errors import MemtoolError
+from memtool.train.activations import ActivationConfig
 from memtool.train.config import TrainConfig
 from memtool.train.loop import train
 
@@ -30,6 +31,8 @@ def main() -> None:
 
     results = []
     for index, job in enumerate(spec["jobs"]):
+        job = dict(job)
+        activations = job.pop("activations", None)
         config = TrainConfig.from_dict({**spec["base"], **job})
         try:
             result = train(
@@ -39,6 +42,7 @@ def main() -> None:
                 device="cpu",
                 show_progress=False,
                 on_step=on_step,
+                activations=ActivationConfig(**activations) if activations else None,
             )
         except MemtoolError as exc:
             (jobs_path.parent / f"error-{rank}.txt").write_text(str(exc))

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from memtool.errors import MemtoolError
+from memtool.train.activations import ActivationConfig
 from memtool.train.config import OptimConfig, TrainConfig
 from memtool.train.data import BatchSchedule, load_token_file
 from memtool.train.loop import causal_lm_loss, train
@@ -62,17 +63,22 @@ def plain(tiny_run):
     return plain_adamw(config_json, tokens, _config(data=str(tokens)))
 
 
-def _train(tiny_run, tmp_path, **changes):
+def _train(tiny_run, tmp_path, activations=None, **changes):
     config_json, tokens = tiny_run
     config = _config(data=str(tokens), **changes)
     return train(
         config,
         tmp_path / "out",
         from_config=config_json,
+        activations=activations,
         device="cpu",
         export_dtype="float32",
         show_progress=False,
     )
+
+
+# MEMO: half the tokens' activations swapped to host memory, the other half recomputed
+MEMO = {"recompute": "tokens", "swap": True, "swap_fraction": 0.5}
 
 
 def test_training_learns(plain):
@@ -86,6 +92,16 @@ def test_one_process_equals_plain_adamw(tiny_run, tmp_path, plain, zero, offload
     result = _train(tiny_run, tmp_path, zero=zero, offload_optimizer=offload)
     torch.testing.assert_close(result.losses, plain[0], rtol=RTOL, atol=0)
     assert result.steps == STEPS and result.tokens == STEPS * 4 * 32
+
+
+@pytest.mark.parametrize("zero", [0, 1, 2, 3])
+def test_activation_swapping_equals_plain_adamw(tiny_run, tmp_path, plain, zero):
+    result = _train(
+        tiny_run, tmp_path, ActivationConfig(**MEMO), zero=zero, offload_optimizer=zero % 2 == 1
+    )
+    torch.testing.assert_close(result.losses, plain[0], rtol=RTOL, atol=0)
+    memory = result.ranks[0]
+    assert 0 < memory["activation_bytes_peak"] < memory["host_activation_bytes_peak"]
 
 
 def test_grad_accumulation_equals_plain(tiny_run, tmp_path, plain):
@@ -209,6 +225,7 @@ def test_two_processes_equal_plain_adamw(tiny_run, tmp_path, plain):
         for zero in (0, 1, 2, 3)
         for offload in (False, True)
     ]
+    jobs += [{"zero": zero, "activations": MEMO} for zero in (0, 3)]
     spec = {
         "config_json": str(config_json),
         "tokens": str(tokens),
@@ -231,6 +248,7 @@ def test_two_processes_equal_plain_adamw(tiny_run, tmp_path, plain):
         torch.testing.assert_close(result["losses"], plain[0], rtol=RTOL, atol=0, msg=str(job))
     one_rank = _train(tiny_run, tmp_path / "one", zero=3, steps=1).ranks[0]
     zero3 = results[jobs.index({"zero": 3, "offload_optimizer": False})]["ranks"]
+    assert all(r["activation_bytes_peak"] > 0 for r in results[-1]["ranks"])  # swapping ran
 
     def held(m):
         return m["param_bytes"] + m["grad_bytes"] + m["optimizer_state_bytes"]
