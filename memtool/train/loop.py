@@ -22,6 +22,7 @@ from torch import nn
 from memtool.errors import MemtoolError
 from memtool.metrics.memory import peak_rss_bytes
 from memtool.progress import counted_steps
+from memtool.train.activations import ActivationConfig, ActivationManager
 from memtool.train.checkpoint import (
     TrainerState,
     latest_checkpoint,
@@ -156,7 +157,7 @@ def train(
     model: str | None = None,
     from_config: Path | None = None,
     resume: Path | None = None,
-    activations=None,
+    activations: ActivationConfig | None = None,
     device: str | None = None,
     export_dtype: str = "bfloat16",
     show_progress: bool = True,
@@ -201,11 +202,9 @@ def _run(config, output, group, source, from_config, resume, activations, export
     net = _build_model(source, from_config, config.seed)
     _check_vocab(net, windows)
     net.train()
-    manager = None
-    if activations is not None:
-        from memtool.train.activations import ActivationManager
-
-        manager = ActivationManager(net, activations)
+    # Plain autograd too runs under the manager: its hooks count the saved activations, so
+    # every run reports `activation_bytes_peak`.
+    manager = ActivationManager(net, activations or ActivationConfig())
     engine = _engine(net, config, group)
     start, losses, tokens = 0, [], 0
     if payload is not None:
@@ -264,10 +263,9 @@ def _run(config, output, group, source, from_config, resume, activations, export
         steps_meta = {"memtool_train_steps": str(len(losses))}
         export_model(net, engine, tokenizer, model_dir, DTYPES[export_dtype], group, steps_meta)
     memory = engine.memory()
-    if manager is not None:
-        stats = manager.stats()
-        memory["activation_bytes_peak"] = stats.peak_resident_bytes
-        memory["host_activation_bytes_peak"] = stats.host_bytes_peak
+    stats = manager.stats()
+    memory["activation_bytes_peak"] = stats.peak_resident_bytes
+    memory["host_activation_bytes_peak"] = stats.host_bytes_peak
     ranks = group.gather_objects({"rank": group.rank, **memory})
     engine.close()
     return TrainResult(
@@ -300,8 +298,7 @@ def _one_step(net, engine, schedule, step, group, config, manager) -> float:
     micro_batches = schedule.micro_batches(step, group.rank, group.world_size, config.grad_accum)
     for input_ids in micro_batches:
         input_ids = input_ids.to(group.device)
-        context = manager.forward_context() if manager is not None else contextlib.nullcontext()
-        with context:
+        with manager.forward_context():
             loss = causal_lm_loss(net, input_ids)
         (loss / config.grad_accum).backward()
         engine.after_backward()
