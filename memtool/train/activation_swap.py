@@ -15,14 +15,17 @@ CUDA the copies run on a side stream ordered by events, so device-to-host copies
 and a layer's restores can start while the next layer runs backward (`prefetch`). On CPU the copies
 are synchronous memcpys into the slab, which keeps the device/host accounting exact and testable.
 
-`compress="bf16"` keeps swapped float32 storages as bfloat16 on the host, a plain cast on the way
-out and back. That cast is the integration point (`_copy_out`, `_copy_in`) for the int8 kernels
-`memtool.ops.pack_activation` / `unpack_activation`, which `ActivationConfig` refuses until wired.
+`compress` keeps swapped float storages packed on the host by `memtool.ops.pack_activation`
+("bf16", or "int8" with a scale per 256 elements; formats and layout in activation_compress.py):
+packed on the compute stream before the copy out, unpacked there after the copy back. Host bytes
+count the packed size exactly. A storage that int8 cannot represent (inf in a row) stays on the
+device, exact, once its copy shows it (`_copied_out`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -30,6 +33,18 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
+from memtool.errors import MemtoolError
+from memtool.ops import Packed
+from memtool.train.activation_compress import (
+    COMPRESS_FORMATS,
+    host_scales,
+    host_views,
+    pack_storage,
+    staged,
+    staged_nbytes,
+    storage_format,
+    unpack_storage,
+)
 from memtool.train.activation_host import HostSlab, Stopwatch
 
 KEEP, SWAP = "keep", "swap"
@@ -37,13 +52,15 @@ KEEP, SWAP = "keep", "swap"
 # ("fraction") is swapped for a fraction of the tokens and recomputed for the others.
 ALWAYS, FRACTION = "always", "fraction"
 
+logger = logging.getLogger(__name__)
+
 
 class _Entry:
     """One storage's saved bytes: kept on the device, or on the host and maybe restored."""
 
     __slots__ = (
-        "device", "dtype", "flat", "host", "host_in_slab", "in_event", "keys", "layer", "nbytes",
-        "numel", "out_event", "refs", "refs_to", "resident",
+        "device", "dtype", "flat", "fmt", "host", "host_in_slab", "in_event", "keys", "layer",
+        "nbytes", "numel", "out_event", "packed", "refs", "refs_to", "resident",
     )  # fmt: skip
 
     def __init__(self, device: torch.device, nbytes: int, layer: int | None) -> None:
@@ -53,9 +70,13 @@ class _Entry:
         self.refs_to: list[tuple[weakref.ref, int | None]] = []
         self.resident = False
         self.dtype, self.numel = torch.uint8, 0
+        self.fmt: str | None = None  # compression of the host copy: None, "bf16" or "int8"
         self.host: Tensor | None = None
         self.host_in_slab = False
-        self.flat: Tensor | None = None  # device copy of a swapped entry: in flight or restored
+        # Device copy of a swapped entry: in flight, restored, or kept (int8 could not hold it).
+        self.flat: Tensor | None = None
+        # Compressed entries, on the device: packed parts copying out, or copied in to unpack.
+        self.packed: list[Packed] | None = None
         self.out_event = self.in_event = None
 
     def holds(self, storage: torch.UntypedStorage, version: int) -> bool:
@@ -119,10 +140,13 @@ class SavedTensorStore:
     """Pack/unpack hooks with exact accounting of device-resident and host activation bytes.
 
     Args:
-        compress: None, or "bf16" to keep swapped float32 storages as bfloat16 on the host.
+        compress: None; "bf16" to keep swapped float32 storages as bfloat16 on the host; "int8"
+            for float32/float16/bfloat16 storages as int8 with a scale per 256 elements.
     """
 
     def __init__(self, compress: str | None = None) -> None:
+        if compress not in COMPRESS_FORMATS:
+            raise MemtoolError(f"unknown activation compression {compress!r}: use bf16 or int8")
         self.compress = compress
         self.policy = KEEP
         self.layer: int | None = None
@@ -136,6 +160,7 @@ class SavedTensorStore:
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._lock = threading.RLock()
         self._recomputing = 0
+        self._logged_nonfinite = False
         self.slab = HostSlab()
         self.resident_bytes = self.host_bytes = 0
         self.reset_peaks()
@@ -227,7 +252,8 @@ class SavedTensorStore:
         """Start restoring `layer`'s swapped CUDA storages (the next backward needs them)."""
         with self._lock:
             for entry in self._by_layer.pop(layer, []):
-                if entry.refs and entry.flat is None and entry.device.type == "cuda":
+                idle = entry.flat is None and entry.packed is None
+                if entry.refs and idle and entry.device.type == "cuda":
                     self._copy_in(entry)
 
     def _is_parameter(self, t: Tensor) -> bool:
@@ -286,83 +312,153 @@ class SavedTensorStore:
         dtype = t.dtype if entry.nbytes % t.element_size() == 0 else torch.uint8
         flat = torch.empty(0, dtype=dtype, device=t.device)
         flat.set_(storage, 0, (entry.nbytes // dtype.itemsize,), (1,))
-        # INTEGRATION POINT (compress="int8"): memtool.ops.pack_activation goes here, and
-        # unpack_activation in _copy_in; today "bf16" is a plain cast by copy_.
-        host_dtype = torch.bfloat16 if self.compress == "bf16" and dtype == torch.float32 else dtype
-        raw, entry.host_in_slab = self.slab.alloc(flat.numel() * host_dtype.itemsize, flat.is_cuda)
-        entry.dtype, entry.numel, entry.host = dtype, flat.numel(), raw.view(host_dtype)
+        entry.dtype, entry.numel = dtype, flat.numel()
+        entry.fmt = storage_format(self.compress, dtype, flat.numel())
+        clock = self.copy_clock
+        if clock is not None and not flat.is_cuda:
+            clock.start()  # synchronous on CPU: packing is swap time, not layer compute
+        # On CUDA, packing runs here on the compute stream, before the copy, rather than on the
+        # copy stream after waiting: the kernel reads the storage in stream order, so no later
+        # in-place write can reach the host copy, and the packed buffers belong to the compute
+        # stream's pool like every other activation (the copy stream only reads them, covered by
+        # record_stream). The cost is one memory-bound pass on the compute stream, small beside
+        # the host transfer it shrinks.
+        parts = None if entry.fmt is None else pack_storage(flat, entry.fmt)
+        nbytes = entry.nbytes if parts is None else sum(p.nbytes for p in parts)
+        raw, entry.host_in_slab = self.slab.alloc(nbytes, flat.is_cuda)
+        if parts is None:
+            entry.host = raw.view(dtype)
+            copies = [(entry.host, flat)]
+        else:
+            entry.host = raw
+            copies = host_views(raw, parts)
         self.host_bytes += raw.numel()
         self.host_peak = max(self.host_peak, self.host_bytes)
         self.swapped_bytes += entry.nbytes
+        # Device bytes, compressed or not: the measured bandwidth is in the units the plan counts.
         self.copied_bytes += entry.nbytes
         if entry.layer is not None:
             self._by_layer.setdefault(entry.layer, []).append(entry)
+        # Until the copy ends the store holds the storage and its packed copy: the storage stays
+        # if int8 cannot represent it (`_copied_out`), and a restore in the meantime unpacks the
+        # packed copy, the values the host will hold.
+        entry.flat, entry.packed = flat, parts
         if not flat.is_cuda:
-            clock = self.copy_clock
-            if clock is not None:
-                clock.start()
-            entry.host.copy_(flat)
+            for host, source in copies:
+                host.copy_(source)
             if clock is not None:
                 clock.stop()
-            self._set_resident(entry, False)
+            self._copied_out(entry)
             return
         stream = self._stream(flat.device)
         stream.wait_stream(torch.cuda.current_stream(flat.device))
         with torch.cuda.stream(stream):
-            if self.copy_clock is not None:
-                self.copy_clock.start(stream)
-            entry.host.copy_(flat, non_blocking=True)
-            if self.copy_clock is not None:
-                self.copy_clock.stop(stream)
+            if clock is not None:
+                clock.start(stream)
+            for host, source in copies:
+                host.copy_(source, non_blocking=True)
+            if clock is not None:
+                clock.stop(stream)
             entry.out_event = torch.cuda.Event()
             entry.out_event.record(stream)
         # The allocator must not hand this memory out again before the copy has read it.
-        flat.record_stream(stream)
-        entry.flat = flat
+        for _, source in copies:
+            source.record_stream(stream)
         self._pending.append(entry)
 
+    def _copied_out(self, entry: _Entry) -> None:
+        """A finished device-to-host copy: drop the device copy, unless int8 lost the storage."""
+        if entry.fmt == "int8" and not torch.isfinite(host_scales(entry.host, entry.numel)).all():
+            # A row holding inf has no absmax scale (memory-efficient attention pads its saved
+            # logsumexp with inf): the storage stays on the device, exact, as if kept. The scales
+            # are read from the host copy, so deciding this never waits for the device.
+            nbytes = entry.host.numel()
+            self.slab.free(nbytes, entry.host_in_slab)
+            self.host_bytes -= nbytes
+            entry.host = entry.packed = entry.fmt = None
+            if not self._logged_nonfinite:
+                self._logged_nonfinite = True
+                logger.info(
+                    "activation swap: saved storages holding inf stay on the device "
+                    "(int8 cannot represent them)"
+                )
+            return
+        entry.flat = entry.packed = None
+        self._set_resident(entry, False)
+
     def _poll(self) -> None:
-        """Drop the device copies of finished device-to-host copies."""
+        """Finish the device-to-host copies that have ended."""
         still = []
         for entry in self._pending:
             if entry.refs == 0 or entry.out_event is None:
                 continue
             if entry.out_event.query():
-                entry.out_event = entry.flat = None
-                self._set_resident(entry, False)
+                entry.out_event = None
+                self._copied_out(entry)
             else:
                 still.append(entry)
         self._pending = still
 
     def _restore(self, entry: _Entry) -> Tensor:
         with self._lock:
-            if entry.flat is None:
+            if entry.flat is None and entry.packed is None:
                 self._copy_in(entry)
-            else:
-                # Still copying out: keep the device copy rather than fetch it back.
-                entry.out_event = None
+            # Still copying out: keep the device copy rather than fetch it back.
+            entry.out_event = None
             self._poll()
+            if entry.packed is not None:
+                self._unpack_device(entry)
             flat = entry.flat
         if entry.in_event is not None:
             torch.cuda.current_stream(flat.device).wait_event(entry.in_event)
         return flat
 
     def _copy_in(self, entry: _Entry) -> None:
-        flat = torch.empty(entry.numel, dtype=entry.dtype, device=entry.device)
-        if flat.is_cuda:
-            stream = self._stream(flat.device)
+        if entry.fmt is None:
+            buffer = torch.empty(entry.numel, dtype=entry.dtype, device=entry.device)
+            target, padding = buffer, None
+        else:
+            nbytes = staged_nbytes(entry.fmt, entry.numel)
+            buffer = torch.empty(nbytes, dtype=torch.uint8, device=entry.device)
+            target, padding = buffer[: entry.host.numel()], buffer[entry.host.numel() :]
+            # int8's short last row is padded to a whole row; zeros keep the padding defined.
+            padding = padding if padding.numel() else None
+        if buffer.is_cuda:
+            stream = self._stream(buffer.device)
             # The new block belongs to the compute stream; the copy may only start once it is free.
-            stream.wait_stream(torch.cuda.current_stream(flat.device))
+            stream.wait_stream(torch.cuda.current_stream(buffer.device))
             with torch.cuda.stream(stream):
-                flat.copy_(entry.host, non_blocking=True)
+                target.copy_(entry.host, non_blocking=True)
+                if padding is not None:
+                    padding.zero_()
                 entry.in_event = torch.cuda.Event()
                 entry.in_event.record(stream)
             # A prefetched copy may be dropped unread: its block must outlive the copy.
-            flat.record_stream(stream)
+            buffer.record_stream(stream)
         else:
-            flat.copy_(entry.host)
-        entry.flat = flat
-        # Recomputation saves views of the restored storage; they must find this entry.
+            target.copy_(entry.host)
+            if padding is not None:
+                padding.zero_()
+        if entry.fmt is None:
+            entry.flat = buffer
+            # Recomputation saves views of the restored storage; they must find this entry.
+            self._register(entry, buffer.untyped_storage(), None)
+        else:
+            entry.packed = [staged(buffer, entry.fmt, entry.numel, entry.dtype)]
+        self._set_resident(entry, True, backward=True)
+
+    def _unpack_device(self, entry: _Entry) -> None:
+        """Unpack a compressed entry's device copy, on the compute stream (where it is read)."""
+        if entry.in_event is not None:
+            torch.cuda.current_stream(entry.device).wait_event(entry.in_event)
+            entry.in_event = None
+        flat = unpack_storage(entry.packed, entry.numel)
+        if entry.flat is not None and entry.fmt == "int8":
+            # Restored while still copying out (CUDA): the storage itself where int8 lost it, as
+            # `_copied_out` will decide, chosen on the device so that nothing waits.
+            finite = torch.stack([torch.isfinite(p.scales).all() for p in entry.packed]).all()
+            flat = torch.where(finite, flat, entry.flat)
+        entry.flat, entry.packed = flat, None
         self._register(entry, flat.untyped_storage(), None)
         self._set_resident(entry, True, backward=True)
 
@@ -375,7 +471,7 @@ class SavedTensorStore:
                 if self._entries.get(key) is entry:
                     del self._entries[key]
             self._set_resident(entry, False)
-            entry.flat = None
+            entry.flat = entry.packed = None
             if entry.host is not None:
                 nbytes = entry.host.numel() * entry.host.element_size()
                 self.slab.free(nbytes, entry.host_in_slab)

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from memtool.errors import MemtoolError
+from memtool.train.activation_compress import COMPRESS_FORMATS
 from memtool.train.activation_host import Stopwatch
 from memtool.train.activation_plan import (
     ActivationPlan,
@@ -57,7 +58,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 RECOMPUTE_MODES = ("none", "full", "tokens")
-COMPRESS_MODES = (None, "bf16", "int8")
 # Where common causal LMs keep their decoder layers; anything else: the largest uniform ModuleList.
 _LAYER_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers")
 
@@ -76,8 +76,11 @@ class ActivationConfig:
             micro-batch.
         activation_budget_bytes: device bytes for saved activations; None: no budget. With a
             budget the first micro-batch is measured and the cheapest mode that fits is used.
-        compress: host storage of swapped activations: None (as is) or "bf16" (float32 halved).
-            "int8" is reserved for the `memtool.ops.pack_activation` kernel.
+        compress: host storage of swapped activations, through `memtool.ops.pack_activation`:
+            None (as is); "bf16" (float32 storages halved); "int8" (float32, float16 and
+            bfloat16 storages as int8 with a float32 absmax scale per 256 elements: a quarter
+            of float32 plus 1.6%; lossy, see activation_compress.py). Integer and bool storages are
+            kept as they are.
         host_budget_bytes: host bytes for swapped activations when planning alpha; None: the
             memory available when the plan is made.
     """
@@ -104,12 +107,9 @@ class ActivationConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise MemtoolError(f"{name} must be positive, not {value}")
-        if self.compress not in COMPRESS_MODES:
-            raise MemtoolError(f"unknown activation compression {self.compress!r}: use bf16")
-        if self.compress == "int8":
+        if self.compress not in COMPRESS_FORMATS:
             raise MemtoolError(
-                "int8 activation compression waits for the memtool.ops.pack_activation kernel; "
-                "use compress='bf16'"
+                f"unknown activation compression {self.compress!r}: use bf16 or int8"
             )
         if self.compress is not None and not self.swap:
             raise MemtoolError("activation compression applies to swapped activations: set swap")
@@ -125,7 +125,7 @@ class ActivationStats:
         backward_peak_resident_bytes: peak during backward: what is still kept, restored from the
             host, and the working set of recomputation.
         host_bytes_peak: peak host bytes of swapped activations (after compression).
-        swapped_bytes: device bytes copied to the host.
+        swapped_bytes: device bytes copied to the host (before compression).
         recomputed_tokens: tokens whose layer activations backward recomputed, summed over layers.
         swap_fraction: alpha of the last forward ("tokens"); 1.0 or 0.0 for other modes with or
             without swapping.

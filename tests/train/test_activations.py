@@ -3,10 +3,11 @@
 Tiny fp32 models built from configs. Gradient tolerance for every lossless mode: rtol 1e-5,
 atol 1e-6 (`EXACT`); "full" and "swap" run the same ops as plain autograd and match bit for bit;
 "tokens" with alpha < 1 splits the layer's matmuls by token range and its gradients sum in another
-order, a few ulps apart. bf16 compression is lossy; its stated tolerance is below.
+order, a few ulps apart. bf16 and int8 compression are lossy; their stated tolerances are below.
 """
 
 import contextlib
+import math
 
 import pytest
 import torch
@@ -23,9 +24,16 @@ from transformers import (
 )
 
 from memtool.errors import MemtoolError
+from memtool.ops.reference_train import (
+    PACKABLE_DTYPES,
+    pack_activation_reference,
+    unpack_activation_reference,
+)
 from memtool.sizes import format_size
+from memtool.train.activation_compress import INT8_ROW_ELEMENTS, pack_storage, unpack_storage
 from memtool.train.activation_host import HostSlab
 from memtool.train.activation_plan import ActivationProfile, plan_activations
+from memtool.train.activation_swap import SWAP, SavedTensorStore
 from memtool.train.activations import (
     ActivationConfig,
     ActivationManager,
@@ -73,6 +81,38 @@ def _step(model, ids, config: ActivationConfig | None, manager=None):
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     return loss.detach(), grads, manager.stats() if manager is not None else None
+
+
+def _relative_errors(grads, reference) -> dict[str, float]:
+    """Per parameter, the Frobenius norm of the gradient error relative to the reference's."""
+    return {n: ((grads[n] - reference[n]).norm() / reference[n].norm()).item() for n in reference}
+
+
+def _saved_storages(model, ids) -> dict[int, tuple[int, torch.dtype]]:
+    """Bytes and dtype (of the first tensor saved) of each storage a forward saves for backward,
+    parameters left out: what the store counts and, with swap, moves to the host."""
+    storages = {}
+
+    def record(t):
+        base = t if t._base is None else t._base
+        if not (base.is_leaf and base.requires_grad):
+            storage = t.untyped_storage()
+            storages.setdefault(storage.data_ptr(), (storage.nbytes(), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(record, lambda t: t):
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    model.zero_grad(set_to_none=True)
+    return storages
+
+
+def _int8_host_bytes(nbytes: int, dtype: torch.dtype) -> int:
+    """Host bytes of one swapped storage under int8: a float32 scale per 256-element row (the
+    last may be shorter) then the int8 values; other dtypes as they are."""
+    if dtype not in PACKABLE_DTYPES:
+        return nbytes
+    numel = nbytes // dtype.itemsize
+    return 4 * math.ceil(numel / INT8_ROW_ELEMENTS) + numel
 
 
 def _assert_grads(grads, reference, **tolerance) -> None:
@@ -160,13 +200,120 @@ def test_bf16_compression_halves_host_bytes_within_tolerance(llama):
     assert torch.equal(loss, plain_loss)  # the forward never reads the host copies
     # bf16 keeps 8 significant bits (relative rounding ≤ 2^-9 ≈ 0.2% per stored value); through
     # two layers' backward that stays within 2% of each gradient's norm, and is not zero.
-    errors = [
-        ((grads[n] - plain_grads[n]).norm() / plain_grads[n].norm()).item() for n in plain_grads
-    ]
+    errors = _relative_errors(grads, plain_grads).values()
     assert max(errors) < 2e-2
     assert max(errors) > 0
     # Everything swapped is float32 except the int64 token ids and labels.
     assert stats.host_bytes_peak <= 0.51 * stats.swapped_bytes
+
+
+def test_int8_compression_quarters_host_bytes_within_tolerance(llama):
+    model, ids, plain_loss, plain_grads, _ = llama
+    loss, grads, stats = _step(model, ids, ActivationConfig(swap=True, compress="int8"))
+    assert torch.equal(loss, plain_loss)  # the forward never reads the host copies
+    # Absmax int8 over 256-element rows rounds each stored value by at most absmax/254 of its
+    # row (about 0.5% of a row's largest value, less relative to its norm). Through two layers'
+    # backward that stays within 5% of each gradient's norm (1.9% at most here, in q/k_proj);
+    # every parameter's gradient reads some swapped activation, so none is exact.
+    errors = _relative_errors(grads, plain_grads)
+    assert max(errors.values()) < 5e-2, max(errors.items(), key=lambda kv: kv[1])
+    assert min(errors.values()) > 0
+    # Host bytes are exactly the scales and values of each float32 storage, plus the int64 token
+    # ids and labels as they are: about a quarter of the uncompressed swap (0.255 here).
+    saved = _saved_storages(model, ids)
+    assert any(dtype == torch.int64 for _, dtype in saved.values())
+    assert stats.swapped_bytes == sum(nbytes for nbytes, _ in saved.values())
+    assert stats.host_bytes_peak == sum(_int8_host_bytes(*s) for s in saved.values())
+    assert stats.host_bytes_peak <= 0.3 * stats.swapped_bytes
+
+
+def _int8_reference(flat: torch.Tensor) -> torch.Tensor:
+    """The store's int8 round trip of a flat storage by the reference op: whole 256-element rows,
+    then the remainder as one shorter row."""
+    whole = flat.numel() // INT8_ROW_ELEMENTS * INT8_ROW_ELEMENTS
+    rows = [flat[:whole].view(-1, INT8_ROW_ELEMENTS), flat[whole:].view(1, -1)]
+    packed = [pack_activation_reference(r, "int8") for r in rows if r.numel()]
+    return torch.cat([unpack_activation_reference(p).view(-1) for p in packed])
+
+
+def test_int8_store_packs_storages_by_rows_and_keeps_integers():
+    store = SavedTensorStore("int8")
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(4, 300, generator=gen) * torch.tensor([[0.01], [1.0], [100.0], [5.0]])
+    tensors = {
+        "view": base[1, 10:50],  # a view swaps its whole storage: 1200 = 4 rows of 256 + 176
+        "fp32": torch.randn(10, 100, generator=gen),  # 1000 = 3 rows of 256 + 232
+        "fp16": torch.randn(2, 256, generator=gen).half(),
+        "bf16": torch.randn(3, 200, generator=gen).bfloat16(),
+        "int64": torch.randint(-(2**40), 2**40, (77,), generator=gen),
+        "bool": torch.rand(33, generator=gen) > 0.5,
+    }
+    with store.saving(SWAP):
+        holders = {name: store.pack(t) for name, t in tensors.items()}
+    storages = [(t.untyped_storage().nbytes(), t.dtype) for t in tensors.values()]
+    # Scales (4 bytes a row) and values of each float storage; the integers as they are.
+    floats = (4 * 5 + 1200) + (4 * 4 + 1000) + (4 * 2 + 512) + (4 * 3 + 600)
+    assert store.host_bytes == sum(_int8_host_bytes(*s) for s in storages) == floats + 616 + 33
+    assert store.resident_bytes == 0  # CPU copies are synchronous: nothing left on the device
+    restored = {name: store.unpack(h) for name, h in holders.items()}
+    for name in ("int64", "bool"):
+        assert torch.equal(restored[name], tensors[name]), name
+    expected = _int8_reference(base.view(-1)).view(4, 300)[1, 10:50]
+    assert torch.equal(restored["view"], expected)
+    for name in ("fp32", "fp16", "bf16"):
+        t = tensors[name]
+        assert restored[name].dtype == t.dtype
+        assert torch.equal(restored[name], _int8_reference(t.view(-1)).view(t.shape)), name
+        # Lossy: within half a quantisation step of the row's absmax/127, plus the rounding
+        # of the result to the storage's dtype.
+        assert not torch.equal(restored[name], t)
+        error = (restored[name].float() - t.float()).abs().max()
+        absmax = t.float().abs().max()
+        assert error <= absmax * (1 / 254 + torch.finfo(t.dtype).eps / 2), name
+    del holders, restored
+    assert (store.host_bytes, store.resident_bytes) == (0, 0)
+    assert store.host_peak == sum(_int8_host_bytes(*s) for s in storages)
+
+
+def test_int8_restore_in_flight_unpacks_the_same_values():
+    # On CUDA a restore that comes before the copy to the host ends unpacks the packed device
+    # parts (whole rows and the short last row, joined) instead of the host copy's single padded
+    # block; both must give the reference's values.
+    flat = torch.randn(1000, generator=torch.Generator().manual_seed(3))
+    parts = pack_storage(flat, "int8")
+    assert [p.shape for p in parts] == [(3, INT8_ROW_ELEMENTS), (1, 232)]
+    assert torch.equal(unpack_storage(parts, flat.numel()), _int8_reference(flat))
+
+
+def test_int8_keeps_storages_holding_inf_on_the_device():
+    store = SavedTensorStore("int8")
+    # Like the logsumexp CUDA's memory-efficient attention saves: padded with inf.
+    lse = torch.randn(2, 160, generator=torch.Generator().manual_seed(4))
+    lse[:, 130:] = torch.inf
+    masked = torch.randn(600, generator=torch.Generator().manual_seed(5)).half()
+    masked[599] = -torch.inf
+    finite = torch.randn(512, generator=torch.Generator().manual_seed(6))
+    with store.saving(SWAP):
+        holders = [store.pack(t) for t in (lse, masked, finite)]
+    # Their host copies are freed and they stay resident, exact; the finite one is packed.
+    assert store.host_bytes == 4 * 2 + 512
+    assert store.resident_bytes == lse.nbytes + masked.nbytes
+    restored = [store.unpack(h) for h in holders]
+    assert torch.equal(restored[0], lse)
+    assert torch.equal(restored[1], masked)
+    assert torch.equal(restored[2], _int8_reference(finite))
+    del holders, restored
+    assert (store.host_bytes, store.resident_bytes) == (0, 0)
+
+
+def test_bf16_store_compresses_float32_only():
+    store = SavedTensorStore("bf16")
+    x, half = torch.randn(1000), torch.randn(300).half()
+    with store.saving(SWAP):
+        holders = [store.pack(x), store.pack(half)]
+    assert store.host_bytes == 2 * 1000 + 2 * 300  # float16 gains nothing from bf16: as is
+    assert torch.equal(store.unpack(holders[0]), x.to(torch.bfloat16).float())
+    assert torch.equal(store.unpack(holders[1]), half)
 
 
 def test_resident_bytes_at_2048_tokens():
@@ -201,19 +348,17 @@ def test_full_keeps_layer_inputs_only():
 
 def test_plain_counts_each_storage_once_and_no_parameters(llama):
     model, ids, _, _, plain = llama
-    storages, naive = {}, 0
+    naive = 0
 
     def record(t):
         nonlocal naive
         naive += t.nbytes
-        base = t if t._base is None else t._base
-        if not (base.is_leaf and base.requires_grad):
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(record, lambda t: t):
         model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-    assert plain.peak_resident_bytes == sum(storages.values())
+    storages = _saved_storages(model, ids)
+    assert plain.peak_resident_bytes == sum(nbytes for nbytes, _ in storages.values())
     assert plain.peak_resident_bytes < naive  # views deduplicated, weights left out
     manager = ActivationManager(model, ActivationConfig())
     _step(model, ids, None, manager)
@@ -336,13 +481,20 @@ def test_config_validation():
         ActivationConfig(recompute="tokens", swap=True, swap_fraction=1.5),
         ActivationConfig(recompute="full", swap=True, swap_fraction=0.5),
         ActivationConfig(compress="bf16"),
+        ActivationConfig(compress="int8"),
         ActivationConfig(activation_budget_bytes=0),
     ]
     for config in bad:
         with pytest.raises(MemtoolError):
             config.validate()
-    with pytest.raises(MemtoolError, match="pack_activation"):
-        ActivationConfig(swap=True, compress="int8").validate()
+    for compress in ("bf16", "int8"):
+        ActivationConfig(swap=True, compress=compress).validate()
+    with pytest.raises(
+        MemtoolError, match="unknown activation compression 'int4': use bf16 or int8"
+    ):
+        ActivationConfig(swap=True, compress="int4").validate()
+    with pytest.raises(MemtoolError, match="unknown activation compression 'fp8'"):
+        SavedTensorStore("fp8")
 
 
 def test_transformers_checkpointing_is_refused():
