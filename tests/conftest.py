@@ -98,6 +98,14 @@ def tiny_opt_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 
 
 @pytest.fixture(scope="session")
+def held_out_text_file(tmp_path_factory) -> Path:
+    """Text of the same kind as `text_file` but other words (held out from calibration)."""
+    path = tmp_path_factory.mktemp("held-out") / "held_out.txt"
+    path.write_text(make_text(2000, seed=11))
+    return path
+
+
+@pytest.fixture(scope="session")
 def text_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("text") / "eval.txt"
     path.write_text(make_text(3000, seed=7))

@@ -1,4 +1,4 @@
-"""Finding a causal LM's decoder layers and capturing what flows into the first one.
+"""Capturing what flows into a causal LM's first decoder layer (layers: memtool.models.layers).
 
 Layer-by-layer compression (GPTQ, AWQ) never runs the whole model on the calibration set more
 than once: we capture the hidden states (and the keyword arguments: attention mask, rotary
@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from memtool.errors import MemtoolError
+from memtool.models.layers import decoder_layers
 
 
 class _StopForward(Exception):
@@ -29,18 +29,6 @@ class LayerInputs:
     @property
     def n_tokens(self) -> int:
         return sum(h.shape[0] * h.shape[1] for h in self.hidden)
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's stack of decoder layers (the ModuleList as long as num_hidden_layers)."""
-    n_layers = getattr(model.config, "num_hidden_layers", None)
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
-            return module
-    raise MemtoolError(
-        f"cannot find the decoder layers of {type(model).__name__}: memtool compresses "
-        "decoder-only transformers whose layers form one ModuleList"
-    )
 
 
 def linear_children(layer: nn.Module) -> dict[str, nn.Linear]:

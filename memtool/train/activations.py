@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from memtool.errors import MemtoolError
+from memtool.models.layers import decoder_layers
 from memtool.train.activation_compress import COMPRESS_FORMATS
 from memtool.train.activation_host import Stopwatch
 from memtool.train.activation_plan import (
@@ -58,8 +59,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 RECOMPUTE_MODES = ("none", "full", "tokens")
-# Where common causal LMs keep their decoder layers; anything else: the largest uniform ModuleList.
-_LAYER_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers")
 
 
 @dataclass
@@ -145,25 +144,8 @@ class ActivationStats:
 
 
 def find_decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder layers of `model`, in order.
-
-    Raises:
-        MemtoolError: no list of layers found.
-    """
-    for path in _LAYER_PATHS:
-        found = model
-        for name in path.split("."):
-            found = getattr(found, name, None)
-        if isinstance(found, nn.ModuleList) and len(found) > 0:
-            return list(found)
-    best: list[nn.Module] = []
-    for module in model.modules():
-        uniform = isinstance(module, nn.ModuleList) and len({type(c) for c in module}) == 1
-        if uniform and len(module) > len(best):
-            best = list(module)
-    if not best:
-        raise MemtoolError(f"found no list of decoder layers in {type(model).__name__}")
-    return best
+    """The decoder layers of `model`, in order (`memtool.models.layers.decoder_layers`)."""
+    return list(decoder_layers(model))
 
 
 class ActivationManager:

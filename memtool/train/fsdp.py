@@ -24,7 +24,7 @@ from torch.distributed.fsdp import (
 )
 from torch.distributed.tensor import DTensor
 
-from memtool.compress.layers import decoder_layers
+from memtool.models.layers import decoder_layers
 from memtool.train.config import OptimConfig
 from memtool.train.distributed import Dist
 

@@ -3,7 +3,6 @@ round-to-nearest candidate, AWQ beats RTN, and unsupported architectures are han
 
 import pytest
 import torch
-from conftest import make_text
 
 from memtool import load_model
 from memtool.compress import AWQConfig, CalibrationConfig, RTNConfig, compress
@@ -134,12 +133,12 @@ def _logit_mse(reference, model, windows):
 
 @pytest.mark.parametrize("model_dir", ["tiny_llama_dir", "tiny_opt_dir"])
 @pytest.mark.parametrize("bits", [3, 4])
-def test_awq_beats_rtn_on_tiny_models(model_dir, bits, request, text_file, tmp_path):
+def test_awq_beats_rtn_on_tiny_models(model_dir, bits, request, text_file, held_out_text_file):
     folder = request.getfixturevalue(model_dir)
     reference = load_model(folder)
-    held_out = tmp_path / "held_out.txt"
-    held_out.write_text(make_text(2000, seed=11))  # not the calibration text
-    windows = calibration_windows(str(held_out), reference.tokenizer, 8, 32, seed=0).input_ids
+    windows = calibration_windows(
+        str(held_out_text_file), reference.tokenizer, 8, 32, seed=0
+    ).input_ids
     errors = {}
     for config in (RTNConfig(bits=bits, group_size=32, sym=False), AWQConfig(bits, 32)):
         _, weights, loaded = compress(str(folder), config, _calib(text_file), show_progress=False)
