@@ -5,6 +5,7 @@ import typer
 from memtool.cli.compress_cmd import compress_command
 from memtool.cli.info_cmd import info_command
 from memtool.cli.measure_cmd import measure_command
+from memtool.cli.serve_cmd import serve_local_command
 from memtool.cli.train_cmd import train_command
 
 app = typer.Typer(
@@ -17,6 +18,7 @@ app = typer.Typer(
 app.command("compress")(compress_command)
 app.command("measure")(measure_command)
 app.command("train")(train_command)
+app.command("serve-local")(serve_local_command)
 app.command("info")(info_command)
 
 
