@@ -69,7 +69,14 @@ def save_checkpoint(
         tmp_name[0] = tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=root)
     dist.broadcast_object_list(tmp_name, src=0)
     tmp = Path(tmp_name[0])
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in shard.items()}
+    tensors, seen = {}, set()
+    for key, value in shard.items():
+        value = value.detach().to("cpu").contiguous()
+        # safetensors refuses tensors that share memory (bitsandbytes' two moments share one
+        # quantization map): store a copy of a repeated one
+        pointer = value.untyped_storage().data_ptr()
+        tensors[key] = value.clone() if pointer in seen else value
+        seen.add(pointer)
     tensors["rng.cpu"] = torch.get_rng_state()
     if group.device.type == "cuda":
         tensors["rng.cuda"] = torch.cuda.get_rng_state(group.device)
