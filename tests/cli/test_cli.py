@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -380,3 +381,22 @@ def test_train_ctrl_c_leaves_a_resumable_checkpoint(tiny_llama_dir, text_file, t
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout.strip().splitlines()[-1])["steps"] == steps_done + 1
+
+
+def test_train_under_accelerate_launch_runs_two_ranks(tiny_llama_dir, text_file, tmp_path):
+    """`accelerate launch` (torchrun underneath) gives the same command line two gloo ranks."""
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    if accelerate is None:
+        pytest.skip("accelerate's launcher is not installed beside this python")
+    done = subprocess.run(
+        [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "memtool", "train",
+         str(tiny_llama_dir), "--data", str(text_file), "--seq-len", "32", "--batch-size", "2",
+         "--steps", "2", "--zero", "1", "-o", str(tmp_path / "run"), "--json"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1  # rank 0 prints, rank 1 stays quiet
+    payload = json.loads(lines[0])
+    assert payload["world_size"] == 2 and len(payload["ranks"]) == 2
