@@ -5,6 +5,7 @@ MLP norm) share one accumulator: the products are computed once, and GPTQ can qu
 stacked rows in one call, since rows are independent given H.
 """
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
@@ -35,13 +36,14 @@ def add_second_moment(
     return total
 
 
-class LinearHooks:
+class LinearHooks(ABC):
     """Context manager: `self._hook(name)`'s forward hook on each of `self.linears` while open."""
 
     linears: dict[str, nn.Linear]
 
+    @abstractmethod
     def _hook(self, name: str):
-        raise NotImplementedError
+        """The forward hook that records linear `name`'s input."""
 
     def __enter__(self):
         self._handles = [m.register_forward_hook(self._hook(n)) for n, m in self.linears.items()]

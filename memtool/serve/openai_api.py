@@ -54,6 +54,13 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+def _refuse_if_set(cls, value, info):
+    """A field validator for OpenAI options this server cannot honour: set means a 400."""
+    if value:
+        raise ValueError(f"{info.field_name} is not supported by this server")
+    return value
+
+
 class _GenerationRequest(BaseModel):
     model_config = ConfigDict(strict=True)
 
@@ -96,12 +103,7 @@ class CompletionRequest(_GenerationRequest):
     echo: bool = False
     logprobs: int | None = None
 
-    @field_validator("echo", "logprobs")
-    @classmethod
-    def _unsupported(cls, value, info):
-        if value:
-            raise ValueError(f"{info.field_name} is not supported by this server")
-        return value
+    _unsupported = field_validator("echo", "logprobs")(_refuse_if_set)
 
 
 class TextPart(BaseModel):
@@ -131,12 +133,7 @@ class ChatCompletionRequest(_GenerationRequest):
     logprobs: bool | None = None
     tools: list | None = None
 
-    @field_validator("logprobs", "tools")
-    @classmethod
-    def _unsupported(cls, value, info):
-        if value:
-            raise ValueError(f"{info.field_name} is not supported by this server")
-        return value
+    _unsupported = field_validator("logprobs", "tools")(_refuse_if_set)
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -128,6 +128,8 @@ def test_chat_without_a_template_is_a_clear_400(plain_client):
         ('{"prompt": "x", "temperature": "hot"}', "temperature", "valid number"),
         ('{"prompt": "x", "stream": "yes"}', "stream", "valid boolean"),
         ('{"prompt": "x", "n": 2}', "n", "only n=1"),
+        ('{"prompt": "x", "echo": true}', "echo", "not supported"),
+        ('{"prompt": "x", "logprobs": 3}', "logprobs", "not supported"),
     ],
 )
 def test_malformed_requests_get_400(client, body, param, words):
@@ -143,6 +145,9 @@ def test_wrong_types_in_chat_messages(client):
     assert "messages.0.content" in _assert_error(response, 400, "messages")["message"]
     response = client.post("/v1/chat/completions", json={"messages": []})
     _assert_error(response, 400, "messages")
+    hello = [{"role": "user", "content": "hi"}]
+    response = client.post("/v1/chat/completions", json={"messages": hello, "tools": [{}]})
+    assert "not supported" in _assert_error(response, 400, "tools")["message"]
 
 
 def test_unknown_model_is_404(client):

@@ -224,6 +224,17 @@ def test_bad_settings_are_one_line_errors(tiny_run, tmp_path, changes, message):
         _train(tiny_run, tmp_path, **changes)
 
 
+def _two_ranks(spec: dict, folder: Path) -> subprocess.CompletedProcess:
+    """Run `spec`'s jobs in one 2-rank torchrun launch of dist_worker.py."""
+    (folder / "jobs.json").write_text(json.dumps(spec))
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(WORKER), str(folder / "jobs.json")],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+
+
 def test_two_processes_equal_plain_adamw(tiny_run, tmp_path, plain):
     """Every stage, offload on and off, on 2 gloo ranks (one torchrun launch runs them all)."""
     config_json, tokens = tiny_run
@@ -240,13 +251,7 @@ def test_two_processes_equal_plain_adamw(tiny_run, tmp_path, plain):
         "base": _config(data=str(tokens)).to_dict(),
         "jobs": jobs,
     }
-    (tmp_path / "jobs.json").write_text(json.dumps(spec))
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(WORKER), str(tmp_path / "jobs.json")],
-        capture_output=True, text=True, timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+    done = _two_ranks(spec, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert len(results) == len(jobs)
@@ -274,13 +279,7 @@ def test_a_dying_rank_stops_the_others_and_keeps_the_last_checkpoint(tiny_run, t
         "jobs": [{"zero": 2}],
         "die": {"rank": 1, "step": 3},
     }
-    (tmp_path / "jobs.json").write_text(json.dumps(spec))
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(WORKER), str(tmp_path / "jobs.json")],
-        capture_output=True, text=True, timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+    done = _two_ranks(spec, tmp_path)
     assert done.returncode != 0
     message = (tmp_path / "error-0.txt").read_text()
     assert "lost contact with the other ranks" in message and "step-000002" in message
