@@ -97,9 +97,6 @@ class TrainConfig:
                 f"micro-batch(es) on each of {world_size} rank(s); use a multiple of {per_step}"
             )
 
-    def micro_batch(self, world_size: int) -> int:
-        return self.batch_size // (world_size * self.grad_accum)
-
     def to_dict(self) -> dict:
         return asdict(self)
 

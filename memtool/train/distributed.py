@@ -69,11 +69,9 @@ def process_group(device: str | None = None) -> Iterator[Dist]:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     owned = not dist.is_initialized()
     with contextlib.ExitStack() as stack:
-        if not owned:
-            pass
-        elif _launched():
+        if owned and _launched():
             dist.init_process_group(backend, timeout=_TIMEOUT)
-        else:
+        elif owned:
             folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="memtool-pg-")))
             store = dist.FileStore(str(folder / "store"), 1)
             dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=_TIMEOUT)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -304,8 +305,6 @@ def _one_step(net, engine, schedule, step, group, config, manager) -> float:
         engine.after_backward()
         total += loss.detach().double().cpu() / config.grad_accum
     if group.world_size > 1:
-        import torch.distributed as dist
-
         total = total.to(group.device)
         dist.all_reduce(total)
         total = total.cpu() / group.world_size

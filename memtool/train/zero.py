@@ -135,7 +135,6 @@ class ZeroOptimizer:
     ) -> None:
         self.stage, self.optim, self.group, self.offload = stage, optim, group, offload
         self.compute_dtype = compute_dtype
-        self.host = torch.device("cpu")
         pin = group.device.type == "cuda"
         self.buckets = _plan_buckets(_unique_parameters(model), group.world_size, stage)
         masters = []
