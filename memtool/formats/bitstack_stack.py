@@ -19,7 +19,6 @@ output zeros, so that is the smallest model the stack makes.
 """
 
 import json
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from torch import Tensor
 from memtool.atomic import atomic_dir
 from memtool.errors import MemtoolError
 from memtool.formats.bitstack_pack import packed_width
+from memtool.formats.checksums import tensor_crc32
 from memtool.models.safetensors_check import check_safetensors
 from memtool.sizes import format_size
 
@@ -85,10 +85,6 @@ def decode_block(data: Tensor, spec: LinearSpec) -> tuple[Tensor, Tensor, Tensor
     return signs, u, v
 
 
-def crc32(data: Tensor) -> int:
-    return zlib.crc32(data.numpy().tobytes())
-
-
 def write_stack(
     output: Path,
     config: dict,
@@ -115,7 +111,7 @@ def write_stack(
     weight_bytes = []
     for position, (linear, block, data) in enumerate(stack):
         blocks[block_name(position)] = data
-        entries.append([linear, block, data.numel(), crc32(data)])
+        entries.append([linear, block, data.numel(), tensor_crc32(data)])
         total += data.numel()
         if position + 1 >= len(linears):
             weight_bytes.append(total)
@@ -206,7 +202,7 @@ class StackFile:
             for position in range(start, stop):
                 linear, _, _, checksum = self.stack[position]
                 data = handle.get_tensor(block_name(position))
-                if crc32(data) != checksum:
+                if tensor_crc32(data) != checksum:
                     raise MemtoolError(
                         f"{self.folder}/{STACK_FILE}: block {position} fails its checksum; the "
                         "stack is corrupted: compress the model again"

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from memtool.atomic import atomic_dir
 from memtool.errors import MemtoolError
+from memtool.formats.checksums import file_crc32, tensor_crc32
 from memtool.models.layers import decoder_layers
 
 FORMAT = "memtool-flash-store"
@@ -51,7 +52,6 @@ FFN_FILE = "ffn.bin"
 LAYER_ALIGN_BYTES = 4096
 BUNDLE_ALIGN_BYTES = 512
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-_CHUNK_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True)
@@ -71,11 +71,6 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _crc(tensor: Tensor) -> int:
-    flat = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-    return zlib.crc32(flat.numpy())
-
-
 def model_fingerprint(model: nn.Module) -> str:
     """sha256 over the model's config and every state_dict tensor's name, shape, dtype and CRC32.
 
@@ -91,7 +86,7 @@ def model_fingerprint(model: nn.Module) -> str:
         cfg.pop("transformers_version", None)
         digest.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     for name, tensor in model.state_dict().items():
-        entry = f"\n{name}|{tuple(tensor.shape)}|{tensor.dtype}|{_crc(tensor):08x}"
+        entry = f"\n{name}|{tuple(tensor.shape)}|{tensor.dtype}|{tensor_crc32(tensor):08x}"
         digest.update(entry.encode())
     return digest.hexdigest()
 
@@ -141,19 +136,6 @@ def _store_dtype(model: nn.Module, dtype: torch.dtype | None) -> torch.dtype:
     if dtype not in _DTYPES.values():
         raise MemtoolError(f"flash store dtype {dtype} unsupported: use float16 or bfloat16")
     return dtype
-
-
-def _file_crc(path: Path, start: int = 0, length: int | None = None) -> int:
-    length = path.stat().st_size - start if length is None else length
-    crc = 0
-    with open(path, "rb") as handle:
-        handle.seek(start)
-        while length > 0:
-            chunk = handle.read(min(_CHUNK_BYTES, length))
-            if not chunk:
-                break
-            crc, length = zlib.crc32(chunk, crc), length - len(chunk)
-    return crc
 
 
 def write_flash_store(
@@ -236,7 +218,7 @@ def write_flash_store(
         meta["hidden_size"] = layers[0][1][0][1].weight.shape[1]
         meta.update(layers=meta_layers, aliases=aliases, model_fingerprint=fingerprint)
         meta.update(ffn_bytes=ffn_bytes, resident_bytes=resident_bytes)
-        meta["resident_crc32"] = _file_crc(tmp / RESIDENT_FILE)
+        meta["resident_crc32"] = file_crc32(tmp / RESIDENT_FILE)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
     return FlashStoreInfo(
         folder, meta["kind"], dtype, len(meta_layers), ffn_bytes, resident_bytes, fingerprint
@@ -361,10 +343,10 @@ def open_flash_store(
             f"{meta['model_fingerprint'][:12]}, model {model_fingerprint[:12]}); rebuild it"
         )
     if verify:
-        if _file_crc(folder / RESIDENT_FILE) != meta["resident_crc32"]:
+        if file_crc32(folder / RESIDENT_FILE) != meta["resident_crc32"]:
             raise MemtoolError(f"{folder / RESIDENT_FILE} fails its CRC32: damaged; rebuild")
         for i, layer in enumerate(meta["layers"]):
             length = layer["n_neurons"] * layer["stride_bytes"]
-            if _file_crc(folder / FFN_FILE, layer["offset"], length) != layer["crc32"]:
+            if file_crc32(folder / FFN_FILE, layer["offset"], length) != layer["crc32"]:
                 raise MemtoolError(f"{folder / FFN_FILE} layer {i} fails its CRC32: damaged")
     return FlashStore(folder, meta)

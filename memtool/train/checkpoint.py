@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import tempfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from memtool.errors import MemtoolError
+from memtool.formats.checksums import file_crc32
 from memtool.train.distributed import Dist
 
 STATE_FILE = "trainer.json"
@@ -46,14 +46,6 @@ class TrainerState:
 
 def _rank_file(rank: int, world_size: int) -> str:
     return f"rank-{rank:05d}-of-{world_size:05d}.safetensors"
-
-
-def _crc32(path: Path) -> int:
-    value = 0
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 22):
-            value = zlib.crc32(chunk, value)
-    return value
 
 
 def save_checkpoint(
@@ -84,7 +76,7 @@ def save_checkpoint(
     save_file(tensors, str(path))
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
-    crcs = group.gather_objects(_crc32(path))
+    crcs = group.gather_objects(file_crc32(path))
     if group.is_main:
         payload = {"format": FORMAT, **state.to_dict(), "crc32": crcs}
         (tmp / STATE_FILE).write_text(json.dumps(payload, indent=1) + "\n")
@@ -136,7 +128,7 @@ def load_shard(folder: Path, payload: dict, group: Dist, config: dict) -> dict[s
     path = folder / _rank_file(group.rank, group.world_size)
     if not path.is_file():
         raise MemtoolError(f"checkpoint {folder} is damaged: {path.name} is missing")
-    if _crc32(path) != payload["crc32"][group.rank]:
+    if file_crc32(path) != payload["crc32"][group.rank]:
         raise MemtoolError(f"checkpoint {folder} is damaged: {path.name} fails its checksum")
     try:
         tensors = load_file(str(path))
