@@ -41,7 +41,10 @@ def compress_command(
         None, "--recipe", help="Run the pipeline in a TOML/YAML recipe (see recipes/)."
     ),
     method: str = typer.Option(
-        "gptq", "--method", help="gptq, awq, rtn, nf4, fp4, int8 or bitstack."
+        "gptq",
+        "--method",
+        help="gptq, awq, rtn, nf4, fp4, int8, bitstack, or flash-store (for serve-local "
+        "--memory-budget: FFN neurons bundled for streaming, with sparsity predictors).",
     ),
     bits: int = typer.Option(
         None, "--bits", help="2, 3, 4 or 8 (gptq/awq/rtn; default 4). nf4/fp4 are 4-bit, int8 8."
@@ -62,7 +65,20 @@ def compress_command(
     ),
     niter: int = typer.Option(16, "--niter", help="BitStack: residual blocks per linear."),
     rank: int = typer.Option(
-        None, "--rank", help="BitStack: rank of every block (default: per shape, see docs)."
+        None,
+        "--rank",
+        help="BitStack: rank of every block (default: per shape, see docs).",
+    ),
+    predictor: str = typer.Option(
+        None,
+        "--predictor",
+        help="flash-store: neuron predictor quant:BITS or lowrank:RANK (default quant:4 for "
+        "SwiGLU, lowrank:hidden/16 for ReLU).",
+    ),
+    gate_resident: bool = typer.Option(
+        False,
+        "--gate-resident",
+        help="flash-store, SwiGLU: keep gate_proj in memory for exact CATS selection.",
     ),
     block_bits: float = typer.Option(
         1.25, "--block-bits", help="BitStack: bits per weight of a block when choosing ranks."
@@ -88,9 +104,13 @@ def compress_command(
             return run_recipe(load_recipe(recipe), output=output, overwrite=overwrite)
         if output is None:
             raise MemtoolError("--output is required (the folder to write), or pass --recipe")
+        if method == "flash-store":
+            args = (gate_resident, calib, calib_samples, seq_len, predictor, seed)
+            return _flash_store(model, output, *args), []
         config_type = METHODS.get(method)
         if config_type is None:
-            raise MemtoolError(f"unknown method {method!r}: available now are {', '.join(METHODS)}")
+            names = ", ".join([*METHODS, "flash-store"])
+            raise MemtoolError(f"unknown method {method!r}: available now are {names}")
         if config_type is BitStackConfig:
             config = BitStackConfig(
                 niter=niter,
@@ -121,6 +141,20 @@ def compress_command(
     run_command(action, json_out=json_out, debug=debug, render=_render)
 
 
+def _flash_store(model, output, gate_resident, calib, calib_samples, seq_len, predictor, seed):
+    from memtool.serve.flash.build import FlashStoreConfig, compress_flash_store
+
+    config = FlashStoreConfig(
+        gate_resident=gate_resident,
+        calib=calib,
+        calib_samples=calib_samples or FlashStoreConfig.calib_samples,
+        seq_len=seq_len,
+        predictor=predictor,
+        seed=seed,
+    )
+    return compress_flash_store(model, output, config)
+
+
 def _render(result: dict) -> None:
     for warning in result.get("warnings", []):  # recipes: printed with their "compress"
         stderr.print(f"[bold yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
@@ -133,6 +167,14 @@ def _render(result: dict) -> None:
             )
         return
     console = Console()
+    if result.get("method") == "flash-store":
+        console.print(
+            f"[bold green]Wrote[/] {result['output']}: flash store ({result['kind']}, "
+            f"{result['layers']} layers): {format_size(result['resident_bytes'])} resident, "
+            f"{format_size(result['ffn_bytes'])} of FFN bundles, predictor "
+            f"{result['predictor']}; serve with memtool serve-local DIR --memory-budget SIZE"
+        )
+        return
     settings = result["settings"]
     if settings["method"] == "bitstack":
         details = result["details"]

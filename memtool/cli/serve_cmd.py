@@ -17,6 +17,13 @@ from memtool.serve import (
     InMemoryEngine,
     complete,
 )
+from memtool.serve.flash.build import ensure_flash_store
+from memtool.serve.flash.engine import (
+    FlashConfig,
+    FlashEngine,
+    open_flash_model,
+    summarize_tokens,
+)
 from memtool.sizes import format_size
 
 _EXIT_WORDS = ("/exit", "/quit")
@@ -57,7 +64,35 @@ def serve_local_command(
         "--max-queue",
         help="With --port: requests that may wait while one generates (default 8); more get 503.",
     ),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    dtype: str = typer.Option(
+        "float32",
+        "--dtype",
+        help="float32, bfloat16 or float16 (in memory; a store keeps its own).",
+    ),
+    memory_budget: str = typer.Option(
+        None,
+        "--memory-budget",
+        help="Stream FFN neurons from a flash store within SIZE (150MB) or PCT of the weight "
+        "bytes (50%); the store is built on first use for built-in models and folders.",
+    ),
+    window: int = typer.Option(
+        None, "--window", help="With --memory-budget: keep neurons of the last K tokens (4)."
+    ),
+    io_threads: int = typer.Option(
+        None, "--io-threads", help="With --memory-budget: parallel reads (8)."
+    ),
+    sparsity: str = typer.Option(
+        None,
+        "--sparsity",
+        help="With --memory-budget: auto, dense, or a SwiGLU level 0.5-0.9 (auto: 0.5; ReLU "
+        "models use their own sparsity).",
+    ),
+    context: int = typer.Option(
+        None,
+        "--context",
+        help="With --memory-budget: tokens the KV cache is reserved for (default: the model's, "
+        "at most 1024).",
+    ),
     json_out: bool = JsonOption,
     debug: bool = DebugOption,
 ) -> None:
@@ -83,15 +118,31 @@ def serve_local_command(
             raise MemtoolError("--json applies to --prompt")
         params = GenerationParams(max_tokens=max_tokens, temperature=temperature)
         params.validate()
+        flash_options = {"--window": window, "--io-threads": io_threads, "--sparsity": sparsity}
+        flash_options["--context"] = context
+        if memory_budget is None:
+            for flag, value in flash_options.items():
+                if value is not None:
+                    raise MemtoolError(f"{flag} applies to --memory-budget")
+
+        def make_engine():
+            if memory_budget is None:
+                return InMemoryEngine(load_model(model, dtype=dtype))
+            return _flash_engine(model, memory_budget, window, io_threads, sparsity, context)
+
         if mode == "--port":
-            return _serve(model, dtype, params, host, port, api_key, max_queue)
-        engine = InMemoryEngine(load_model(model, dtype=dtype))
+            return _serve(make_engine, params, host, port, api_key, max_queue)
+        engine = make_engine()
         if mode == "--chat":
             return _chat(engine, params)
         result = complete(engine, prompt, params, on_text=None if json_out else _stream_out)
         if not json_out:
             sys.stdout.write("\n")
-        return _prompt_payload(engine.model_name, result), []
+        payload = _prompt_payload(engine.model_name, result)
+        if isinstance(engine, FlashEngine):
+            payload["flash"] = engine.flash.describe()
+            payload["flash"]["per_token"] = summarize_tokens(engine.token_log)
+        return payload, []
 
     run_command(action, json_out=json_out, debug=debug, render=_render)
 
@@ -126,6 +177,19 @@ def _render(payload: dict) -> None:
             highlight=False,
             soft_wrap=True,
         )
+    per_token = payload.get("flash", {}).get("per_token")
+    if per_token:
+        console.print(
+            f"[dim]per token: {format_size(per_token['bytes_read_per_token'])} read in "
+            f"{per_token['reads_per_token']:.0f} reads, "
+            f"{per_token['neurons_loaded_per_token']:.0f} neurons loaded, cache hit rate "
+            f"{per_token['cache_hit_rate']:.0%}; time "
+            f"{per_token['io_seconds_per_token'] * 1e3:.1f} ms I/O + "
+            f"{per_token['memory_seconds_per_token'] * 1e3:.1f} ms memory management + "
+            f"{per_token['compute_seconds_per_token'] * 1e3:.1f} ms compute[/]",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def _chat(engine: InMemoryEngine, params: GenerationParams) -> tuple[dict, list[str]]:
@@ -155,7 +219,31 @@ def _chat(engine: InMemoryEngine, params: GenerationParams) -> tuple[dict, list[
     return {"model": engine.model_name, "turns": turns}, []
 
 
-def _serve(model, dtype, params, host, port, api_key, max_queue) -> tuple[dict, list[str]]:
+def _flash_engine(model, memory_budget, window, io_threads, sparsity, context) -> FlashEngine:
+    folder = ensure_flash_store(model)
+    config = FlashConfig(
+        memory_budget=memory_budget,
+        window_tokens=FlashConfig.window_tokens if window is None else window,
+        io_threads=io_threads or FlashConfig.io_threads,
+        sparsity=sparsity or FlashConfig.sparsity,
+        context_tokens=context,
+    )
+    flash = open_flash_model(folder, config)
+    plan = flash.plan
+    direct = "O_DIRECT" if flash.reader.direct else "buffered reads (the page cache is in play)"
+    console.print(
+        f"[dim]streaming {folder.name}: budget {format_size(plan.budget)} = resident "
+        f"{format_size(plan.resident)} + predictors {format_size(plan.predictors)} + KV cache "
+        f"{format_size(plan.kv_cache)} ({plan.context_tokens} tokens) + staging "
+        f"{format_size(plan.staging)} + windows {format_size(plan.windows)} ({plan.capacity} of "
+        f"{plan.n_neurons} neurons per layer); sparsity {flash.sparsity.label}; {direct}[/]",
+        highlight=False,
+        soft_wrap=True,
+    )
+    return FlashEngine(flash)
+
+
+def _serve(make_engine, params, host, port, api_key, max_queue) -> tuple[dict, list[str]]:
     try:
         from memtool.serve.server import ServerConfig, bind_socket, serve
     except ImportError as exc:
@@ -173,7 +261,7 @@ def _serve(model, dtype, params, host, port, api_key, max_queue) -> tuple[dict, 
     )
     config.validate()
     sock = bind_socket(config.host, config.port)  # before the slow load: a taken port fails now
-    engine = InMemoryEngine(load_model(model, dtype=dtype))
+    engine = make_engine()
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     console.print(

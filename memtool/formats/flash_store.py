@@ -11,6 +11,7 @@ bundling"), so that a neuron predicted active costs one contiguous read. A store
   ReLU (OPT): fc1 row i, fc2 column i, then fc1's bias i. Row biases of gate/up (Llama's
   `mlp_bias`) go at the tail of the bundle too; column biases are not per neuron and stay
   resident;
+- `config.json`: the model's config (the architecture to rebuild around the store);
 - `flash_store.json`: version, kind, dtype, hidden size, per layer offset / n_neurons /
   stride / CRC32 and the bundle layout (part name, element count, byte offset), CRC32 of
   `resident.safetensors`, total sizes and the model fingerprint.
@@ -31,7 +32,7 @@ import hashlib
 import json
 import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,6 +145,8 @@ def write_flash_store(
     *,
     gate_resident: bool = False,
     dtype: torch.dtype | None = None,
+    source: str | None = None,
+    extra: Callable[[Path], None] | None = None,
 ) -> FlashStoreInfo:
     """Write `model` as a flash store in `folder`, atomically (absent or complete).
 
@@ -152,6 +155,9 @@ def write_flash_store(
         folder: the store folder; must not exist yet.
         gate_resident: SwiGLU only: keep gate_proj resident and bundle up row + down column.
         dtype: store dtype; default the model's 16-bit dtype, float16 for fp32 models.
+        source: what the model was loaded from, recorded for reports.
+        extra: called with the temporary folder before it is renamed into place, to add files
+            that must appear together with the store (predictors, config, tokenizer).
 
     Raises:
         MemtoolError: `folder` exists, a layer's MLP is of a shape the store cannot bundle, or
@@ -219,7 +225,13 @@ def write_flash_store(
         meta.update(layers=meta_layers, aliases=aliases, model_fingerprint=fingerprint)
         meta.update(ffn_bytes=ffn_bytes, resident_bytes=resident_bytes)
         meta["resident_crc32"] = file_crc32(tmp / RESIDENT_FILE)
+        meta["source"] = source
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+        config = getattr(model, "config", None)
+        if config is not None and hasattr(config, "save_pretrained"):
+            config.save_pretrained(tmp)  # the architecture, so the store alone rebuilds the model
+        if extra is not None:
+            extra(tmp)
     return FlashStoreInfo(
         folder, meta["kind"], dtype, len(meta_layers), ffn_bytes, resident_bytes, fingerprint
     )
@@ -252,9 +264,14 @@ class FlashStore:
     def __del__(self) -> None:
         self.close()
 
-    def resident_state_dict(self) -> dict[str, Tensor]:
-        """Every non-bundled tensor by its model name; tied names share one tensor."""
-        state = load_file(str(self.folder / RESIDENT_FILE))
+    def resident_state_dict(self, verify: bool = False) -> dict[str, Tensor]:
+        """Every non-bundled tensor by its model name; tied names share one tensor.
+
+        With `verify`, the file's CRC32 is checked first (MemtoolError when damaged)."""
+        path = self.folder / RESIDENT_FILE
+        if verify and file_crc32(path) != self.meta["resident_crc32"]:
+            raise MemtoolError(f"{path} fails its CRC32: damaged; rebuild the store")
+        state = load_file(str(path))
         for alias, source in self.meta["aliases"].items():
             state[alias] = state[source]
         return state
