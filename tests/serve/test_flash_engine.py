@@ -262,3 +262,46 @@ def test_cli_compress_then_serve_with_a_budget(tiny_llama_dir, text_file, tmp_pa
     result = runner.invoke(app, ["serve-local", str(out), "--window", "2", "--prompt", "x"])
     assert result.exit_code != 0
     assert "--window applies to --memory-budget" in result.stderr
+
+
+def test_the_openai_server_serves_a_flash_engine(tiny_llama_dir, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from memtool.serve.server import ServerConfig, create_app
+
+    folder = _store(tmp_path / "store", tiny_llama_dir)
+    engine = FlashEngine(open_flash_model(folder, FlashConfig(memory_budget="2MB")))
+    want = complete(engine, "the river", GenerationParams(max_tokens=8)).text
+    app = create_app(engine, ServerConfig(default_temperature=0.0))
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        body = client.post("/v1/completions", json={"prompt": "the river", "max_tokens": 8})
+        assert body.status_code == 200
+        assert body.json()["choices"][0]["text"] == want
+        too_long = client.post(
+            "/v1/completions", json={"prompt": "the river " * 200, "max_tokens": 8}
+        )
+        assert too_long.status_code == 400  # the planned context, not the model's, is the limit
+
+
+@pytest.mark.parametrize("model", ["llama", "opt"])
+def test_bf16_tokens_equal_the_dense_model_under_the_recorded_masks(
+    model, tiny_llama_dir, tiny_opt_dir, tmp_path
+):
+    """In bf16 a recomputed threshold can flip on a rounding difference; with the masks the
+    flash run applied, recorded and replayed, the dense model must give the same tokens."""
+    model_dir = tiny_llama_dir if model == "llama" else tiny_opt_dir
+    folder = _store(tmp_path / "store", model_dir, dtype=torch.bfloat16)
+    budget = _tight(folder, 6, "auto")
+    config = FlashConfig(memory_budget=budget, context_tokens=64, staging_bytes=8192)
+    flash = open_flash_model(folder, config)
+    for ffn in flash.ffns:
+        ffn.recorded = []
+    got, _ = greedy_decode(flash, PROMPT, 16)
+    recorded = [list(ffn.recorded) for ffn in flash.ffns]
+    assert [m.shape for m in recorded[0][:2]] == [(len(PROMPT), flash.plan.n_neurons), (1, 128)]
+    reference = load_model(model_dir, dtype="bfloat16").model
+    selectors, _ = build_selectors(folder, reference, "auto")
+    with masked_dense(reference, selectors, recorded):
+        want, _ = greedy_decode(reference, PROMPT, 16)
+    assert got == want
+    assert all(not masks for masks in recorded)  # every recorded call was replayed

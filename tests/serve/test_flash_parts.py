@@ -165,3 +165,19 @@ def test_window_evicts_least_recently_used_when_full():
     assert not window.make_room(5, 4)  # cannot take more than its capacity
     with pytest.raises(MemtoolError, match="neurons asked of a window of 4"):
         window.load(torch.arange(5), 5, read)
+
+
+def test_lowrank_predictor_fits_layernorm_inputs_whose_covariance_is_singular():
+    from memtool.serve.flash.sparsity import fit_layer
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.layer_norm(torch.randn(512, 256, generator=generator), (256,))
+    weight = torch.randn(1024, 256, generator=generator) * 0.05
+    bias = torch.full((1024,), -0.8)
+    tensors, facts = fit_layer(x, weight, bias, torch.nn.ReLU(), "relu", "lowrank:64", 0.95)
+    assert tensors["a"].shape == (256, 64) and tensors["b"].shape == (64, 1024)
+    assert facts["relu"]["recall"] >= 0.94
+    # quant:4 approximates the pre-activations themselves: far fewer false positives
+    _, exact = fit_layer(x, weight, bias, torch.nn.ReLU(), "relu", "quant:4", 0.95)
+    assert exact["relu"]["predicted_fraction"] < facts["relu"]["predicted_fraction"]
+    assert exact["relu"]["predicted_fraction"] < 1.3 * exact["relu"]["active_fraction"]

@@ -80,6 +80,10 @@ class FlashFFN(nn.Module):
             p["name"]: (p["offset_bytes"] // itemsize, p["numel"]) for p in layer_meta["layout"]
         }
         self.position = 0  # tokens seen so far: the window's clock
+        # When a list: each call appends the neuron mask it applied, [tokens, n_neurons] bool
+        # (ReLU: the predicted neurons, whose ReLU then zeroes the rest, as in the dense FFN).
+        self.recorded: list[Tensor] | None = None
+        self._applied: Tensor | None = None
 
     def _read(self, ids: list[int]) -> Tensor:
         return self.reader.read_bundles(self._offset, self._stride, ids)
@@ -93,6 +97,8 @@ class FlashFFN(nn.Module):
         self.position += x.shape[0]
         window, counters = self.window, self.counters
         counters.neurons_active += ids.numel()
+        if self.recorded is not None:
+            self._applied = torch.zeros_like(mask)
         began, io_before = time.perf_counter(), self.reader.stats.seconds
         window.evict_stale(position)
         misses = window.lookup(ids, position)
@@ -107,6 +113,8 @@ class FlashFFN(nn.Module):
             out += self._stream(x, mask, gate_all, misses, position)
         if self.out_bias is not None:
             out += self.out_bias
+        if self.recorded is not None:
+            self.recorded.append(self._applied)
         return out.reshape(shape)
 
     def _since(self, began: float, io_before: float) -> float:
@@ -146,6 +154,7 @@ class FlashFFN(nn.Module):
             h = nn.functional.linear(x, part("fc1"))
             if "fc1_bias" in self._parts:
                 h = h + part("fc1_bias")[:, 0]
+            self._record(neurons, keep)
             return _down(self.act(h) * keep, part("fc2"))
         if gate_all is not None:  # "cats": the exact gate was computed for selection
             gate = gate_all[:, neurons]
@@ -159,7 +168,12 @@ class FlashFFN(nn.Module):
         act = self.act(gate)
         if self.selector.cats_threshold is not None:
             keep = keep & (act.abs() > self.selector.cats_threshold)
+        self._record(neurons, keep)
         return _down(act * up * keep, part("down"))
+
+    def _record(self, neurons: Tensor, keep: Tensor) -> None:
+        if self._applied is not None:
+            self._applied[:, neurons] |= keep
 
 
 def _down(hidden: Tensor, rows: Tensor) -> Tensor:

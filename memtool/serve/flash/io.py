@@ -171,33 +171,42 @@ class NeuronReader:
         self, offset: int, stride_bytes: int, ids: list[int]
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """Bundles `ids` (sorted, distinct) of the region at `offset`: yields (bundle ids
-        [n], uint8 view [n, stride_bytes]) per staging load (read in parallel), or per span
-        when alignment padding separates the spans in the buffer.
+        [n], uint8 view [n, stride_bytes]) per staging load, or per span when alignment
+        padding separates the spans in the buffer.
 
-        The ids include unwanted bundles read through gaps. Each view lives in the staging
-        buffer and is valid until the next item is taken.
+        The staging buffer is used in two halves: while the caller works on one load, the
+        next one is already being read into the other half (the reads of one load run in
+        parallel), so compute and I/O overlap. The ids include unwanted bundles read through
+        gaps. Each view is valid until the next item is taken.
 
         Raises:
             MemtoolError: a short read (the store shrank underneath us).
         """
-        if not ids:
-            return
+        half = self._staging_bytes // 2 // 4096 * 4096
         gap = self.gap_bytes // stride_bytes
-        max_bundles = max(1, min(MAX_READ_BYTES, self._staging_bytes // 2) // stride_bytes)
-        spans = plan_spans(ids, gap, max_bundles)
+        max_bundles = max(1, min(MAX_READ_BYTES, half - self.align) // stride_bytes)
+        loads: list[list[tuple]] = []
         batch: list[tuple] = []
         cursor = 0
-        for span in spans:
+        for span in plan_spans(ids, gap, max_bundles):
             start = offset + span.first * stride_bytes
             length = span.count * stride_bytes
             aligned = start - start % self.align
             aligned_len = _round_up(start + length - aligned, self.align)
-            if cursor + aligned_len > self._staging_bytes:  # staging full: use this batch
-                yield from self._run(batch, stride_bytes)
+            if cursor + aligned_len > half:  # this half is full: start the next load
+                loads.append(batch)
                 batch, cursor = [], 0
             batch.append((cursor, aligned, aligned_len, start - aligned, span))
             cursor += aligned_len
-        yield from self._run(batch, stride_bytes)
+        if batch:
+            loads.append(batch)
+        pending = self._submit(loads[0], 0, stride_bytes) if loads else None
+        for index, load in enumerate(loads):
+            base = (index % 2) * half
+            self._wait(pending, load, stride_bytes)
+            if index + 1 < len(loads):
+                pending = self._submit(loads[index + 1], ((index + 1) % 2) * half, stride_bytes)
+            yield from self._views(load, base, stride_bytes)
 
     def read_bundles(self, offset: int, stride_bytes: int, ids: list[int]) -> Tensor:
         """Bundles `ids` (sorted, distinct) as a new uint8 tensor [len(ids), stride_bytes]."""
@@ -211,33 +220,39 @@ class NeuronReader:
             row = end
         return picked
 
-    def _run(self, batch: list[tuple], stride_bytes: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """Reads one batch of spans in parallel, then yields it (packed) or each span."""
-        if not batch:
-            return
+    def _submit(self, load: list[tuple], base: int, stride_bytes: int) -> list:
+        return [self._pool.submit(self._read_one, job, base, stride_bytes) for job in load]
+
+    def _wait(self, futures: list, load: list[tuple], stride_bytes: int) -> None:
+        """Waits for one load's reads; the wait is what the I/O time counts."""
         began = time.perf_counter()
-        got = sum(self._pool.map(lambda job: self._read_one(job, stride_bytes), batch))
+        got = sum(future.result() for future in futures)
         with self.stats._lock:
             self.stats.bytes_read += got
-            self.stats.bytes_wanted += sum(job[4].wanted for job in batch) * stride_bytes
-            self.stats.reads += len(batch)
+            self.stats.bytes_wanted += sum(job[4].wanted for job in load) * stride_bytes
+            self.stats.reads += len(load)
             self.stats.seconds += time.perf_counter() - began
-        if all(
-            skip == 0 and length == span.count * stride_bytes for _, _, length, skip, span in batch
-        ):
-            ids = torch.cat([torch.arange(s.first, s.first + s.count) for *_, s in batch])
-            yield ids, self._staging_u8[: ids.numel() * stride_bytes].view(-1, stride_bytes)
+
+    def _views(
+        self, load: list[tuple], base: int, stride_bytes: int
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """One load's bundles: packed as one view, or span by span around alignment padding."""
+        if all(skip == 0 and n == s.count * stride_bytes for _, _, n, skip, s in load):
+            ids = torch.cat([torch.arange(s.first, s.first + s.count) for *_, s in load])
+            end = base + ids.numel() * stride_bytes
+            yield ids, self._staging_u8[base:end].view(-1, stride_bytes)
             return
-        for cursor, _, _, skip, span in batch:
-            base = cursor + skip
-            block = self._staging_u8[base : base + span.count * stride_bytes]
+        for cursor, _, _, skip, span in load:
+            start = base + cursor + skip
+            block = self._staging_u8[start : start + span.count * stride_bytes]
             yield (
                 torch.arange(span.first, span.first + span.count),
                 block.view(span.count, stride_bytes),
             )
 
-    def _read_one(self, job: tuple, stride_bytes: int) -> int:
+    def _read_one(self, job: tuple, base: int, stride_bytes: int) -> int:
         cursor, offset, length, skip, span = job
+        cursor += base
         needed = skip + span.count * stride_bytes
         done = 0
         while done < length:

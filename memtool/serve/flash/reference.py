@@ -17,16 +17,24 @@ from memtool.models.layers import decoder_layers
 from memtool.serve.flash.sparsity import LayerSelector, ffn_parts
 
 
-def _masked(selector: LayerSelector, gate: nn.Linear, up: nn.Linear | None, down: nn.Linear):
+def _masked(
+    selector: LayerSelector,
+    gate: nn.Linear,
+    up: nn.Linear | None,
+    down: nn.Linear,
+    recorded: list[Tensor] | None,
+):
     def forward(x: Tensor) -> Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        mask, _ = selector.mask(flat)
         pre = gate(flat)
         act = selector.act(pre)
-        keep = mask
-        if selector.cats_threshold is not None:
-            keep = keep & (act.abs() > selector.cats_threshold)
+        if recorded is not None:  # the masks a flash run applied, call by call
+            keep = recorded.pop(0)
+        else:
+            keep, _ = selector.mask(flat)
+            if selector.cats_threshold is not None:
+                keep = keep & (act.abs() > selector.cats_threshold)
         hidden = act * up(flat) * keep if up is not None else act * keep
         return down(hidden).reshape(*shape[:-1], -1)
 
@@ -34,21 +42,31 @@ def _masked(selector: LayerSelector, gate: nn.Linear, up: nn.Linear | None, down
 
 
 @contextlib.contextmanager
-def masked_dense(model: nn.Module, selectors: list[LayerSelector]) -> Iterator[nn.Module]:
-    """Within the block, `model`'s FFNs apply `selectors`' masks; restored afterwards."""
+def masked_dense(
+    model: nn.Module,
+    selectors: list[LayerSelector],
+    recorded: list[list[Tensor]] | None = None,
+) -> Iterator[nn.Module]:
+    """Within the block, `model`'s FFNs apply `selectors`' masks; restored afterwards.
+
+    With `recorded` (per layer, the masks a flash model applied: `FlashFFN.recorded`), each
+    FFN call applies the next recorded mask instead of recomputing it, so threshold decisions
+    cannot flip on rounding differences: the "same neuron mask" comparison, exactly.
+    """
     restore = []
+    per_layer = recorded or [None] * len(selectors)
     try:
-        for layer, selector in zip(decoder_layers(model), selectors, strict=True):
+        for layer, selector, masks in zip(decoder_layers(model), selectors, per_layer, strict=True):
             kind, _, _ = ffn_parts(layer)
             if kind == "swiglu":
                 mlp = layer.mlp
                 restore.append((mlp, "forward", mlp.forward))
-                mlp.forward = _masked(selector, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+                mlp.forward = _masked(selector, mlp.gate_proj, mlp.up_proj, mlp.down_proj, masks)
             else:
                 fc1, fc2 = layer.fc1, layer.fc2
                 restore += [(layer, "fc1", fc1), (layer, "fc2", fc2)]
                 restore.append((layer, "activation_fn", layer.activation_fn))
-                layer.fc1 = _Call(_masked(selector, fc1, None, fc2))
+                layer.fc1 = _Call(_masked(selector, fc1, None, fc2, masks))
                 layer.activation_fn, layer.fc2 = nn.Identity(), nn.Identity()
         yield model
     finally:

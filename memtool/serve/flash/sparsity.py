@@ -95,12 +95,12 @@ class LayerSelector:
         if self.mode == "dense":
             return torch.ones(x.shape[0], self.n_neurons, dtype=torch.bool), None
         if self.mode == "cats":
-            gate = nn.functional.linear(x, self.gate)
+            gate = nn.functional.linear(x, self.gate.to(x.dtype))
             return self.act(gate).abs() > self.cats_threshold, gate
         if self.packed is not None:
             scores = gptq_linear(x, **self.packed, bits=self.bits, in_features=x.shape[-1])
-        else:
-            scores = (x @ self.a) @ self.b
+        else:  # the factors keep the store's dtype; a float32 reference model casts to them
+            scores = ((x.to(self.a.dtype) @ self.a) @ self.b).to(x.dtype)
         if self.kind == "relu":
             return scores + self.bias > self.predict_threshold, None
         return self.act(scores).abs() > self.predict_threshold, None
@@ -199,6 +199,18 @@ def _kth(values: Tensor, fraction: float) -> float:
     return float(flat.kthvalue(k).values)
 
 
+def _cholesky_upper(cov: Tensor) -> Tensor:
+    """U with cov + λI = Uᵀ U, λ growing from 1e-6 of the mean diagonal until it factors: a
+    LayerNorm output has no component along the all-ones direction, so its covariance is
+    singular by construction (OPT), and fp32 rounding may leave it just short of positive."""
+    mean = float(cov.diagonal().mean()) or 1.0
+    for damp in (1e-6, 1e-4, 1e-2, 1e-1):
+        factor, info = torch.linalg.cholesky_ex(cov + torch.eye(cov.shape[0]) * damp * mean)
+        if int(info) == 0:
+            return factor.T
+    raise MemtoolError("calibration inputs are degenerate: cannot fit a low-rank predictor")
+
+
 @torch.no_grad()
 def fit_layer(
     x: Tensor,
@@ -226,9 +238,7 @@ def fit_layer(
         )
         pred = check_x @ quantized.dequantize().T
     else:
-        cov = fit_x.T @ fit_x / max(1, half)
-        cov += torch.eye(cov.shape[0]) * (1e-6 * float(cov.diagonal().mean()) + 1e-12)
-        upper = torch.linalg.cholesky(cov).T  # cov = Uᵀ U
+        upper = _cholesky_upper(fit_x.T @ fit_x / max(1, half))
         u, s, vh = torch.linalg.svd(upper @ weight.T, full_matrices=False)
         rank = min(number, s.numel())
         a = torch.linalg.solve_triangular(upper, u[:, :rank] * s[:rank], upper=True)

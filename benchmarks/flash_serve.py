@@ -1,0 +1,343 @@
+"""serve-local --memory-budget against its baselines, side by side in one run (issue 5).
+
+Default model part (`--default`): smollm2-135m in bf16 (269 MB), budget 50% of its weight
+bytes, greedy decoding of `--new-tokens` tokens after a short prompt:
+- in RAM (the ceiling), accelerate's disk offload with its files evicted from the page cache
+  before every token (cold), the naive baseline (every decoder layer re-read each token), and
+  memtool's flash engine at several sparsities (O_DIRECT: the page cache plays no part);
+- the ablation (the paper's Table 2): naive -> hybrid (attention resident, FFN streamed
+  dense) -> + sparsity -> + windowing, with coalescing switched off for contrast;
+- quality: perplexity of the masked dense model at each sparsity level (wiki evaluation), and
+  whether the flash engine's tokens equal the masked dense model's;
+- I/O efficiency: the engine's read throughput against plain parallel reads of the same file
+  at the same read size and thread count.
+
+Synthetic part (`--synthetic FOLDER`): an OPT-1.3B-shaped checkpoint (2.6 GB fp16, random
+weights, fc1 biases set for ~10% active ReLU neurons; see `flash_baselines.make_synthetic_opt`)
+at a 50% budget: accelerate (cold), naive, memtool.
+
+    python benchmarks/flash_serve.py --default [--new-tokens 16] [--out results/flash_serve.json]
+    python benchmarks/flash_serve.py --synthetic /tmp/flash_bench/opt-1.3b [--new-tokens 8]
+"""
+
+import argparse
+import gc
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import flash_baselines as fb
+
+from memtool.data import evaluation_windows
+from memtool.metrics.perplexity import perplexity
+from memtool.models import load_model
+from memtool.models.builtin import ensure_builtin
+from memtool.serve.flash.build import FlashStoreConfig, build_flash_store
+from memtool.serve.flash.engine import (
+    FlashConfig,
+    build_selectors,
+    greedy_decode,
+    open_flash_model,
+)
+from memtool.serve.flash.reference import masked_dense
+
+PROMPT = "The history of the river city begins with a small market where"
+MB = 1e6
+
+
+def run_flash(store: Path, config: FlashConfig, prompt_ids: list[int], new_tokens: int) -> dict:
+    """memtool's engine under the shared decode loop, with its own counters per token."""
+    fb.drop_file_cache([store])
+    gc.collect()
+    reset = fb._reset_peak_rss()
+    rss_before = fb._status_bytes("VmRSS")
+    flash = open_flash_model(store, config)
+
+    def counters() -> dict:
+        io, c = flash.reader.stats, flash.counters
+        return {
+            "reader_bytes": io.bytes_read,
+            "reader_wanted_bytes": io.bytes_wanted,
+            "reads": io.reads,
+            "io_seconds": io.seconds,
+            "memory_seconds": c.memory_seconds,
+            "neurons_active": c.neurons_active,
+            "neurons_loaded": c.neurons_loaded,
+            "neurons_hit": c.neurons_hit,
+        }
+
+    try:
+        decode = fb._greedy_decode(flash.model, prompt_ids, new_tokens, counters=counters)
+        memory = fb._memory_report(reset, rss_before)
+        plan = flash.describe()
+    finally:
+        flash.close()
+    active = decode["neurons_active_per_token"]
+    decode["cache_hit_rate"] = decode["neurons_hit_per_token"] / active if active else 0.0
+    decode["mean_read_bytes"] = decode["reader_bytes_per_token"] / max(decode["reads_per_token"], 1)
+    return {"system": "memtool-flash", "config": _config(config), **plan, **decode, **memory}
+
+
+def run_cli(store: Path, budget: int, n: int, *options: str) -> dict:
+    """`memtool serve-local STORE --memory-budget ...` in a fresh process: its peak RSS is the
+    whole process's (Python, torch and the tokenizer included), not a share of this one's."""
+    fb.drop_file_cache([store])
+    command = [
+        sys.executable,
+        "-m",
+        "memtool",
+        "serve-local",
+        str(store),
+        "--memory-budget",
+        str(budget),
+        "--context",
+        "128",
+        "--prompt",
+        PROMPT,
+        "--max-tokens",
+        str(n),
+        "--json",
+        *options,
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    payload = json.loads(done.stdout)
+    per_token = payload["flash"]["per_token"]
+    return {
+        "system": "memtool serve-local (own process)",
+        "tokens_per_s": per_token["tokens_per_s"],
+        "read_bytes_per_token": per_token["bytes_read_per_token"],
+        "peak_rss_bytes": payload["peak_rss_bytes"],
+        "budget_total": payload["flash"]["budget"]["total"],
+        "per_token": per_token,
+    }
+
+
+def _config(config: FlashConfig) -> dict:
+    return {k: getattr(config, k) for k in ("memory_budget", "window_tokens", "sparsity")} | {
+        "gap_bytes": config.gap_bytes,
+        "io_threads": config.io_threads,
+    }
+
+
+def quality(store: Path, levels: list[str], windows: int) -> dict:
+    """Perplexity of the masked dense model (float32) on wiki evaluation windows per level."""
+    loaded = load_model(None, dtype="float32")
+    ids = evaluation_windows("wiki", loaded.tokenizer, 512, windows).input_ids
+    out = {}
+    for level in levels:
+        selectors, _ = build_selectors(store, loaded.model, level)
+        with masked_dense(loaded.model, selectors):
+            out[level] = perplexity(loaded.model, ids, show_progress=False).perplexity
+        print(f"  perplexity {level}: {out[level]:.3f}", flush=True)
+    return out
+
+
+def token_identity(store: Path, budget, prompt_ids: list[int], n: int, dtype: str) -> dict:
+    """The flash engine's greedy tokens against the dense in-memory model applying the same
+    neuron masks: the masks the engine applied, recorded call by call (`FlashFFN.recorded`),
+    so a threshold decision cannot flip on a rounding difference between the two."""
+    out = {}
+    model = load_model(None, dtype=dtype).model
+    for sparsity in ("dense", "0.5"):
+        flash = open_flash_model(
+            store, FlashConfig(memory_budget=budget, context_tokens=128, sparsity=sparsity)
+        )
+        for ffn in flash.ffns:
+            ffn.recorded = []
+        got, _ = greedy_decode(flash, prompt_ids, n)
+        recorded = [list(ffn.recorded) for ffn in flash.ffns]
+        capacity = flash.plan.capacity
+        flash.close()
+        selectors, _ = build_selectors(store, model, sparsity)
+        with masked_dense(model, selectors, recorded):
+            want, _ = greedy_decode(model, prompt_ids, n)
+        same = next((i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b), n)
+        out[sparsity] = {
+            "tokens": n,
+            "identical": got == want,
+            "identical_prefix": same,
+            "window_capacity": capacity,
+        }
+    return out
+
+
+def default_part(args) -> dict:
+    model_dir = ensure_builtin("smollm2-135m")
+    tokenizer = load_model(None).tokenizer
+    prompt_ids = list(tokenizer(PROMPT)["input_ids"])
+    store = Path(args.work) / "smollm2-store"
+    if not store.exists():
+        print("building the flash store (once) ...", flush=True)
+        build_flash_store(load_model(None, dtype="float32"), store, FlashStoreConfig())
+    weight_bytes = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+    budget = weight_bytes // 2
+    n = args.new_tokens
+    results: dict = {"budget_bytes": budget, "weight_file_bytes": weight_bytes, "runs": {}}
+    runs = results["runs"]
+
+    def record(name: str, result: dict) -> None:
+        runs[name] = result
+        read = result.get("read_bytes_per_token") or 0
+        print(
+            f"{name:32s} {result['tokens_per_s']:6.2f} tokens/s  "
+            f"{read / MB:7.1f} MB read/token  peak RSS {result['peak_rss_bytes'] / MB:6.0f} MB",
+            flush=True,
+        )
+
+    def flash(name: str, **options) -> None:
+        config = FlashConfig(memory_budget=budget, context_tokens=128, **options)
+        record(name, run_flash(store, config, prompt_ids, n))
+
+    record("in-memory", fb.run_in_memory(model_dir, prompt_ids, n))
+    offload = Path(args.work) / "offload"
+    record(
+        "accelerate offload (cold)",
+        fb.run_accelerate_offload(model_dir, budget, prompt_ids, n, offload),
+    )
+    record(
+        "naive",
+        fb.naive_stream_decode(model_dir, prompt_ids, n, work_folder=Path(args.work) / "naive"),
+    )
+    flash("hybrid (dense, no window)", sparsity="dense", window_tokens=0)
+    flash("+ sparsity 0.5 (no window)", sparsity="0.5", window_tokens=0)
+    flash("+ window 4 (sparsity 0.5)", sparsity="0.5", window_tokens=4)
+    flash("  without coalescing", sparsity="0.5", window_tokens=4, gap_bytes=0)
+    flash("sparsity 0.7, window 4", sparsity="0.7", window_tokens=4)
+    flash("sparsity 0.9, window 4", sparsity="0.9", window_tokens=4)
+    record("memtool CLI, sparsity 0.5 (own process)", run_cli(store, budget, n))
+    main = runs["+ window 4 (sparsity 0.5)"]
+    cold = runs["accelerate offload (cold)"]["tokens_per_s"]
+    results["speedup_vs_accelerate_cold"] = main["tokens_per_s"] / cold
+    results["speedup_vs_naive"] = main["tokens_per_s"] / runs["naive"]["tokens_per_s"]
+    read_size = int(main["mean_read_bytes"])
+    micro = fb.read_microbenchmark(store / "ffn.bin", read_size, threads=8)
+    achieved = main["reader_bytes_per_token"] / main["io_seconds_per_token"]
+    results["io_efficiency"] = {
+        "engine_mb_per_s": achieved / MB,
+        "microbenchmark": micro,
+        "ratio": achieved / MB / micro["mb_per_s"],
+    }
+    print(
+        f"I/O: engine {achieved / MB:.0f} MB/s, plain reads of {read_size} B "
+        f"{micro['mb_per_s']:.0f} MB/s",
+        flush=True,
+    )
+    results["identity"] = token_identity(store, budget, prompt_ids, 32, "bfloat16")
+    print(f"token identity (32, bf16, same masks): {results['identity']}", flush=True)
+    results["perplexity"] = quality(
+        store, ["dense", "0.5", "0.6", "0.7", "0.8", "0.9"], args.ppl_windows
+    )
+    return results
+
+
+def synthetic_part(args) -> dict:
+    folder = Path(args.synthetic)
+    if not (folder / "config.json").exists():
+        fb.make_synthetic_opt(folder, "opt-1.3b", active_fraction=0.1)
+    if not (folder / "tokenizer.json").exists():  # memtool's loader wants one; ids < 50272 fit
+        load_model(None).tokenizer.save_pretrained(folder)
+    store = Path(args.work) / "opt-1.3b-store"
+    if not store.exists():
+        print("building the synthetic flash store (once) ...", flush=True)
+        ids = torch.randint(0, 49152, (16, 256), generator=torch.Generator().manual_seed(0))
+        config = FlashStoreConfig(predictor=args.synthetic_predictor)
+        build_flash_store(load_model(folder, dtype="float32"), store, config, input_ids=ids)
+        gc.collect()
+    weight_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    budget = weight_bytes // 2
+    prompt_ids = list(range(100, 112))
+    n = args.new_tokens
+    runs: dict = {}
+
+    def record(name: str, result: dict) -> None:
+        runs[name] = result
+        print(
+            f"{name:32s} {result['tokens_per_s']:6.3f} tokens/s  "
+            f"{(result.get('read_bytes_per_token') or 0) / MB:8.1f} MB read/token  "
+            f"peak RSS {result['peak_rss_bytes'] / MB:6.0f} MB",
+            flush=True,
+        )
+
+    record("in-memory", fb.run_in_memory(folder, prompt_ids, n, dtype=torch.float16))
+    record("memtool CLI, window 4 (own process)", run_cli(store, budget, n))
+    record(
+        "memtool flash (relu, window 4)",
+        run_flash(store, FlashConfig(memory_budget=budget, context_tokens=128), prompt_ids, n),
+    )
+    record(
+        "memtool flash (relu, no window)",
+        run_flash(
+            store,
+            FlashConfig(memory_budget=budget, context_tokens=128, window_tokens=0),
+            prompt_ids,
+            n,
+        ),
+    )
+    record(
+        "memtool hybrid (dense)",
+        run_flash(
+            store,
+            FlashConfig(memory_budget=budget, context_tokens=128, sparsity="dense"),
+            prompt_ids,
+            n,
+        ),
+    )
+    record(
+        "accelerate offload (cold)",
+        fb.run_accelerate_offload(
+            folder, budget, prompt_ids, n, Path(args.work) / "offload-opt", dtype=torch.float16
+        ),
+    )
+    record(
+        "naive",
+        fb.naive_stream_decode(
+            folder, prompt_ids, n, dtype=torch.float16, work_folder=Path(args.work) / "naive-opt"
+        ),
+    )
+    main = runs["memtool flash (relu, window 4)"]["tokens_per_s"]
+    return {
+        "budget_bytes": budget,
+        "weight_file_bytes": weight_bytes,
+        "runs": runs,
+        "speedup_vs_accelerate_cold": main / runs["accelerate offload (cold)"]["tokens_per_s"],
+        "speedup_vs_naive": main / runs["naive"]["tokens_per_s"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--default", action="store_true", help="the default model part")
+    parser.add_argument("--synthetic", default=None, help="folder of the OPT-1.3B-shaped model")
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument(
+        "--synthetic-predictor",
+        default="quant:4",
+        help="predictor of the synthetic store (random weights defeat low rank)",
+    )
+    parser.add_argument("--ppl-windows", type=int, default=8)
+    parser.add_argument("--work", default="/tmp/flash_bench/work")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(2)
+    began = time.perf_counter()
+    report: dict = {"machine": platform.platform(), "torch": torch.__version__}
+    if args.default:
+        report["default"] = default_part(args)
+    if args.synthetic:
+        report["synthetic"] = synthetic_part(args)
+    report["seconds"] = time.perf_counter() - began
+    text = json.dumps(report, indent=1, default=str)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(f"done in {report['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
