@@ -305,3 +305,58 @@ def test_bf16_tokens_equal_the_dense_model_under_the_recorded_masks(
         want, _ = greedy_decode(reference, PROMPT, 16)
     assert got == want
     assert all(not masks for masks in recorded)  # every recorded call was replayed
+
+
+def test_gate_resident_store_selects_exactly_and_matches_the_masked_dense_model(
+    tiny_llama_dir, tmp_path
+):
+    from memtool.serve.flash.build import FlashStoreConfig
+
+    loaded = load_model(tiny_llama_dir)
+    ids = torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(0))
+    folder = tmp_path / "gate"
+    config = FlashStoreConfig(gate_resident=True)
+    build_flash_store(loaded, folder, config, input_ids=ids, dtype=torch.float32, show=False)
+    flash = open_flash_model(folder, FlashConfig(memory_budget="1GB", context_tokens=64))
+    assert flash.sparsity.mode == "cats" and flash.plan.predictors == 0
+    got, _ = greedy_decode(flash, PROMPT, 12)
+    reference = load_model(tiny_llama_dir).model
+    selectors, _ = build_selectors(folder, reference, "auto")
+    with masked_dense(reference, selectors):
+        want, _ = greedy_decode(reference, PROMPT, 12)
+    assert got == want
+    assert flash.counters.neurons_active < 0.7 * flash.plan.n_neurons * len(flash.ffns) * 17
+    flash.close()
+
+
+def test_neurons_in_the_window_inside_a_streamed_span_count_once(store):
+    """Scattered random masks leave window neurons between the misses; reads through those
+    gaps must not add them a second time, nor put them in the window twice."""
+    folder, model_dir = store
+    config = FlashConfig(
+        memory_budget=_tight(folder, 6, "dense"),
+        sparsity="dense",
+        window_tokens=3,
+        context_tokens=64,
+        staging_bytes=8192,
+    )
+    flash = open_flash_model(folder, config)
+    generator = torch.Generator().manual_seed(3)
+    for ffn in flash.ffns:
+        ffn.recorded = []
+        n = ffn.window.neuron_row.numel()
+        ffn.selector.mask = lambda x, n=n: (
+            torch.rand(x.shape[0], n, generator=generator) < 0.4,
+            None,
+        )
+    got, _ = greedy_decode(flash, PROMPT, 12)
+    for ffn in flash.ffns:
+        rows = ffn.window.neurons().tolist()
+        assert len(rows) == len(set(rows))
+    recorded = [list(ffn.recorded) for ffn in flash.ffns]
+    reference = load_model(model_dir).model
+    selectors, _ = build_selectors(folder, reference, "dense")
+    with masked_dense(reference, selectors, recorded):
+        want, _ = greedy_decode(reference, PROMPT, 12)
+    assert got == want
+    flash.close()

@@ -233,7 +233,7 @@ def _selectors(store, predictors, choice: SparsityChoice, layers, resident: dict
             selector.cats_threshold = facts.get("cats")
         elif choice.mode == "cats":
             facts = meta["layers"][index][key]
-            gate_name = next(p for p in resident if p.endswith(f"{index}.mlp.gate_proj.weight"))
+            gate_name = next(p for p in resident if p.endswith(f".{index}.mlp.gate_proj.weight"))
             selector.gate = resident[gate_name]
             selector.cats_threshold = facts["cats"]
         selectors.append(selector)

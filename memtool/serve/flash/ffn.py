@@ -128,16 +128,21 @@ class FlashFFN(nn.Module):
         buffer, span by span, and keep what fits in the window's free rows for later tokens."""
         out = torch.zeros_like(x)
         window, dtype = self.window, self.window.buffer.dtype
-        wanted = mask.any(dim=0)
+        # Spans read through gaps, and a gap may hold a neuron the window already computed:
+        # only the misses count here (twice would be wrong), and only they may enter the window.
+        missing = torch.zeros(mask.shape[1], dtype=torch.bool)
+        missing[misses] = True
+        only_misses = mask & missing
         for neurons, block in self.reader.stream(self._offset, self._stride, misses.tolist()):
             began, io_before = time.perf_counter(), self.reader.stats.seconds
             bundles = block.view(dtype)
             free = window.capacity - window.n_used
             if free > 0:
-                keep = torch.nonzero(wanted[neurons]).flatten()[:free]
+                keep = torch.nonzero(missing[neurons]).flatten()[:free]
                 window.insert(neurons[keep], block[keep], position)
+                missing[neurons[keep]] = False  # in the window now: not again from a later span
             self.counters.memory_seconds += self._since(began, io_before)
-            out += self._compute(x, mask, gate_all, bundles, neurons)
+            out += self._compute(x, only_misses, gate_all, bundles, neurons)
         return out
 
     def _compute(
