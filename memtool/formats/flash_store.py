@@ -24,8 +24,8 @@ would waste up to 4 KiB per neuron at small hidden sizes; on 4Kn drives a reader
 pays up to 510 bytes for its bias (about 3% at H=4096 in fp16). Parts sit at the front so the
 big vectors stay 2H-aligned; biases go last.
 
-Deliberately different from the paper: nothing here predicts or caches neurons; this is only
-the format, its writer and a plain buffered reader.
+This module is only the format, its writer and a plain buffered reader; predicting, caching
+and streaming neurons is `memtool.serve.flash`.
 """
 
 import hashlib

@@ -1,8 +1,9 @@
 """Local generation and an OpenAI-compatible server over a pluggable generation engine.
 
-`InMemoryEngine` keeps the model in RAM; the flash-streaming engine of issue 5 will implement the
-same `GenerationEngine` protocol. The HTTP server lives in `memtool.serve.server` (it needs the
-`serve` extra: FastAPI and uvicorn), so importing this package does not.
+`InMemoryEngine` keeps the model in RAM; `memtool.serve.flash.engine.FlashEngine` streams FFN
+neurons from a flash store within a memory budget, behind the same `GenerationEngine` protocol.
+The HTTP server lives in `memtool.serve.server` (it needs the `serve` extra: FastAPI and
+uvicorn), so importing this package does not.
 """
 
 from memtool.serve.engine import (

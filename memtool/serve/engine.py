@@ -10,9 +10,9 @@ engine serves one request at a time; the server queues the rest.
 exists, the chance to stop between any two tokens when a client goes away, and stop strings that
 cut text rather than tokens. Its greedy tokens equal `model.generate(do_sample=False)`'s.
 
-The flash engine of issue 5 (LLM in a flash, Alizadeh et al. 2023: FFN neuron bundles streamed
-from storage through a windowed neuron cache, chosen by sparsity predictors) is meant to implement
-this same protocol, so the server, the CLI and their tests carry over unchanged.
+The flash engine (`memtool.serve.flash`: LLM in a flash, Alizadeh et al. 2023: FFN neuron
+bundles streamed from storage through a windowed neuron cache, chosen by sparsity predictors)
+subclasses `InMemoryEngine`, so the server, the CLI and their tests carry over unchanged.
 """
 
 import inspect

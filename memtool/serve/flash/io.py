@@ -5,9 +5,10 @@ Measured on this project's development VM (ext4 on a virtual NVMe disk, O_DIRECT
 64 KiB: 680 MB/s with 8 threads) and about 700 MB/s at best. A bundle of the default model is
 3.5 KiB, so one read per neuron would spend 100 µs on each 3.5 KiB; the reader instead reads
 spans of consecutive bundles and also reads across short gaps of unwanted bundles when that costs
-less than another read ("LLM in a flash" §3.2: larger chunks buy throughput). `gap_bundles`
-sets how many unwanted bundles one gap may hold; the default suits the figures above (a read's
-fixed cost is worth about 64 KiB of transfer).
+less than another read ("LLM in a flash" §3.2: larger chunks buy throughput). `gap_bytes`
+sets how large a gap of unwanted bundles may be; the default suits the figures above (a read's
+fixed cost is worth about 64 KiB of transfer). Reads of one staging load run in parallel on a
+thread pool while the caller computes on the previous load (double buffering).
 
 `O_DIRECT` bypasses the page cache, so every byte counted here came from the device: the point
 when the budget is the memory the process may use. Where the filesystem refuses it (tmpfs,
