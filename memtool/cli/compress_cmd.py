@@ -78,7 +78,8 @@ def compress_command(
     gate_resident: bool = typer.Option(
         False,
         "--gate-resident",
-        help="flash-store, SwiGLU: keep gate_proj in memory for exact CATS selection.",
+        help="flash-store: keep the gate (SwiGLU) or fc1 (ReLU) in memory, so neurons are "
+        "selected exactly (CATS thresholds, ReLU zeros) instead of by a predictor.",
     ),
     block_bits: float = typer.Option(
         1.25, "--block-bits", help="BitStack: bits per weight of a block when choosing ranks."

@@ -8,7 +8,8 @@ bundling"), so that a neuron predicted active costs one contiguous read. A store
   tensors in the store dtype. A tied tensor is stored once; the json lists its aliases;
 - `ffn.bin`: per decoder layer, `n_neurons` bundles of `stride_bytes` each. SwiGLU (Llama):
   bundle i is gate row i, up row i, down column i (`3*H` values; `2*H` with `gate_resident`).
-  ReLU (OPT): fc1 row i, fc2 column i, then fc1's bias i. Row biases of gate/up (Llama's
+  ReLU (OPT): fc1 row i, fc2 column i, then fc1's bias i (fc2 column i alone with
+  `gate_resident`, which keeps fc1 and its bias resident). Row biases of gate/up (Llama's
   `mlp_bias`) go at the tail of the bundle too; column biases are not per neuron and stay
   resident;
 - `config.json`: the model's config (the architecture to rebuild around the store);
@@ -106,6 +107,8 @@ def _mlp_parts(layer: nn.Module, index: int, gate_resident: bool) -> tuple[str, 
     fc1, fc2 = getattr(layer, "fc1", None), getattr(layer, "fc2", None)
     linears = isinstance(fc1, nn.Linear) and isinstance(fc2, nn.Linear)
     if linears and fc1.weight.shape == fc2.weight.T.shape:
+        if gate_resident:  # fc1 (and its bias) stay resident: exact ReLU selection
+            return "relu", [("fc2", fc2, "col")]
         parts = [("fc1", fc1, "row"), ("fc2", fc2, "col")]
         if fc1.bias is not None:
             parts.append(("fc1_bias", fc1, "bias"))
@@ -117,9 +120,16 @@ def _mlp_parts(layer: nn.Module, index: int, gate_resident: bool) -> tuple[str, 
     )
 
 
+def _shape(parts: list) -> tuple[int, int]:
+    """(neurons, hidden size) of a layer's bundle parts, read off its first part."""
+    _, linear, how = parts[0]
+    rows, cols = linear.weight.shape
+    return (rows, cols) if how == "row" else (cols, rows)
+
+
 def _bundles(parts: list, dtype: torch.dtype, stride_elems: int) -> Tensor:
     """One layer's region as a [n_neurons, stride_elems] tensor, padding zeroed."""
-    region = torch.zeros(parts[0][1].weight.shape[0], stride_elems, dtype=dtype)
+    region = torch.zeros(_shape(parts)[0], stride_elems, dtype=dtype)
     start = 0
     for _, linear, how in parts:
         weight = linear.weight.detach()
@@ -153,15 +163,16 @@ def write_flash_store(
     Args:
         model: a decoder-only causal LM with SwiGLU or ReLU (fc1/fc2) MLPs.
         folder: the store folder; must not exist yet.
-        gate_resident: SwiGLU only: keep gate_proj resident and bundle up row + down column.
+        gate_resident: keep the layer's first projection resident: SwiGLU gate_proj (bundles
+            hold the up row and down column), ReLU fc1 and its bias (bundles hold the fc2
+            column), so the engine selects neurons exactly instead of by a predictor.
         dtype: store dtype; default the model's 16-bit dtype, float16 for fp32 models.
         source: what the model was loaded from, recorded for reports.
         extra: called with the temporary folder before it is renamed into place, to add files
             that must appear together with the store (predictors, config, tokenizer).
 
     Raises:
-        MemtoolError: `folder` exists, a layer's MLP is of a shape the store cannot bundle, or
-            `gate_resident` is asked of a ReLU model.
+        MemtoolError: `folder` exists, or a layer's MLP is of a shape the store cannot bundle.
     """
     folder = Path(folder)
     if folder.exists():
@@ -173,8 +184,6 @@ def write_flash_store(
     kinds = {kind for kind, _ in layers}
     if len(kinds) != 1:
         raise MemtoolError(f"flash store needs one MLP kind across layers, found {sorted(kinds)}")
-    if gate_resident and kinds != {"swiglu"}:
-        raise MemtoolError("gate_resident applies to SwiGLU MLPs only; this model's are ReLU")
     bundled = set()
     meta_layers, offset = [], 0
     for _kind, parts in layers:
@@ -189,7 +198,7 @@ def write_flash_store(
             bundled.add(tensor)
             start += numel
         stride = _round_up(start * itemsize, BUNDLE_ALIGN_BYTES)
-        n_neurons = parts[0][1].weight.shape[0]
+        n_neurons = _shape(parts)[0]
         bundle_bytes = start * itemsize
         meta_layers.append(
             dict(offset=offset, n_neurons=n_neurons, bundle_bytes=bundle_bytes, stride_bytes=stride)
@@ -221,7 +230,7 @@ def write_flash_store(
         fingerprint = model_fingerprint(model)
         meta = dict(format=FORMAT, version=VERSION, kind=kinds.pop(), gate_resident=gate_resident)
         meta["dtype"] = str(dtype).removeprefix("torch.")
-        meta["hidden_size"] = layers[0][1][0][1].weight.shape[1]
+        meta["hidden_size"] = _shape(layers[0][1])[1]
         meta.update(layers=meta_layers, aliases=aliases, model_fingerprint=fingerprint)
         meta.update(ffn_bytes=ffn_bytes, resident_bytes=resident_bytes)
         meta["resident_crc32"] = file_crc32(tmp / RESIDENT_FILE)

@@ -78,8 +78,9 @@ def _expected_parts(model, layer, ids, dtype, gate_resident):
         if not gate_resident:
             out["gate"] = mlp.gate_proj.weight[idx]
     else:
-        out = {"fc1": block.fc1.weight[idx], "fc1_bias": block.fc1.bias[idx]}
-        out["fc2"] = block.fc2.weight[:, idx]
+        out = {"fc2": block.fc2.weight[:, idx]}
+        if not gate_resident:
+            out.update(fc1=block.fc1.weight[idx], fc1_bias=block.fc1.bias[idx])
     return {k: v.detach().to(dtype) for k, v in out.items()}
 
 
@@ -100,6 +101,7 @@ CASES = [
     ("llama", torch.bfloat16, True, torch.bfloat16),
     ("opt", torch.float16, False, torch.float16),
     ("opt", torch.float32, False, torch.float16),
+    ("opt", torch.float16, True, torch.float16),
 ]
 
 
@@ -118,11 +120,12 @@ def test_round_trip_is_bit_exact(tmp_path, arch, model_dtype, gate_resident, sto
                 for name in expected:
                     _assert_bit_equal(parts[name], expected[name])
         resident = store.resident_state_dict()
-    bundled = {f"{n}.weight" for n, _ in model.named_modules() if n.endswith(("up_proj", "fc1"))}
+    bundled = {f"{n}.weight" for n, _ in model.named_modules() if n.endswith("up_proj")}
     bundled |= {f"{n}.weight" for n, _ in model.named_modules() if n.endswith(("down_proj", "fc2"))}
-    bundled |= {f"{n}.bias" for n, _ in model.named_modules() if n.endswith("fc1")}
     if not gate_resident:
-        bundled |= {f"{n}.weight" for n, _ in model.named_modules() if n.endswith("gate_proj")}
+        first = ("gate_proj", "fc1")
+        bundled |= {f"{n}.weight" for n, _ in model.named_modules() if n.endswith(first)}
+        bundled |= {f"{n}.bias" for n, _ in model.named_modules() if n.endswith("fc1")}
     state = model.state_dict()
     assert resident.keys() == state.keys() - bundled
     for name, tensor in resident.items():
@@ -217,11 +220,6 @@ def test_existing_folder_is_refused(tmp_path):
     (tmp_path / "s").mkdir()
     with pytest.raises(MemtoolError, match="already exists"):
         write_flash_store(llama(), tmp_path / "s")
-
-
-def test_gate_resident_needs_swiglu(tmp_path):
-    with pytest.raises(MemtoolError, match="SwiGLU MLPs only"):
-        write_flash_store(opt(), tmp_path / "s", gate_resident=True)
 
 
 def test_out_of_range_reads_are_refused(tmp_path):

@@ -307,12 +307,14 @@ def test_bf16_tokens_equal_the_dense_model_under_the_recorded_masks(
     assert all(not masks for masks in recorded)  # every recorded call was replayed
 
 
+@pytest.mark.parametrize("arch", ["llama", "opt"])
 def test_gate_resident_store_selects_exactly_and_matches_the_masked_dense_model(
-    tiny_llama_dir, tmp_path
+    arch, tiny_llama_dir, tiny_opt_dir, tmp_path
 ):
     from memtool.serve.flash.build import FlashStoreConfig
 
-    loaded = load_model(tiny_llama_dir)
+    model_dir = tiny_llama_dir if arch == "llama" else tiny_opt_dir
+    loaded = load_model(model_dir)
     ids = torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(0))
     folder = tmp_path / "gate"
     config = FlashStoreConfig(gate_resident=True)
@@ -320,13 +322,19 @@ def test_gate_resident_store_selects_exactly_and_matches_the_masked_dense_model(
     flash = open_flash_model(folder, FlashConfig(memory_budget="1GB", context_tokens=64))
     assert flash.sparsity.mode == "cats" and flash.plan.predictors == 0
     got, _ = greedy_decode(flash, PROMPT, 12)
-    reference = load_model(tiny_llama_dir).model
+    reference = load_model(model_dir).model
     selectors, _ = build_selectors(folder, reference, "auto")
     with masked_dense(reference, selectors):
         want, _ = greedy_decode(reference, PROMPT, 12)
     assert got == want
     assert flash.counters.neurons_active < 0.7 * flash.plan.n_neurons * len(flash.ffns) * 17
     flash.close()
+    if arch == "opt":  # exact: exactly the neurons whose pre-activation is positive
+        fc1 = reference.model.decoder.layers[0].fc1
+        x = torch.randn(3, fc1.in_features)
+        mask, pre = selectors[0].mask(x)
+        torch.testing.assert_close(pre, fc1(x))
+        assert torch.equal(mask, fc1(x) > 0)
 
 
 def test_neurons_in_the_window_inside_a_streamed_span_count_once(store):

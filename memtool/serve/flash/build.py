@@ -27,7 +27,8 @@ class FlashStoreConfig:
     """How to build a store.
 
     Attributes:
-        gate_resident: SwiGLU: keep gate_proj resident (exact CATS selection, no predictor).
+        gate_resident: keep gate_proj (SwiGLU) or fc1 (ReLU) resident: exact selection (CATS
+            thresholds, ReLU zeros), no predictor at run time.
         calib: calibration data spec for the thresholds and predictors.
         calib_samples: calibration windows.
         seq_len: tokens per window.

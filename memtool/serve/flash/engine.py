@@ -231,6 +231,10 @@ def _selectors(store, predictors, choice: SparsityChoice, layers, resident: dict
             selector.bias = tensors.get(f"layers.{index}.bias")
             selector.predict_threshold = facts["predict"]
             selector.cats_threshold = facts.get("cats")
+        elif choice.mode == "cats" and kind == "relu":  # fc1 resident: exact ReLU zeros
+            prefix = next(p for p in resident if p.endswith(f".{index}.fc1.weight"))[:-7]
+            selector.gate = resident[f"{prefix}.weight"]
+            selector.bias = resident.get(f"{prefix}.bias")
         elif choice.mode == "cats":
             facts = meta["layers"][index][key]
             gate_name = next(p for p in resident if p.endswith(f".{index}.mlp.gate_proj.weight"))
@@ -255,7 +259,8 @@ def build_selectors(folder: Path, model: nn.Module, sparsity: str) -> tuple[list
 
 def _choice(store, predictors, sparsity: str) -> SparsityChoice:
     choice = parse_sparsity(sparsity, store.kind, store.meta["gate_resident"], DEFAULT_LEVEL)
-    if choice.mode != "dense" and predictors is None:
+    exact_relu = choice.mode == "cats" and store.kind == "relu"  # needs no calibration
+    if choice.mode != "dense" and not exact_relu and predictors is None:
         raise MemtoolError(
             f"{store.folder} holds no calibrated thresholds or predictors: rebuild it with "
             "memtool compress --method flash-store, or use --sparsity dense"

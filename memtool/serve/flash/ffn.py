@@ -156,9 +156,12 @@ class FlashFFN(nn.Module):
             return bundles[:, start : start + numel]
 
         if self.kind == "relu":
-            h = nn.functional.linear(x, part("fc1"))
-            if "fc1_bias" in self._parts:
-                h = h + part("fc1_bias")[:, 0]
+            if gate_all is not None:  # fc1 resident: the pre-activations came with selection
+                h = gate_all[:, neurons]
+            else:
+                h = nn.functional.linear(x, part("fc1"))
+                if "fc1_bias" in self._parts:
+                    h = h + part("fc1_bias")[:, 0]
             self._record(neurons, keep)
             return _down(self.act(h) * keep, part("fc2"))
         if gate_all is not None:  # "cats": the exact gate was computed for selection

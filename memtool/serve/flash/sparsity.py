@@ -88,14 +88,17 @@ class LayerSelector:
     bias: Tensor | None = None  # [I]: ReLU's fc1 bias, which the predictor adds
     predict_threshold: float | None = None
     cats_threshold: float | None = None  # SwiGLU: |act(gate)| at or below it is dropped
-    gate: Tensor | None = None  # [I, H] resident gate for "cats"
+    gate: Tensor | None = None  # [I, H] resident gate (SwiGLU) or fc1 (ReLU) for "cats"
 
     def mask(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """(neurons to load per token [T, I] bool, the exact gate [T, I] when computed)."""
         if self.mode == "dense":
             return torch.ones(x.shape[0], self.n_neurons, dtype=torch.bool), None
-        if self.mode == "cats":
-            gate = nn.functional.linear(x, self.gate.to(x.dtype))
+        if self.mode == "cats":  # the resident gate (SwiGLU) or fc1 (ReLU): exact selection
+            bias = self.bias.to(x.dtype) if self.bias is not None else None
+            gate = nn.functional.linear(x, self.gate.to(x.dtype), bias)
+            if self.kind == "relu":
+                return gate > 0, gate
             return self.act(gate).abs() > self.cats_threshold, gate
         if self.packed is not None:
             scores = gptq_linear(x, **self.packed, bits=self.bits, in_features=x.shape[-1])
