@@ -33,6 +33,8 @@ class ActivationProfile:
         outside_bytes: bytes saved outside the decoder layers (embedding, final norm, head, loss).
         layer_time_s: mean forward compute time of one layer.
         host_bandwidth_bytes_per_s: measured device-to-host copy rate; None when nothing was copied.
+        layer_times_s: per decoder layer, its forward compute time; empty: every layer takes
+            `layer_time_s`.
     """
 
     layer_saved_bytes: tuple[int, ...]
@@ -41,6 +43,7 @@ class ActivationProfile:
     outside_bytes: int
     layer_time_s: float
     host_bandwidth_bytes_per_s: float | None
+    layer_times_s: tuple[float, ...] = ()
 
     @property
     def plain_bytes(self) -> int:
@@ -61,14 +64,22 @@ class ActivationPlan:
     Attributes:
         recompute: "none", "full" or "tokens".
         swap: whether saved tensors go to host memory.
-        swap_fraction: alpha, the fraction of tokens swapped in "tokens" mode; None otherwise.
+        swap_fraction: alpha, the fraction of tokens swapped in "tokens" mode (the mean over
+            layers when they differ); None otherwise.
         prefetch: restore layer i's tensors while layer i+1 runs backward (applied on CUDA).
+        layer_fractions: per decoder layer alpha, when planned per layer; empty: every layer
+            uses `swap_fraction`.
     """
 
     recompute: str
     swap: bool
     swap_fraction: float | None = None
     prefetch: bool = False
+    layer_fractions: tuple[float, ...] = ()
+
+    def fraction(self, layer: int) -> float | None:
+        """Layer `layer`'s alpha."""
+        return self.layer_fractions[layer] if self.layer_fractions else self.swap_fraction
 
     @property
     def mode(self) -> str:
@@ -137,6 +148,49 @@ def plan_swap_fraction(
     return min(max(alpha, 0.0), 1.0)
 
 
+def plan_layer_fractions(
+    layer_times_s: tuple[float, ...],
+    host_bandwidth_bytes_per_s: float,
+    swappable_bytes: tuple[int, ...],
+    always_swapped_bytes: tuple[int, ...],
+    host_budget_bytes: int | None,
+) -> tuple[float, ...]:
+    """MEMO's alpha for each layer: layer i's copies hide behind layer i+1's compute.
+
+    Per layer, `alpha_i = clamp((t_{i+1}·bandwidth - A_i) / W_i, 0, 1)` (the last layer's copies
+    run behind the head and loss, taken as long as the last layer). If the host cannot hold
+    every layer's `A_i + alpha_i·W_i`, the largest alphas come down first to a common cap,
+    the most host bytes for the least extra recomputation per layer.
+
+    Raises:
+        MemtoolError: as `plan_swap_fraction` (bad measurements, or a host budget below the
+            always-swapped bytes).
+    """
+    n = len(layer_times_s)
+    fractions = []
+    for i in range(n):
+        overlap = layer_times_s[min(i + 1, n - 1)]
+        bandwidth, w, a = host_bandwidth_bytes_per_s, swappable_bytes[i], always_swapped_bytes[i]
+        fractions.append(plan_swap_fraction(overlap, bandwidth, w, a, n, None))
+    if host_budget_bytes is None:
+        return tuple(fractions)
+    always_total = sum(always_swapped_bytes)
+    if always_total > host_budget_bytes:
+        plan_swap_fraction(1.0, 1.0, 1, always_total, 1, host_budget_bytes)  # raises the message
+
+    def host_bytes(cap: float) -> float:
+        pairs = zip(fractions, swappable_bytes, strict=True)
+        return always_total + sum(min(a, cap) * w for a, w in pairs)
+
+    if host_bytes(1.0) <= host_budget_bytes:
+        return tuple(fractions)
+    low, high = 0.0, 1.0  # bisect the common cap on the largest alphas
+    for _ in range(40):
+        middle = (low + high) / 2
+        low, high = (middle, high) if host_bytes(middle) <= host_budget_bytes else (low, middle)
+    return tuple(min(a, low) for a in fractions)
+
+
 def plan_activations(
     profile: ActivationProfile,
     recompute: str,
@@ -184,28 +238,34 @@ def plan_activations(
         return ActivationPlan(recompute, swap, prefetch=prefetch)
     if not swap:
         return ActivationPlan("tokens", False, 0.0)
-    if swap_fraction is None:
-        swap_fraction = _measured_fraction(profile, host_budget_bytes)
-    return ActivationPlan("tokens", True, swap_fraction, prefetch)
+    if swap_fraction is not None:
+        return ActivationPlan("tokens", True, swap_fraction, prefetch)
+    fractions = _measured_fractions(profile, host_budget_bytes)
+    mean = sum(fractions) / len(fractions) if fractions else 1.0
+    return ActivationPlan("tokens", True, mean, prefetch, fractions)
 
 
-def _measured_fraction(profile: ActivationProfile, host_budget_bytes: int | None) -> float:
+def _measured_fractions(
+    profile: ActivationProfile, host_budget_bytes: int | None
+) -> tuple[float, ...]:
+    n = len(profile.layer_saved_bytes)
     if profile.host_bandwidth_bytes_per_s is None or profile.layer_time_s <= 0:
-        return 1.0
-    always = max(profile.layer_always_bytes, default=0)
+        return (1.0,) * n
+    times = profile.layer_times_s or (profile.layer_time_s,) * n
+    # A layer measured at zero (clock resolution) borrows the mean rather than swapping nothing.
+    times = tuple(t if t > 0 else profile.layer_time_s for t in times)
     pairs = zip(profile.layer_saved_bytes, profile.layer_always_bytes, strict=True)
-    swappable = max((saved - kept for saved, kept in pairs), default=0)
+    swappable = tuple(max(saved - kept, 0) for saved, kept in pairs)
     # What lies outside the layers (head, loss) is swapped too and takes host memory first.
     if host_budget_bytes is not None:
         host_budget_bytes = max(host_budget_bytes - profile.outside_bytes, 0)
-    alpha = plan_swap_fraction(
-        profile.layer_time_s,
+    fractions = plan_layer_fractions(
+        times,
         profile.host_bandwidth_bytes_per_s,
         swappable,
-        always,
-        len(profile.layer_saved_bytes),
+        profile.layer_always_bytes,
         host_budget_bytes,
     )
     # Round down to a multiple of 1/1024 so that repeated plans on similar measurements give the
     # same token split instead of jittering by a token.
-    return math.floor(alpha * 1024) / 1024
+    return tuple(math.floor(a * 1024) / 1024 for a in fractions)

@@ -178,6 +178,8 @@ class SavedTensorStore:
         self.layer_bytes: dict[int | None, int] = {}
         self.layer_always: dict[int | None, int] = {}
         self.copy_clock = Stopwatch() if timing else None
+        # Per decoder layer (None: outside the layers), for per-layer compute times on CPU.
+        self.layer_copy_clocks: dict[int | None, Stopwatch] = {}
         self.copied_bytes = 0
         with self._lock:
             self._by_layer.clear()
@@ -315,8 +317,11 @@ class SavedTensorStore:
         entry.dtype, entry.numel = dtype, flat.numel()
         entry.fmt = storage_format(self.compress, dtype, flat.numel())
         clock = self.copy_clock
+        layer_clock = None
         if clock is not None and not flat.is_cuda:
             clock.start()  # synchronous on CPU: packing is swap time, not layer compute
+            layer_clock = self.layer_copy_clocks.setdefault(self.layer, Stopwatch())
+            layer_clock.start()
         # On CUDA, packing runs here on the compute stream, before the copy, rather than on the
         # copy stream after waiting: the kernel reads the storage in stream order, so no later
         # in-place write can reach the host copy, and the packed buffers belong to the compute
@@ -348,6 +353,7 @@ class SavedTensorStore:
                 host.copy_(source)
             if clock is not None:
                 clock.stop()
+                layer_clock.stop()
             self._copied_out(entry)
             return
         stream = self._stream(flat.device)

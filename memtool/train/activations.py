@@ -39,6 +39,7 @@ from memtool.train.activation_plan import (
     ActivationPlan,
     ActivationProfile,
     plan_activations,
+    plan_layer_fractions,
     plan_swap_fraction,
 )
 from memtool.train.activation_recompute import (
@@ -53,6 +54,7 @@ __all__ = [
     "ActivationManager",
     "ActivationStats",
     "find_decoder_layers",
+    "plan_layer_fractions",
     "plan_swap_fraction",
 ]
 
@@ -126,11 +128,12 @@ class ActivationStats:
         host_bytes_peak: peak host bytes of swapped activations (after compression).
         swapped_bytes: device bytes copied to the host (before compression).
         recomputed_tokens: tokens whose layer activations backward recomputed, summed over layers.
-        swap_fraction: alpha of the last forward ("tokens"); 1.0 or 0.0 for other modes with or
-            without swapping.
+        swap_fraction: alpha of the last forward ("tokens"; the mean over layers when planned
+            per layer); 1.0 or 0.0 for other modes with or without swapping.
         mode: the last forward's mode: plain, swap, full, full+swap, tokens or tokens+swap.
         layer_saved_bytes: per decoder layer, the saved bytes it added in the last forward
             (wherever they are stored).
+        layer_swap_fractions: per decoder layer alpha ("tokens"); empty for other modes.
     """
 
     peak_resident_bytes: int
@@ -141,6 +144,7 @@ class ActivationStats:
     swap_fraction: float
     mode: str
     layer_saved_bytes: tuple[int, ...]
+    layer_swap_fractions: tuple[float, ...] = ()
 
 
 def find_decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -192,6 +196,7 @@ class ActivationManager:
         self._last_plan = self._plan
         self._input_bytes: dict[int, int] = {}
         self._layer_clock: Stopwatch | None = None
+        self._layer_clocks: dict[int, Stopwatch] = {}
 
     @contextlib.contextmanager
     def forward_context(self) -> Iterator[None]:
@@ -209,6 +214,7 @@ class ActivationManager:
         self._last_plan = plan
         store.begin_forward(_parameter_storages(self.model), timing=self._probing)
         self._layer_clock = Stopwatch() if self._probing else None
+        self._layer_clocks = {}
         handles, undo = [], []
         try:
             for index, layer in enumerate(self.layers):
@@ -217,7 +223,7 @@ class ActivationManager:
                 handles.append(layer.register_forward_hook(
                     functools.partial(self._leave, index, plan.prefetch)))  # fmt: skip
                 if plan.recompute != "none":
-                    undo.append(_patch_forward(layer, store, plan))
+                    undo.append(_patch_forward(layer, store, plan, index))
             with store.saving(SWAP if plan.swap else KEEP):
                 yield
         finally:
@@ -243,6 +249,9 @@ class ActivationManager:
             swap_fraction=alpha,
             mode=plan.mode,
             layer_saved_bytes=tuple(s.layer_bytes.get(i, 0) for i in range(len(self.layers))),
+            layer_swap_fractions=tuple(plan.fraction(i) for i in range(len(self.layers)))
+            if plan.recompute == "tokens"
+            else (),
         )
 
     def reset_peak(self) -> None:
@@ -256,12 +265,14 @@ class ActivationManager:
             self._input_bytes[index] = hidden.nbytes
         if self._layer_clock is not None:
             self._layer_clock.start(_stream_of(hidden))
+            self._layer_clocks.setdefault(index, Stopwatch()).start(_stream_of(hidden))
 
     def _leave(self, index: int, prefetch: bool, module: nn.Module, args: tuple, output) -> None:
         self._store.layer = None
         first = output[0] if isinstance(output, tuple) else output
         if self._layer_clock is not None:
             self._layer_clock.stop(_stream_of(first))
+            self._layer_clocks[index].stop(_stream_of(first))
         # The gradient reaching layer i's output starts its backward: restore layer i-1 meanwhile.
         cuda_graph = isinstance(first, Tensor) and first.is_cuda and first.requires_grad
         if prefetch and index > 0 and cuda_graph:
@@ -274,9 +285,14 @@ class ActivationManager:
         store, n = self._store, len(self.layers)
         layer_s = self._layer_clock.seconds()
         copy_s = store.copy_clock.seconds() if store.copy_clock is not None else 0.0
+        times = [self._layer_clocks[i].seconds() if i in self._layer_clocks else 0.0
+                 for i in range(n)]  # fmt: skip
         if not any(p.is_cuda for p in itertools.islice(self.model.parameters(), 1)):
             # Synchronous copies ran inside the layers: take them out of the compute time.
             layer_s = max(layer_s - copy_s, 0.0)
+            clocks = store.layer_copy_clocks
+            times = [max(t - clocks[i].seconds(), 0.0) if i in clocks else t
+                     for i, t in enumerate(times)]  # fmt: skip
         bandwidth = store.copied_bytes / copy_s if copy_s > 0 else None
         profile = ActivationProfile(
             layer_saved_bytes=tuple(store.layer_bytes.get(i, 0) for i in range(n)),
@@ -285,6 +301,7 @@ class ActivationManager:
             outside_bytes=store.layer_bytes.get(None, 0),
             layer_time_s=layer_s / n,
             host_bandwidth_bytes_per_s=bandwidth,
+            layer_times_s=tuple(times),
         )
         c = self.config
         host_budget = c.host_budget_bytes or _available_host_bytes()
@@ -292,13 +309,14 @@ class ActivationManager:
             profile, c.recompute, c.swap, c.swap_fraction, c.activation_budget_bytes, host_budget
         )
         logger.info(
-            "activations: plain %d bytes, one layer %d; mode %s, swap fraction %s",
+            "activations: plain %d bytes, one layer %d; mode %s, swap fraction %s (per layer %s)",
             profile.plain_bytes, profile.minimum_bytes, plan.mode, plan.swap_fraction,
+            plan.layer_fractions,
         )  # fmt: skip
         return plan
 
 
-def _patch_forward(layer: nn.Module, store: SavedTensorStore, plan: ActivationPlan):
+def _patch_forward(layer: nn.Module, store: SavedTensorStore, plan: ActivationPlan, index: int):
     """Replace `layer.forward` for recomputation; returns the function that undoes it."""
     had_own = "forward" in layer.__dict__
     previous = layer.forward
@@ -306,7 +324,7 @@ def _patch_forward(layer: nn.Module, store: SavedTensorStore, plan: ActivationPl
         layer.forward = functools.partial(checkpointed_forward, store, previous)
     else:
         layer.forward = functools.partial(
-            tokenwise_forward, store, layer, previous, plan.swap_fraction
+            tokenwise_forward, store, layer, previous, plan.fraction(index)
         )
 
     def undo() -> None:

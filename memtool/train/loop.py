@@ -267,6 +267,7 @@ def _run(config, output, group, source, from_config, resume, activations, export
     stats = manager.stats()
     memory["activation_bytes_peak"] = stats.peak_resident_bytes
     memory["host_activation_bytes_peak"] = stats.host_bytes_peak
+    memory["activation_swap_fractions"] = list(stats.layer_swap_fractions)
     ranks = group.gather_objects({"rank": group.rank, **memory})
     engine.close()
     return TrainResult(

@@ -37,6 +37,7 @@ from memtool.train.activation_swap import SWAP, SavedTensorStore
 from memtool.train.activations import (
     ActivationConfig,
     ActivationManager,
+    plan_layer_fractions,
     plan_swap_fraction,
 )
 
@@ -473,6 +474,13 @@ def test_planned_swap_fraction_and_slab_reuse(llama):
     assert 0.0 < stats.swap_fraction < 1.0
     assert stats.host_bytes_peak <= 600_000
     _assert_grads(grads, plain_grads, **EXACT)
+    # Alpha is planned per layer; each layer's forward swapped its own share of the tokens.
+    fractions = stats.layer_swap_fractions
+    assert len(fractions) == len(manager.layers)
+    assert stats.swap_fraction == pytest.approx(sum(fractions) / len(fractions))
+    seq = ids.shape[1]
+    expected = sum(seq - math.floor(a * seq) for a in fractions) * ids.shape[0]
+    assert stats.recomputed_tokens == expected
 
 
 def test_config_validation():
@@ -524,6 +532,26 @@ def test_plan_swap_fraction():
     assert plan_swap_fraction(1e-3, 1e9, 0, 4e6, 32, None) == 1.0  # nothing to trade
     with pytest.raises(MemtoolError):
         plan_swap_fraction(0.0, 10e9, n_layers=32, host_budget_bytes=None, **common)
+
+
+def test_plan_layer_fractions():
+    # Layer i's copies hide behind layer i+1's compute: a slower next layer buys a larger alpha.
+    swappable, always = (20e6,) * 3, (4e6,) * 3
+    fractions = plan_layer_fractions((1e-3, 1.5e-3, 0.8e-3), 10e9, swappable, always, None)
+    assert fractions[0] == pytest.approx((1.5e-3 * 10e9 - 4e6) / 20e6)  # behind layer 1
+    assert fractions[1] == pytest.approx((0.8e-3 * 10e9 - 4e6) / 20e6)  # behind layer 2
+    assert fractions[2] == pytest.approx((0.8e-3 * 10e9 - 4e6) / 20e6)  # last: its own time
+    # Equal layers: the uniform plan.
+    equal = plan_layer_fractions((1e-3,) * 32, 10e9, (20e6,) * 32, (4e6,) * 32, 192e6)
+    uniform = plan_swap_fraction(1e-3, 10e9, 20e6, 4e6, 32, 192e6)
+    assert equal == pytest.approx((uniform,) * 32, abs=1e-9)
+    # A tight host budget caps the largest alphas first and is then full.
+    budget = 3 * 4e6 + 20e6 * 0.7  # alphas (0.55, 0.2, 0.2) would need 0.95 of W
+    capped = plan_layer_fractions((1e-3, 1.5e-3, 0.8e-3), 10e9, swappable, always, budget)
+    assert sum(4e6 + a * 20e6 for a in capped) == pytest.approx(budget, rel=1e-6)
+    assert capped == pytest.approx((0.3, 0.2, 0.2), abs=1e-6)  # only the largest comes down
+    with pytest.raises(MemtoolError, match="cannot hold"):
+        plan_layer_fractions((1e-3,) * 3, 10e9, swappable, always, 3 * 4e6 - 1)
 
 
 def test_plan_activations():

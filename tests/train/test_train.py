@@ -102,6 +102,8 @@ def test_activation_swapping_equals_plain_adamw(tiny_run, tmp_path, plain, zero)
     torch.testing.assert_close(result.losses, plain[0], rtol=RTOL, atol=0)
     memory = result.ranks[0]
     assert 0 < memory["activation_bytes_peak"] < memory["host_activation_bytes_peak"]
+    n_layers = json.loads(tiny_run[0].read_text())["num_hidden_layers"]
+    assert memory["activation_swap_fractions"] == [0.5] * n_layers  # one alpha per layer
 
 
 @pytest.mark.parametrize("zero", [1, 2])
