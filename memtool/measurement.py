@@ -5,6 +5,7 @@ config says otherwise; the report names the data, split, window count and protoc
 two numbers are only compared when they were measured the same way.
 """
 
+import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 
@@ -19,6 +20,14 @@ from memtool.metrics import (
     peak_rss_bytes,
     perplexity,
     weight_bytes,
+)
+from memtool.metrics.density import (
+    DEFAULT_TIME_RATIO,
+    bootstrap_density,
+    capacity_density,
+    effective_params,
+    inference_time_density,
+    load_profile,
 )
 from memtool.models import LoadedModel, load_model
 from memtool.sizes import parse_size
@@ -39,6 +48,9 @@ class MeasureConfig:
         allow_pickle: permit pickle checkpoints when loading.
         show_progress: draw progress bars on stderr.
         budget: for a BitStack stack, the weight bytes to load ("300MB" or bytes).
+        density_profile: a reference profile file (`memtool.metrics.density`); adds N_hat,
+            capacity density with its bootstrap interval, and inference-time density.
+        time_ratio: r of the inference-time density (compute time / memory time per parameter).
     """
 
     data: str = "wiki"
@@ -49,6 +61,8 @@ class MeasureConfig:
     allow_pickle: bool = False
     show_progress: bool = True
     budget: int | str | None = None
+    density_profile: str | None = None
+    time_ratio: float = DEFAULT_TIME_RATIO
 
     def validate(self) -> None:
         for name in ("seq_len", "batch_size", "max_windows"):
@@ -58,6 +72,8 @@ class MeasureConfig:
                 raise MemtoolError(f"{flag} must be a positive number, got {value}")
         if self.seq_len < 2:
             raise MemtoolError("--seq-len must be at least 2 (one token predicts the next)")
+        if not self.time_ratio >= 0:
+            raise MemtoolError(f"--time-ratio must be 0 or more, not {self.time_ratio}")
 
 
 @dataclass
@@ -92,6 +108,15 @@ class MeasureReport:
     budget_bytes: int | None = None  # BitStack: the budget the model was loaded or resized to
     stack_blocks: int | None = None  # BitStack: residual blocks held
     resize_seconds: float | None = None  # BitStack sweeps: time to grow to this budget
+    # With a density profile (None otherwise): see `memtool.metrics.density`.
+    density_profile: str | None = None
+    effective_params: float | None = None  # N_hat, or the bound on it
+    effective_params_bound: str | None = None  # "", ">" or "<"
+    capacity_density: float | None = None  # N_hat / params_non_embedding
+    capacity_density_interval: list[float] | None = None  # 90%, bootstrap over windows
+    inference_time_density: float | None = None
+    inference_time_ratio: float | None = None  # the r used
+    density_flags: list[str] | None = None
     memtool_version: str = __version__
     conventions: dict = field(
         default_factory=lambda: {
@@ -102,6 +127,9 @@ class MeasureReport:
             "peak_rss_bytes": "peak resident memory of the process, loading included",
             "tokens_per_s": "eval_tokens / forward_seconds",
             "kv_cache_bytes": "keys and values of one batch of windows, not in weight_bytes",
+            "capacity_density": "N_hat / params_non_embedding (Densing Law), median of the "
+            "bootstrap over evaluation windows; interval 5%-95% of log density",
+            "inference_time_density": "N_hat (1 + r) / (N * bits_per_weight / 16 + N * r)",
         }
     )
 
@@ -119,6 +147,8 @@ def measure(
     """
     config = config or MeasureConfig()
     config.validate()
+    # Read the profile before the (slow) load and evaluation, so a bad one fails at once.
+    profile = load_profile(config.density_profile) if config.density_profile else None
     began = time.perf_counter()
     loaded = (
         model
@@ -143,6 +173,11 @@ def measure(
     total, non_embedding = count_params(loaded.model)
     dtype = loaded.model.get_input_embeddings().weight.dtype
     stack = loaded.bitstack
+    density = (
+        _density(profile, result, non_embedding, model_bits_per_weight(loaded.model), config)
+        if profile is not None
+        else {}
+    )
     return MeasureReport(
         model=loaded.source,
         model_kind=loaded.kind,
@@ -173,7 +208,37 @@ def measure(
         ),
         budget_bytes=None if config.budget is None else parse_size(config.budget),
         stack_blocks=stack.n_blocks if stack is not None else None,
+        **density,
     )
+
+
+def _density(profile, result, non_embedding: int, bits: float, config: MeasureConfig) -> dict:
+    """The density fields of a report (see `memtool.metrics.density`)."""
+    estimate = effective_params(profile, loss=result.nll_mean)
+    flags = list(estimate.flags)
+    rho = capacity_density(estimate.value, non_embedding)
+    interval = None
+    if len(result.batch_nll_sums) > 1 and 0 < estimate.value < math.inf:
+        median, (low, high), more = bootstrap_density(
+            profile, result.batch_nll_sums, result.batch_predicted_tokens, non_embedding
+        )
+        rho, interval = median, [low, high]
+        flags += more
+    elif len(result.batch_nll_sums) <= 1:
+        flags.append("one evaluation batch: no interval")
+    time_density = inference_time_density(
+        estimate.value, non_embedding, bits, time_ratio=config.time_ratio
+    )
+    return {
+        "density_profile": profile.source,
+        "effective_params": estimate.value,
+        "effective_params_bound": estimate.bound,
+        "capacity_density": rho,
+        "capacity_density_interval": interval,
+        "inference_time_density": time_density,
+        "inference_time_ratio": config.time_ratio,
+        "density_flags": flags,
+    }
 
 
 def measure_budgets(
@@ -221,9 +286,18 @@ def threshold_failures(
     report: MeasureReport,
     max_perplexity: float | None = None,
     max_weight_bytes: int | None = None,
+    min_density: float | None = None,
 ) -> list[str]:
     """The CI gates that `report` breaks, one sentence each (empty when all pass)."""
     failures = []
+    if min_density is not None:
+        if report.capacity_density is None:
+            raise MemtoolError("--min-density needs --density-profile (the reference to compare)")
+        if report.capacity_density < min_density:
+            failures.append(
+                f"capacity density {report.capacity_density:.4g} is below --min-density "
+                f"{min_density:g}"
+            )
     if max_perplexity is not None and report.perplexity > max_perplexity:
         failures.append(
             f"perplexity {report.perplexity:.4g} exceeds --max-perplexity {max_perplexity:g}"

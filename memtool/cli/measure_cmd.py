@@ -65,6 +65,21 @@ def measure_command(
         help="Perplexity against bytes to FILE.png (a --budgets sweep, or a comparison with its "
         "Pareto frontier).",
     ),
+    density_profile: str = typer.Option(
+        None,
+        "--density-profile",
+        help="Reference profile (JSON, kind ladder or densing): report effective parameters "
+        "N_hat, capacity density N_hat/N with a 90%% bootstrap interval, and inference-time "
+        "density.",
+    ),
+    time_ratio: float = typer.Option(
+        1.0,
+        "--time-ratio",
+        help="r of the inference-time density: compute time / memory time per parameter.",
+    ),
+    min_density: float = typer.Option(
+        None, "--min-density", help="Exit 1 if capacity density is below this (needs a profile)."
+    ),
     json_out: bool = JsonOption,
     debug: bool = DebugOption,
 ) -> None:
@@ -88,6 +103,10 @@ def measure_command(
                     raise MemtoolError(f"{flag} applies to a comparison: give two models or more")
             if len(specs) > 1:
                 raise MemtoolError("several --data need a comparison: give two models or more")
+        elif density_profile is not None or min_density is not None:
+            raise MemtoolError("--density-profile and --min-density take one model for now")
+        if min_density is not None and density_profile is None:
+            raise MemtoolError("--min-density needs --density-profile (the reference to compare)")
             if plot is not None and budgets is None:
                 raise MemtoolError("--plot draws a --budgets sweep: pass --budgets too")
         config = MeasureConfig(
@@ -98,6 +117,8 @@ def measure_command(
             batch_size=batch_size,
             allow_pickle=allow_pickle,
             budget=parse_size(budget) if budget is not None else None,
+            density_profile=density_profile,
+            time_ratio=time_ratio,
         )
         config.validate()
         if comparing:
@@ -117,7 +138,8 @@ def measure_command(
         model = models[0] if models else None
         if sweep is None:
             report = measure(model, config)
-            return report.to_dict(), threshold_failures(report, max_perplexity, weight_limit)
+            gates = threshold_failures(report, max_perplexity, weight_limit, min_density)
+            return report.to_dict(), gates
         reports = measure_budgets(model, sweep, config)
         failures = [
             f"at {format_size(r.budget_bytes)}: {failure}"
@@ -200,6 +222,22 @@ def _render_one(report: dict) -> None:
     if report["stack_blocks"] is not None:
         budget = format_size(report["budget_bytes"]) if report["budget_bytes"] else "whole stack"
         rows.append(("BitStack", f"budget {budget}, {report['stack_blocks']} blocks"))
+    if report.get("capacity_density") is not None:
+        bound = report["effective_params_bound"]
+        rows.append(("effective parameters", f"{bound}{report['effective_params']:,.0f}"))
+        interval = report["capacity_density_interval"]
+        shown = f"{report['capacity_density']:.3g}"
+        if interval:
+            shown += f" (90%: {interval[0]:.3g}-{interval[1]:.3g})"
+        rows.append(("capacity density", shown))
+        rows.append(
+            (
+                "inference-time density",
+                f"{report['inference_time_density']:.3g} (r = {report['inference_time_ratio']:g})",
+            )
+        )
+        if report["density_flags"]:
+            rows.append(("density flags", ", ".join(report["density_flags"])))
     for key, value in rows:
         table.add_row(key, value)
     Console().print(table)

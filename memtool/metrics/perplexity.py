@@ -30,6 +30,10 @@ class PerplexityResult:
     fed_tokens: int  # tokens through the model: windows * seq_len
     windows: int
     forward_seconds: float
+    # Summed NLL of each forward batch (one window per batch at batch_size 1): what the
+    # density's bootstrap resamples. Their sum is the total behind nll_mean.
+    batch_nll_sums: tuple[float, ...] = ()
+    batch_predicted_tokens: tuple[int, ...] = ()
 
     @property
     def tokens_per_s(self) -> float:
@@ -64,13 +68,18 @@ def perplexity(
     device = next(model.parameters()).device
     total_nll = torch.zeros((), dtype=torch.float64)
     forward_s = 0.0
+    batch_sums: list[float] = []
+    batch_tokens: list[int] = []
     with step_progress() as progress:
         task = progress.add_task("Perplexity", total=n_windows, status="", visible=show_progress)
         for start in range(0, n_windows, batch_size):
             batch = input_ids[start : start + batch_size].to(device)
             began = time.perf_counter()
-            total_nll += window_nll_sum(model, batch).cpu()
+            batch_nll = window_nll_sum(model, batch).cpu()
+            total_nll += batch_nll
             forward_s += time.perf_counter() - began
+            batch_sums.append(batch_nll.item())
+            batch_tokens.append(batch.shape[0] * (seq_len - 1))
             done = min(start + batch_size, n_windows)
             running = math.exp(total_nll.item() / (done * (seq_len - 1)))
             progress.update(task, completed=done, status=f"ppl {running:.3f}")
@@ -83,4 +92,6 @@ def perplexity(
         fed_tokens=n_windows * seq_len,
         windows=n_windows,
         forward_seconds=forward_s,
+        batch_nll_sums=tuple(batch_sums),
+        batch_predicted_tokens=tuple(batch_tokens),
     )

@@ -402,3 +402,27 @@ def test_train_under_accelerate_launch_runs_two_ranks(tiny_llama_dir, text_file,
     assert len(lines) == 1  # rank 0 prints, rank 1 stays quiet
     payload = json.loads(lines[0])
     assert payload["world_size"] == 2 and len(payload["ranks"]) == 2
+
+
+def test_measure_density_against_a_ladder_profile(tiny_llama_dir, text_file, tmp_path):
+    profile = tmp_path / "ladder.json"
+    # Losses around a random tiny model's (ln 400 = 6.0 nats), falling with size.
+    points = [{"params": n, "loss": 2.0 + 40.0 * n**-0.15} for n in (1e4, 1e5, 1e6, 1e7)]
+    profile.write_text(json.dumps({"kind": "ladder", "points": points}))
+    args = ["measure", tiny_llama_dir, "--data", text_file, "--seq-len", 32, "--max-windows", 4]
+    result = _run(*args, "--density-profile", profile, "--time-ratio", 0.5, "--json")
+    assert result.exit_code == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert payload["density_profile"] == str(profile)
+    rho = payload["capacity_density"]
+    low, high = payload["capacity_density_interval"]
+    assert 0 < low <= rho <= high
+    assert payload["effective_params_bound"] in ("", ">", "<")
+    assert payload["inference_time_ratio"] == 0.5 and payload["inference_time_density"] > 0
+    assert isinstance(payload["density_flags"], list)
+    breach = _run(*args, "--density-profile", profile, "--min-density", 1e9)
+    assert breach.exit_code == 1 and "below --min-density" in breach.stderr
+    assert _run(*args, "--min-density", 0.1).exit_code == 2
+    profile.write_text(json.dumps({"kind": "ladder", "points": points[:1]}))
+    bad = _run(*args, "--density-profile", profile)
+    assert bad.exit_code == 2 and "at least two" in bad.stderr
