@@ -103,12 +103,12 @@ def measure_command(
                     raise MemtoolError(f"{flag} applies to a comparison: give two models or more")
             if len(specs) > 1:
                 raise MemtoolError("several --data need a comparison: give two models or more")
+            if plot is not None and budgets is None:
+                raise MemtoolError("--plot draws a --budgets sweep: pass --budgets too")
         elif density_profile is not None or min_density is not None:
             raise MemtoolError("--density-profile and --min-density take one model for now")
         if min_density is not None and density_profile is None:
             raise MemtoolError("--min-density needs --density-profile (the reference to compare)")
-            if plot is not None and budgets is None:
-                raise MemtoolError("--plot draws a --budgets sweep: pass --budgets too")
         config = MeasureConfig(
             data=specs[0],
             seq_len=seq_len,

@@ -423,6 +423,8 @@ def test_measure_density_against_a_ladder_profile(tiny_llama_dir, text_file, tmp
     breach = _run(*args, "--density-profile", profile, "--min-density", 1e9)
     assert breach.exit_code == 1 and "below --min-density" in breach.stderr
     assert _run(*args, "--min-density", 0.1).exit_code == 2
+    pair = _run("measure", tiny_llama_dir, tiny_llama_dir, "--density-profile", profile)
+    assert pair.exit_code == 2 and "one model for now" in pair.stderr
     profile.write_text(json.dumps({"kind": "ladder", "points": points[:1]}))
     bad = _run(*args, "--density-profile", profile)
     assert bad.exit_code == 2 and "at least two" in bad.stderr
