@@ -99,13 +99,7 @@ def compare(
     rows: list[Row] = []
     reports: list[dict] = []
     # Before measuring anything: a refusal should not come after minutes of work.
-    base_tokenizer = _tokenizer_fingerprint(load_tokenizer(models[0]))
-    for source in models[1:]:
-        if _tokenizer_fingerprint(load_tokenizer(source)) != base_tokenizer:
-            raise MemtoolError(
-                f"{source} does not share {models[0]}'s tokenizer: their perplexities are not "
-                "comparable (the same text becomes different tokens); compare models of one family"
-            )
+    check_same_tokenizer(models)
     for source in models:
         stack = sizes is not None and is_bitstack_folder(Path(source).expanduser())
         loaded = load_model(
@@ -157,7 +151,20 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-def _tokenizer_fingerprint(tokenizer) -> str:
+def check_same_tokenizer(models: list[str]) -> str:
+    """The models' common tokenizer fingerprint; MemtoolError naming the first that differs."""
+    base_tokenizer = tokenizer_fingerprint(load_tokenizer(models[0]))
+    for source in models[1:]:
+        if tokenizer_fingerprint(load_tokenizer(source)) != base_tokenizer:
+            raise MemtoolError(
+                f"{source} does not share {models[0]}'s tokenizer: their perplexities are not "
+                "comparable (the same text becomes different tokens); compare models of one family"
+            )
+    return base_tokenizer
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the sorted vocabulary: equal for tokenizers that split text alike."""
     vocab = tokenizer.get_vocab()
     text = json.dumps(sorted(vocab.items()), ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()

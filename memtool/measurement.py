@@ -24,10 +24,12 @@ from memtool.metrics import (
 from memtool.metrics.density import (
     DEFAULT_TIME_RATIO,
     bootstrap_density,
+    build_ladder_profile,
     capacity_density,
     effective_params,
     inference_time_density,
     load_profile,
+    protocol_flags,
 )
 from memtool.models import LoadedModel, load_model
 from memtool.sizes import parse_size
@@ -158,6 +160,14 @@ def measure(
         )
     )
     load_s = time.perf_counter() - began
+    if profile is not None and "tokenizer" in profile.protocol:
+        from memtool.comparison import tokenizer_fingerprint  # comparison imports this module
+
+        if tokenizer_fingerprint(loaded.tokenizer) != profile.protocol["tokenizer"]:
+            raise MemtoolError(
+                f"{loaded.source} does not share the tokenizer of the density profile's ladder: "
+                "its loss per token is not comparable; use a profile built from its family"
+            )
     context = loaded.max_context
     if context is not None and config.seq_len > context:
         raise MemtoolError(
@@ -174,7 +184,14 @@ def measure(
     dtype = loaded.model.get_input_embeddings().weight.dtype
     stack = loaded.bitstack
     density = (
-        _density(profile, result, non_embedding, model_bits_per_weight(loaded.model), config)
+        _density(
+            profile,
+            result,
+            non_embedding,
+            model_bits_per_weight(loaded.model),
+            config,
+            density_protocol(windows),
+        )
         if profile is not None
         else {}
     )
@@ -212,10 +229,52 @@ def measure(
     )
 
 
-def _density(profile, result, non_embedding: int, bits: float, config: MeasureConfig) -> dict:
+def build_ladder(models: list[str], config: MeasureConfig) -> dict:
+    """A ladder density profile (`memtool.metrics.density`) from reference models measured with
+    `config`'s protocol: their non-embedding parameters and held-out loss.
+
+    Raises:
+        MemtoolError: fewer than two models, models with different tokenizers, or a bad model.
+    """
+    if len(models) < 2:
+        raise MemtoolError("a ladder needs at least two reference models")
+    from memtool.comparison import check_same_tokenizer  # comparison imports this module
+
+    tokenizer = check_same_tokenizer(models)
+    reports = [measure(source, replace(config, density_profile=None)) for source in models]
+    first = reports[0]
+    protocol = {
+        "data": first.data,
+        "split": first.split,
+        "seq_len": first.seq_len,
+        "windows": first.windows,
+        "fingerprint": first.data_fingerprint,
+        "protocol": PROTOCOL,
+        "tokenizer": tokenizer,
+        "models": [r.model for r in reports],
+    }
+    points = [(r.params_non_embedding, r.nll_mean) for r in reports]
+    return build_ladder_profile(points, protocol)
+
+
+def density_protocol(windows) -> dict:
+    """The protocol facts a ladder profile records and a density check compares."""
+    return {
+        "data": windows.data,
+        "split": windows.split,
+        "seq_len": windows.seq_len,
+        "windows": windows.n_windows,
+        "fingerprint": windows.fingerprint,
+        "protocol": PROTOCOL,
+    }
+
+
+def _density(
+    profile, result, non_embedding: int, bits: float, config: MeasureConfig, protocol: dict
+) -> dict:
     """The density fields of a report (see `memtool.metrics.density`)."""
     estimate = effective_params(profile, loss=result.nll_mean)
-    flags = list(estimate.flags)
+    flags = list(estimate.flags) + list(protocol_flags(profile, protocol))
     rho = capacity_density(estimate.value, non_embedding)
     interval = None
     if len(result.batch_nll_sums) > 1 and 0 < estimate.value < math.inf:

@@ -1,5 +1,7 @@
 """`memtool measure`: perplexity, size and speed of a model, with CI gates."""
 
+import json
+
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -80,6 +82,13 @@ def measure_command(
     min_density: float = typer.Option(
         None, "--min-density", help="Exit 1 if capacity density is below this (needs a profile)."
     ),
+    build_profile: str = typer.Option(
+        None,
+        "--build-profile",
+        help="'ladder': measure the models as a reference ladder and write its density profile "
+        "to --output.",
+    ),
+    output: str = typer.Option(None, "--output", "-o", help="With --build-profile: FILE.json."),
     json_out: bool = JsonOption,
     debug: bool = DebugOption,
 ) -> None:
@@ -93,6 +102,11 @@ def measure_command(
             raise MemtoolError("give --budget or --budgets, not both")
         sweep = [parse_size(b.strip()) for b in budgets.split(",")] if budgets else None
         specs = data or ["wiki"]
+        if build_profile is not None:
+            return _build_profile(build_profile, output, models, specs, seq_len, max_windows,
+                                  all_windows, dtype, batch_size)  # fmt: skip
+        if output is not None:
+            raise MemtoolError("--output applies to --build-profile")
         comparing = models is not None and len(models) > 1
         if not comparing:
             for flag, value in (
@@ -158,7 +172,47 @@ def measure_command(
     run_command(action, json_out=json_out, debug=debug, render=_render)
 
 
+def _build_profile(
+    kind, output, models, specs, seq_len, max_windows, all_windows, dtype, batch_size
+) -> tuple[dict, list[str]]:
+    from pathlib import Path
+
+    from memtool.atomic import atomic_file
+    from memtool.measurement import build_ladder
+
+    if kind != "ladder":
+        raise MemtoolError(f"--build-profile {kind!r}: memtool builds 'ladder' profiles")
+    if output is None:
+        raise MemtoolError("--build-profile needs --output FILE.json")
+    if len(specs) > 1:
+        raise MemtoolError("a ladder is measured on one --data")
+    config = MeasureConfig(
+        data=specs[0],
+        seq_len=seq_len,
+        max_windows=None if all_windows else max_windows,
+        dtype=dtype,
+        batch_size=batch_size,
+    )
+    config.validate()
+    profile = build_ladder(list(models or []), config)
+    with atomic_file(Path(output)) as tmp:
+        tmp.write_text(json.dumps(profile, indent=1))
+    return {"profile": str(output), **profile}, []
+
+
 def _render(report: dict) -> None:
+    if "profile" in report and "points" in report:
+        fit = report.get("fit")
+        shown = (
+            f"L(N) = {fit['a']:.4g}·N^-{fit['alpha']:.3f} + {fit['E']:.4g}"
+            if fit
+            else "two points: interpolated in log N"
+        )
+        Console().print(
+            f"[bold green]Wrote[/] {report['profile']}: ladder of {len(report['points'])} "
+            f"models, {shown}"
+        )
+        return
     if "rows" in report:
         render_comparison(report)
     elif "budgets" in report:

@@ -24,6 +24,7 @@ the compute-to-memory time ratio per parameter, an explicit parameter (the paper
 formulas disagree on it, so reports state which r was used).
 """
 
+import itertools
 import json
 import math
 import random
@@ -99,6 +100,11 @@ def parse_profile(data: dict, source: str = "profile") -> DensityProfile:
     )
     if len({n for n, _ in points}) != len(points):
         raise MemtoolError(f"{source}: two ladder points have the same params")
+    if any(later >= earlier for (_, earlier), (_, later) in itertools.pairwise(points)):
+        raise MemtoolError(
+            f"{source}: the ladder's loss must fall as params grow (reference models of one "
+            "family, trained alike); these points do not"
+        )
     fit = data.get("fit")
     if fit is not None:
         fit = {k: _number(fit, k, source, positive=k != "E") for k in ("a", "alpha", "E")}
@@ -163,8 +169,6 @@ def _ladder(profile: DensityProfile, loss: float) -> Estimate:
         return Estimate(n_hat, "", flags)
     # Two points: linear in log N between them, a bound outside.
     (n0, l0), (n1, l1) = profile.points
-    if not l1 < l0:
-        raise MemtoolError(f"{profile.source}: the larger ladder model must have the lower loss")
     if loss >= l0:
         return Estimate(n0, "<", ("outside the ladder",))
     if loss <= l1:
@@ -250,3 +254,28 @@ def bootstrap_density(
 
     flags = ("interval includes bounds",) if bounded else ()
     return quantile(0.5), (quantile(0.05), quantile(0.95)), flags
+
+
+def build_ladder_profile(points: Sequence[tuple[int, float]], protocol: dict) -> dict:
+    """A ladder profile's JSON object from measured (non-embedding params, loss) pairs; the
+    protocol (data, split, seq_len, windows, fingerprint) travels with it, so a later
+    measurement can tell whether it was measured the same way."""
+    data = {
+        "kind": "ladder",
+        "points": [{"params": int(n), "loss": float(loss)} for n, loss in sorted(points)],
+        "protocol": protocol,
+    }
+    profile = parse_profile(data, "the measured ladder")  # validates, fits with >= 3 points
+    if profile.fit is not None:
+        data["fit"] = profile.fit
+    return data
+
+
+def protocol_flags(profile: DensityProfile, measured: dict) -> tuple[str, ...]:
+    """Flags for protocol fields the profile states and the measurement does differently."""
+    differing = [
+        key
+        for key in ("data", "split", "seq_len", "fingerprint")
+        if key in profile.protocol and key in measured and profile.protocol[key] != measured[key]
+    ]
+    return (f"protocol differs from the profile's ({', '.join(differing)})",) if differing else ()

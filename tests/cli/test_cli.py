@@ -428,3 +428,53 @@ def test_measure_density_against_a_ladder_profile(tiny_llama_dir, text_file, tmp
     profile.write_text(json.dumps({"kind": "ladder", "points": points[:1]}))
     bad = _run(*args, "--density-profile", profile)
     assert bad.exit_code == 2 and "at least two" in bad.stderr
+
+
+def test_build_a_ladder_profile_then_measure_against_it(
+    tiny_llama_dir, tiny_opt_dir, text_file, tmp_path, monkeypatch
+):
+    profile = tmp_path / "ladder.json"
+    common = ["--data", text_file, "--seq-len", 32, "--max-windows", 3]
+    build = ["measure", tiny_llama_dir, tiny_opt_dir, *common, "--build-profile", "ladder"]
+    # Two random tiny models: the larger is not the better one, so no ladder can be made.
+    refused = _run(*build, "--output", profile)
+    assert refused.exit_code == 2 and "loss must fall as params grow" in refused.stderr
+    assert not profile.exists()
+    # Stand-ins whose loss does fall with size: the profile carries points and protocol.
+    from memtool import measurement
+
+    real_measure = measurement.measure
+
+    def measured(source, config):
+        report = real_measure(source, config)
+        report.nll_mean = 100.0 / report.params_non_embedding**0.2
+        return report
+
+    monkeypatch.setattr(measurement, "measure", measured)
+    built = _run(*build, "--output", profile, "--json")
+    monkeypatch.setattr(measurement, "measure", real_measure)
+    assert built.exit_code == 0, built.stderr
+    data = json.loads(profile.read_text())
+    assert data["kind"] == "ladder" and len(data["points"]) == 2
+    assert data["protocol"]["seq_len"] == 32 and data["protocol"]["windows"] == 3
+    assert len(data["protocol"]["tokenizer"]) == 64
+    used = _run("measure", tiny_llama_dir, *common, "--density-profile", profile, "--json")
+    assert used.exit_code == 0, used.stderr
+    assert json.loads(used.stdout)["capacity_density"] is not None
+    # Another protocol is flagged; another tokenizer is refused.
+    other = _run("measure", tiny_llama_dir, "--data", text_file, "--seq-len", 16,
+                 "--max-windows", 3, "--density-profile", profile, "--json")  # fmt: skip
+    assert any("protocol differs" in f for f in json.loads(other.stdout)["density_flags"])
+    data["protocol"]["tokenizer"] = "0" * 64
+    profile.write_text(json.dumps(data))
+    refused = _run("measure", tiny_llama_dir, *common, "--density-profile", profile)
+    assert refused.exit_code == 2 and "tokenizer" in refused.stderr
+    for args, words in (
+        (["--build-profile", "ladder"], "--output"),
+        (["--build-profile", "densing", "--output", tmp_path / "x.json"], "'ladder'"),
+        (["--output", tmp_path / "x.json"], "applies to --build-profile"),
+    ):
+        bad = _run("measure", tiny_llama_dir, tiny_opt_dir, *common, *args)
+        assert bad.exit_code == 2 and words in bad.stderr, bad.stderr
+    one = _run("measure", tiny_llama_dir, *common, "--build-profile", "ladder", "-o", profile)
+    assert one.exit_code == 2 and "at least two" in one.stderr
