@@ -102,9 +102,20 @@ def measure_command(
             raise MemtoolError("give --budget or --budgets, not both")
         sweep = [parse_size(b.strip()) for b in budgets.split(",")] if budgets else None
         specs = data or ["wiki"]
+        config = MeasureConfig(
+            data=specs[0],
+            seq_len=seq_len,
+            max_windows=None if all_windows else max_windows,
+            dtype=dtype,
+            batch_size=batch_size,
+            allow_pickle=allow_pickle,
+            budget=parse_size(budget) if budget is not None else None,
+            density_profile=density_profile,
+            time_ratio=time_ratio,
+        )
+        config.validate()
         if build_profile is not None:
-            return _build_profile(build_profile, output, models, specs, seq_len, max_windows,
-                                  all_windows, dtype, batch_size)  # fmt: skip
+            return _build_profile(build_profile, output, models, specs, config)
         if output is not None:
             raise MemtoolError("--output applies to --build-profile")
         comparing = models is not None and len(models) > 1
@@ -123,18 +134,6 @@ def measure_command(
             raise MemtoolError("--density-profile and --min-density take one model for now")
         if min_density is not None and density_profile is None:
             raise MemtoolError("--min-density needs --density-profile (the reference to compare)")
-        config = MeasureConfig(
-            data=specs[0],
-            seq_len=seq_len,
-            max_windows=None if all_windows else max_windows,
-            dtype=dtype,
-            batch_size=batch_size,
-            allow_pickle=allow_pickle,
-            budget=parse_size(budget) if budget is not None else None,
-            density_profile=density_profile,
-            time_ratio=time_ratio,
-        )
-        config.validate()
         if comparing:
             if budget is not None:
                 raise MemtoolError(
@@ -173,7 +172,7 @@ def measure_command(
 
 
 def _build_profile(
-    kind, output, models, specs, seq_len, max_windows, all_windows, dtype, batch_size
+    kind: str, output: str | None, models, specs: list[str], config: MeasureConfig
 ) -> tuple[dict, list[str]]:
     from pathlib import Path
 
@@ -186,14 +185,6 @@ def _build_profile(
         raise MemtoolError("--build-profile needs --output FILE.json")
     if len(specs) > 1:
         raise MemtoolError("a ladder is measured on one --data")
-    config = MeasureConfig(
-        data=specs[0],
-        seq_len=seq_len,
-        max_windows=None if all_windows else max_windows,
-        dtype=dtype,
-        batch_size=batch_size,
-    )
-    config.validate()
     profile = build_ladder(list(models or []), config)
     with atomic_file(Path(output)) as tmp:
         tmp.write_text(json.dumps(profile, indent=1))
