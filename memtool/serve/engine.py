@@ -210,10 +210,7 @@ class InMemoryEngine:
             )
         self.context_length = int(length)
         self._eos_ids = _eos_ids(self.model, self.tokenizer)
-        # transformers 5 renamed forward's `past_key_values` to `cache` (the old name warns and
-        # goes away in 5.40); the project supports versions on both sides of the rename.
-        forward_args = inspect.signature(self.model.forward).parameters
-        self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
+        self._cache_arg = cache_argument(self.model)
         self._lock = threading.Lock()  # one request at a time: the KV cache owns the model
         template_args = inspect.signature(self.tokenizer.apply_chat_template).parameters
         self._sanitizes = "sanitize_control_tokens" in template_args
@@ -319,6 +316,15 @@ class InMemoryEngine:
                     return
                 yield TokenEvent(token, text)
                 inputs = torch.tensor([[token]], device=device)
+
+
+def cache_argument(model) -> str:
+    """The name `model.forward` takes its KV cache under.
+
+    transformers 5 renamed forward's `past_key_values` to `cache` (the old name warns and goes
+    away in 5.40); the project supports versions on both sides of the rename.
+    """
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _finish(detokenizer: IncrementalDetokenizer, stops: StopMatcher) -> str:

@@ -24,7 +24,7 @@ from torch import nn
 from memtool.errors import MemtoolError
 from memtool.formats.flash_store import open_flash_store
 from memtool.models.layers import decoder_layers
-from memtool.serve.engine import InMemoryEngine, StatsHook, TokenStats
+from memtool.serve.engine import InMemoryEngine, StatsHook, TokenStats, cache_argument
 from memtool.serve.flash.ffn import FlashCounters, FlashFFN
 from memtool.serve.flash.io import DEFAULT_GAP_BYTES, NeuronReader
 from memtool.serve.flash.sparsity import (
@@ -477,16 +477,11 @@ def greedy_decode(
 ) -> tuple[list[int], list[float]]:
     """Greedy ids and per-token seconds with a plain KV-cache loop (benchmarks, tests; also for
     stores without a tokenizer)."""
-    import inspect
-
     from transformers import DynamicCache
 
     model = flash_or_model.model if isinstance(flash_or_model, FlashModel) else flash_or_model
     cache = DynamicCache(config=model.config)
-    # transformers 5 renamed forward's `past_key_values` to `cache` (see InMemoryEngine).
-    cache_arg = (
-        "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    )
+    cache_arg = cache_argument(model)
     inputs = torch.tensor([prompt_ids])
     ids, seconds = [], []
     for _ in range(new_tokens):
