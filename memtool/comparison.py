@@ -7,18 +7,28 @@ given first) and whether it lies on the Pareto frontier of weight bytes against 
 the first data set: no other row is at most as large and strictly better, or strictly smaller
 and at most as bad.
 
+With tasks (`MeasureConfig.tasks`), each row also carries its lm-eval scores, taken with the
+first data set's measurement; the table shows each task's headline metric (`task_metric`).
+
+With a density profile (`MeasureConfig.density_profile`), each row also gets N_hat and its
+capacity density on the first data set, and N_hat's change against the base. Where either N_hat
+is only a bound, the change is one too ("<" or ">"), or unknown when both bounds point the same
+way.
+
 Perplexities of models with different tokenizers are not comparable (the same text splits into
 different tokens), so such a comparison is refused.
 """
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from memtool.errors import MemtoolError
 from memtool.formats.bitstack_stack import is_bitstack_folder
-from memtool.measurement import MeasureConfig, measure
+from memtool.measurement import MeasureConfig, check_profile_tokenizer, measure
+from memtool.metrics.density import load_profile
 from memtool.models import load_model, load_tokenizer
 from memtool.sizes import format_size, parse_size
 
@@ -37,6 +47,15 @@ class Row:
     perplexity_change_pct: dict[str, float] = field(default_factory=dict)  # vs the base
     weight_bytes_ratio: float = 1.0  # vs the base
     pareto: bool = False
+    # With a density profile (first data set; None otherwise):
+    effective_params: float | None = None
+    effective_params_bound: str | None = None  # "", ">" or "<"
+    capacity_density: float | None = None
+    capacity_density_interval: list[float] | None = None
+    density_flags: list[str] | None = None
+    effective_params_change_pct: float | None = None  # vs the base; None when unknown
+    effective_params_change_bound: str | None = None  # "", "<" or ">"
+    task_scores: dict[str, dict] | None = None  # with tasks: lm-eval's metrics per task
 
     @property
     def label(self) -> str:
@@ -60,10 +79,18 @@ class Comparison:
             "reports": self.reports,
         }
 
+    @property
+    def has_density(self) -> bool:
+        return self.rows[0].effective_params is not None
+
     def to_markdown(self) -> str:
         head = ["model", "weight bytes", "bits/weight (linear)", "tokens/s"]
         head += [f"ppl {d}" for d in self.data] + [f"Δ ppl {d}" for d in self.data]
         head += ["bytes vs base", "Pareto"]
+        if self.has_density:
+            head += ["N̂", "density (90%)", "Δ N̂"]
+        tasks = list(self.rows[0].task_scores or {})
+        head += [f"{task} {task_metric(self.rows[0].task_scores[task])}" for task in tasks]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for row in self.rows:
             cells = [
@@ -75,8 +102,59 @@ class Comparison:
             cells += [f"{row.perplexity[d]:.3f}" for d in self.data]
             cells += [f"{row.perplexity_change_pct[d]:+.1f}%" for d in self.data]
             cells += [f"{row.weight_bytes_ratio:.2f}x", "yes" if row.pareto else ""]
+            if self.has_density:
+                cells += density_cells(vars(row))
+            cells += task_cells(vars(row), tasks)
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"
+
+
+def density_cells(row: dict) -> list[str]:
+    """N_hat, capacity density with its interval, and N_hat's change vs the base, as text."""
+    bound = row["effective_params_bound"] or ""
+    density = f"{bound}{row['capacity_density']:.3g}"
+    if row["capacity_density_interval"]:
+        low, high = row["capacity_density_interval"]
+        density += f" ({low:.3g}-{high:.3g})"
+    change = row["effective_params_change_pct"]
+    shown = "?" if change is None else f"{row['effective_params_change_bound']}{change:+.1f}%"
+    return [f"{bound}{row['effective_params']:.3g}", density, shown]
+
+
+def task_metric(scores: dict) -> str:
+    """The metric a table shows for a task: acc when scored, else its first number."""
+    names = [k for k in scores if k != "samples" and not k.endswith("_stderr")]
+    return "acc" if "acc" in names else names[0]
+
+
+def task_cells(row: dict, tasks: list[str]) -> list[str]:
+    cells = []
+    for task in tasks:
+        scores = (row["task_scores"] or {}).get(task)
+        if scores is None:
+            cells.append("")
+            continue
+        metric = task_metric(scores)
+        error = scores.get(f"{metric}_stderr")
+        shown = f"{scores[metric]:.3f}"
+        cells.append(shown + (f" ± {error:.3f}" if isinstance(error, (int, float)) else ""))
+    return cells
+
+
+def bounded_change(value: float, bound: str, base: float, base_bound: str) -> tuple[float, str]:
+    """Percent change of `value` against `base` when either may be a bound ("<" or ">").
+
+    Returns (percent, bound of the true change); percent is nan when nothing can be said
+    (both bounds the same way, or a value that is not a positive finite number)."""
+    if not (0 < value < math.inf and 0 < base < math.inf):
+        return math.nan, ""
+    # The true ratio is at most the computed one when the value can only be lower or the base
+    # only higher, at least when the reverse; both ways at once leaves it unknown.
+    lower = bound == "<" or base_bound == ">"
+    higher = bound == ">" or base_bound == "<"
+    if lower and higher:
+        return math.nan, ""
+    return 100 * (value / base - 1), "<" if lower else ">" if higher else ""
 
 
 def compare(
@@ -99,7 +177,10 @@ def compare(
     rows: list[Row] = []
     reports: list[dict] = []
     # Before measuring anything: a refusal should not come after minutes of work.
-    check_same_tokenizer(models)
+    tokenizer = check_same_tokenizer(models)
+    if config.density_profile is not None:
+        profile = load_profile(config.density_profile)
+        check_profile_tokenizer(profile, tokenizer, models[0])
     for source in models:
         stack = sizes is not None and is_bitstack_folder(Path(source).expanduser())
         loaded = load_model(
@@ -111,7 +192,20 @@ def compare(
         for budget in sizes if stack else [None]:
             if budget is not None:
                 loaded.set_budget(budget)
-            per_data = {d: measure(loaded, replace(config, data=d, budget=budget)) for d in data}
+            # Density on the first data set only (the one a profile's protocol names).
+            per_data = {
+                d: measure(
+                    loaded,
+                    replace(
+                        config,
+                        data=d,
+                        budget=budget,
+                        density_profile=config.density_profile if d == data[0] else None,
+                        tasks=config.tasks if d == data[0] else (),
+                    ),
+                )
+                for d in data
+            }
             first = per_data[data[0]]
             rows.append(
                 Row(
@@ -122,6 +216,12 @@ def compare(
                     bits_per_weight_linear=first.bits_per_weight_linear,
                     perplexity={d: r.perplexity for d, r in per_data.items()},
                     tokens_per_s=first.tokens_per_s,
+                    effective_params=first.effective_params,
+                    effective_params_bound=first.effective_params_bound,
+                    capacity_density=first.capacity_density,
+                    capacity_density_interval=first.capacity_density_interval,
+                    density_flags=first.density_flags,
+                    task_scores=first.task_scores,
                 )
             )
             reports += [r.to_dict() for r in per_data.values()]
@@ -132,6 +232,16 @@ def compare(
             d: 100 * (row.perplexity[d] / base.perplexity[d] - 1) for d in data
         }
         row.weight_bytes_ratio = row.weight_bytes / base.weight_bytes
+        if base.effective_params is not None:
+            change, bound = bounded_change(
+                row.effective_params,
+                row.effective_params_bound,
+                base.effective_params,
+                base.effective_params_bound,
+            )
+            if not math.isnan(change):
+                row.effective_params_change_pct = change
+                row.effective_params_change_bound = bound
     for index in pareto_front([(r.weight_bytes, r.perplexity[data[0]]) for r in rows]):
         rows[index].pareto = True
     return Comparison(rows, list(data), reports)

@@ -28,7 +28,9 @@ from memtool.metrics.density import (
     capacity_density,
     effective_params,
     inference_time_density,
+    ladder_parameter_sets,
     load_profile,
+    parameter_set_density,
     protocol_flags,
 )
 from memtool.models import LoadedModel, load_model
@@ -53,6 +55,9 @@ class MeasureConfig:
         density_profile: a reference profile file (`memtool.metrics.density`); adds N_hat,
             capacity density with its bootstrap interval, and inference-time density.
         time_ratio: r of the inference-time density (compute time / memory time per parameter).
+        tasks: lm-eval tasks to score the model on (`memtool.metrics.tasks`): .jsonl / .yaml
+            files or task names; needs the optional lm-eval install.
+        task_limit: score at most this many items of each task (None: all).
     """
 
     data: str = "wiki"
@@ -65,8 +70,16 @@ class MeasureConfig:
     budget: int | str | None = None
     density_profile: str | None = None
     time_ratio: float = DEFAULT_TIME_RATIO
+    tasks: tuple[str, ...] = ()
+    task_limit: int | None = None
 
     def validate(self) -> None:
+        if self.task_limit is not None and self.task_limit < 1:
+            raise MemtoolError(f"--task-limit must be at least 1, not {self.task_limit}")
+        if self.tasks:  # a bad task file fails before the model loads
+            from memtool.metrics.tasks import resolve_tasks
+
+            resolve_tasks(list(self.tasks))
         for name in ("seq_len", "batch_size", "max_windows"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -107,6 +120,9 @@ class MeasureReport:
     forward_seconds: float
     load_seconds: float
     kv_cache_bytes: int  # per evaluation batch at its full length, beside the weights
+    # Summed NLL and predicted tokens of each forward batch: what bootstraps resample.
+    batch_nll_sums: list[float] = field(default_factory=list)
+    batch_predicted_tokens: list[int] = field(default_factory=list)
     budget_bytes: int | None = None  # BitStack: the budget the model was loaded or resized to
     stack_blocks: int | None = None  # BitStack: residual blocks held
     resize_seconds: float | None = None  # BitStack sweeps: time to grow to this budget
@@ -119,6 +135,8 @@ class MeasureReport:
     inference_time_density: float | None = None
     inference_time_ratio: float | None = None  # the r used
     density_flags: list[str] | None = None
+    # With tasks (None otherwise): {task: {metric: value, "samples": n}}, lm-eval's metric names.
+    task_scores: dict[str, dict] | None = None
     memtool_version: str = __version__
     conventions: dict = field(
         default_factory=lambda: {
@@ -129,6 +147,8 @@ class MeasureReport:
             "peak_rss_bytes": "peak resident memory of the process, loading included",
             "tokens_per_s": "eval_tokens / forward_seconds",
             "kv_cache_bytes": "keys and values of one batch of windows, not in weight_bytes",
+            "batch_nll_sums": "summed NLL (nats) of each forward batch, beside "
+            "batch_predicted_tokens",
             "capacity_density": "N_hat / params_non_embedding (Densing Law), median of the "
             "bootstrap over evaluation windows; interval 5%-95% of log density",
             "inference_time_density": "N_hat (1 + r) / (N * bits_per_weight / 16 + N * r)",
@@ -163,11 +183,7 @@ def measure(
     if profile is not None and "tokenizer" in profile.protocol:
         from memtool.comparison import tokenizer_fingerprint  # comparison imports this module
 
-        if tokenizer_fingerprint(loaded.tokenizer) != profile.protocol["tokenizer"]:
-            raise MemtoolError(
-                f"{loaded.source} does not share the tokenizer of the density profile's ladder: "
-                "its loss per token is not comparable; use a profile built from its family"
-            )
+        check_profile_tokenizer(profile, tokenizer_fingerprint(loaded.tokenizer), loaded.source)
     context = loaded.max_context
     if context is not None and config.seq_len > context:
         raise MemtoolError(
@@ -183,6 +199,11 @@ def measure(
     total, non_embedding = count_params(loaded.model)
     dtype = loaded.model.get_input_embeddings().weight.dtype
     stack = loaded.bitstack
+    scores = None
+    if config.tasks:
+        from memtool.metrics.tasks import task_scores
+
+        scores = task_scores(loaded, list(config.tasks), config.task_limit, config.batch_size)
     density = (
         _density(
             profile,
@@ -191,6 +212,7 @@ def measure(
             model_bits_per_weight(loaded.model),
             config,
             density_protocol(windows),
+            profile_score(profile, scores),
         )
         if profile is not None
         else {}
@@ -223,10 +245,23 @@ def measure(
         kv_cache_bytes=kv_cache_bytes(
             loaded.model.config, config.batch_size * config.seq_len, dtype.itemsize
         ),
+        batch_nll_sums=list(result.batch_nll_sums),
+        batch_predicted_tokens=list(result.batch_predicted_tokens),
         budget_bytes=None if config.budget is None else parse_size(config.budget),
         stack_blocks=stack.n_blocks if stack is not None else None,
+        task_scores=scores,
         **density,
     )
+
+
+def check_profile_tokenizer(profile, fingerprint: str, source: str) -> None:
+    """MemtoolError when the profile names a tokenizer (a ladder's) other than the model's."""
+    expected = profile.protocol.get("tokenizer")
+    if expected is not None and fingerprint != expected:
+        raise MemtoolError(
+            f"{source} does not share the tokenizer of the density profile's ladder: "
+            "its loss per token is not comparable; use a profile built from its family"
+        )
 
 
 def build_ladder(models: list[str], config: MeasureConfig) -> dict:
@@ -241,7 +276,8 @@ def build_ladder(models: list[str], config: MeasureConfig) -> dict:
     from memtool.comparison import check_same_tokenizer  # comparison imports this module
 
     tokenizer = check_same_tokenizer(models)
-    reports = [measure(source, replace(config, density_profile=None)) for source in models]
+    plain = replace(config, density_profile=None, tasks=())
+    reports = [measure(source, plain) for source in models]
     first = reports[0]
     protocol = {
         "data": first.data,
@@ -254,7 +290,15 @@ def build_ladder(models: list[str], config: MeasureConfig) -> dict:
         "models": [r.model for r in reports],
     }
     points = [(r.params_non_embedding, r.nll_mean) for r in reports]
-    return build_ladder_profile(points, protocol)
+    profile = build_ladder_profile(points, protocol)  # validates before the resampling
+    if "fit" not in profile:
+        return profile
+    # The reference's own uncertainty: the fit to resampled evaluation windows of every model.
+    sets = ladder_parameter_sets(
+        [r.params_non_embedding for r in reports],
+        [(r.batch_nll_sums, r.batch_predicted_tokens) for r in reports],
+    )
+    return build_ladder_profile(points, protocol, sets)
 
 
 def density_protocol(windows) -> dict:
@@ -269,15 +313,46 @@ def density_protocol(windows) -> dict:
     }
 
 
+def profile_score(profile, scores: dict | None) -> float | None:
+    """The task score a densing profile's sigmoid takes: its protocol's `task` (and `metric`,
+    default acc) when that task was scored; None otherwise (N_hat then comes from the loss)."""
+    task = profile.protocol.get("task") if profile is not None else None
+    if task is None or "c" not in profile.constants or not scores or task not in scores:
+        return None
+    metric = profile.protocol.get("metric", "acc")
+    if metric not in scores[task]:
+        raise MemtoolError(
+            f"the density profile reads {metric!r} of task {task!r}, which lm-eval did not report"
+        )
+    return float(scores[task][metric])
+
+
 def _density(
-    profile, result, non_embedding: int, bits: float, config: MeasureConfig, protocol: dict
+    profile,
+    result,
+    non_embedding: int,
+    bits: float,
+    config: MeasureConfig,
+    protocol: dict,
+    score: float | None = None,
 ) -> dict:
-    """The density fields of a report (see `memtool.metrics.density`)."""
-    estimate = effective_params(profile, loss=result.nll_mean)
+    """The density fields of a report (see `memtool.metrics.density`). With a task `score`
+    (a densing profile's task), N_hat inverts the score law and no window bootstrap applies."""
+    estimate = effective_params(profile, loss=result.nll_mean, score=score)
     flags = list(estimate.flags) + list(protocol_flags(profile, protocol))
+    if score is not None:
+        flags.append(f"from the score of task {profile.protocol['task']}")
     rho = capacity_density(estimate.value, non_embedding)
     interval = None
-    if len(result.batch_nll_sums) > 1 and 0 < estimate.value < math.inf:
+    if score is not None:
+        # No windows to resample for a task score: the interval spans the profile's own sets.
+        if profile.parameter_sets:
+            rho, (low, high), more = parameter_set_density(profile, non_embedding, score=score)
+            interval = [low, high]
+            flags += more
+        else:
+            flags.append("task score without parameter sets: no interval")
+    elif len(result.batch_nll_sums) > 1 and 0 < estimate.value < math.inf:
         median, (low, high), more = bootstrap_density(
             profile, result.batch_nll_sums, result.batch_predicted_tokens, non_embedding
         )

@@ -89,6 +89,13 @@ def test_cli_comparison_gates_summary_and_plot(tiny_llama_dir, variants, text_fi
     assert "above --max-perplexity-increase" in below.stderr
     above = runner.invoke(app, [*args, "--max-perplexity-increase", f"{worst + 0.05:.2f}"])
     assert above.exit_code == 0, above.stderr
+    # The size gate is the variants': the larger base passes it, a variant above it does not.
+    largest = max(row["weight_bytes"] for row in payload["rows"][1:])
+    assert largest < payload["rows"][0]["weight_bytes"]
+    fits = runner.invoke(app, [*args, "--max-weight-bytes", str(largest)])
+    assert fits.exit_code == 0, fits.stderr
+    over = runner.invoke(app, [*args, "--max-weight-bytes", str(largest - 1)])
+    assert over.exit_code == 1 and "exceed --max-weight-bytes" in over.stderr
     for bad, match in (
         (["measure", str(tiny_llama_dir), *common, "--summary", str(summary)], "--summary applies"),
         (["measure", str(tiny_llama_dir), "--data", "wiki", "--data", "code"], "several --data"),

@@ -42,7 +42,9 @@ def measure_command(
         None, "--max-perplexity", help="Exit 1 if perplexity is above this."
     ),
     max_weight_bytes: str = typer.Option(
-        None, "--max-weight-bytes", help="Exit 1 if weights take more (300MB, 1.5GiB, bytes)."
+        None,
+        "--max-weight-bytes",
+        help="Exit 1 if weights take more (300MB, 1.5GiB, bytes); in a comparison, any variant's.",
     ),
     max_perplexity_increase: float = typer.Option(
         None,
@@ -82,6 +84,16 @@ def measure_command(
     min_density: float = typer.Option(
         None, "--min-density", help="Exit 1 if capacity density is below this (needs a profile)."
     ),
+    tasks: list[str] = typer.Option(
+        None,
+        "--tasks",
+        help="Score on an lm-eval task (needs pip install 'memtool[eval]'): a multiple-choice "
+        'FILE.jsonl ({"query", "choices", "answer"} per line), an lm-eval task FILE.yaml, or a '
+        "task name. Repeat it for several.",
+    ),
+    task_limit: int = typer.Option(
+        None, "--task-limit", help="Score at most N items of each task."
+    ),
     build_profile: str = typer.Option(
         None,
         "--build-profile",
@@ -112,6 +124,8 @@ def measure_command(
             budget=parse_size(budget) if budget is not None else None,
             density_profile=density_profile,
             time_ratio=time_ratio,
+            tasks=tuple(tasks or ()),
+            task_limit=task_limit,
         )
         config.validate()
         if build_profile is not None:
@@ -130,8 +144,6 @@ def measure_command(
                 raise MemtoolError("several --data need a comparison: give two models or more")
             if plot is not None and budgets is None:
                 raise MemtoolError("--plot draws a --budgets sweep: pass --budgets too")
-        elif density_profile is not None or min_density is not None:
-            raise MemtoolError("--density-profile and --min-density take one model for now")
         if min_density is not None and density_profile is None:
             raise MemtoolError("--min-density needs --density-profile (the reference to compare)")
         if comparing:
@@ -144,7 +156,7 @@ def measure_command(
                 specs,
                 config,
                 sweep,
-                Gates(max_perplexity, weight_limit, max_perplexity_increase),
+                Gates(max_perplexity, weight_limit, max_perplexity_increase, min_density),
                 plot,
                 summary,
             )
@@ -283,6 +295,14 @@ def _render_one(report: dict) -> None:
         )
         if report["density_flags"]:
             rows.append(("density flags", ", ".join(report["density_flags"])))
+    for task, scores in (report.get("task_scores") or {}).items():
+        shown = ", ".join(
+            f"{name} {value:.4f}" + (f" ± {scores[name + '_stderr']:.4f}"
+                                     if isinstance(scores.get(name + "_stderr"), float) else "")
+            for name, value in scores.items()
+            if name != "samples" and not name.endswith("_stderr")
+        )  # fmt: skip
+        rows.append((f"task {task}", f"{shown} ({scores['samples']} items)"))
     for key, value in rows:
         table.add_row(key, value)
     Console().print(table)

@@ -7,7 +7,7 @@ from rich.console import Console
 from rich.table import Table
 
 from memtool.atomic import atomic_file
-from memtool.comparison import Comparison, compare
+from memtool.comparison import Comparison, compare, density_cells, task_cells, task_metric
 from memtool.errors import MemtoolError
 from memtool.measurement import MeasureConfig
 from memtool.sizes import format_size
@@ -20,6 +20,7 @@ class Gates:
     max_perplexity: float | None
     max_weight_bytes: int | None
     max_perplexity_increase_pct: float | None
+    min_density: float | None = None
 
 
 def run_comparison(
@@ -65,7 +66,16 @@ def failures(comparison: Comparison, gates: Gates) -> list[str]:
                     f"{row.label}: perplexity on {spec} is {change:+.1f}% vs the base, above "
                     f"--max-perplexity-increase {limit:g}%"
                 )
-        if gates.max_weight_bytes is not None and row.weight_bytes > gates.max_weight_bytes:
+        density = row.capacity_density
+        if gates.min_density is not None and density is not None and density < gates.min_density:
+            found.append(
+                f"{row.label}: capacity density {row.effective_params_bound or ''}{density:.4g} "
+                f"is below --min-density {gates.min_density:g}"
+            )
+        # The base is the reference, usually the uncompressed model: the size gate is the
+        # variants' (its perplexity and density gates do apply to it).
+        too_big = gates.max_weight_bytes is not None and row.weight_bytes > gates.max_weight_bytes
+        if row is not base and too_big:
             found.append(
                 f"{row.label}: weight bytes {row.weight_bytes} exceed --max-weight-bytes "
                 f"{gates.max_weight_bytes}"
@@ -101,6 +111,12 @@ def render_comparison(payload: dict) -> None:
     table = Table(title=f"memtool measure: {len(payload['rows'])} models, base first")
     columns = ["model", "weight bytes", "bits/w (linear)", "tokens/s"]
     columns += [f"ppl {d}" for d in data] + [f"Δ {d}" for d in data] + ["bytes", "Pareto"]
+    has_density = payload["rows"][0]["effective_params"] is not None
+    if has_density:
+        columns += ["N̂", "density (90%)", "Δ N̂"]
+    first_scores = payload["rows"][0]["task_scores"] or {}
+    tasks = list(first_scores)
+    columns += [f"{task} {task_metric(first_scores[task])}" for task in tasks]
     for column in columns:
         table.add_column(column, justify="left" if column == "model" else "right")
     for row in payload["rows"]:
@@ -113,6 +129,9 @@ def render_comparison(payload: dict) -> None:
         cells += [f"{row['perplexity'][d]:.3f}" for d in data]
         cells += [f"{row['perplexity_change_pct'][d]:+.1f}%" for d in data]
         cells += [f"{row['weight_bytes_ratio']:.2f}x", "*" if row["pareto"] else ""]
+        if has_density:
+            cells += density_cells(row)
+        cells += task_cells(row, tasks)
         table.add_row(*cells)
     console = Console()
     console.print(table)
@@ -121,6 +140,14 @@ def render_comparison(payload: dict) -> None:
         f"[dim]{first['windows']} windows x {first['seq_len']} tokens per data set; "
         f"* = on the Pareto frontier of bytes vs perplexity on {data[0]}[/]"
     )
+    if has_density:
+        console.print(
+            f"[dim]N̂: effective parameters on {data[0]} against {first['density_profile']}; "
+            "Δ N̂ vs the base; < or > marks a bound[/]"
+        )
+        for row in payload["rows"]:
+            if row["density_flags"]:
+                console.print(f"[dim]{row['label']}: {', '.join(row['density_flags'])}[/]")
     for key in ("summary", "plot"):
         if key in payload:
             console.print(f"{key}: {payload[key]}")

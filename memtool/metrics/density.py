@@ -15,6 +15,11 @@ no fitted constants, so memtool never invents them: the reference comes from a p
   sigmoid S(L) = c / (1 + exp(-gamma * (L - l))) + d. N_hat inverts both; a score outside
   (d, c + d), or a loss at or below the data term b * D0^-beta, gives a bound, not a number.
 
+Either kind may carry `parameter_sets`: alternative constants (densing) or fits {a, alpha, E}
+(ladder) that express the reference's own uncertainty, such as fits to bootstrap resamples of
+the ladder's evaluation windows (`ladder_parameter_sets`). The density bootstrap then draws one
+set per resample as well as resampling the measured windows.
+
 A result is (value, bound, flags): bound "" for a number, ">" or "<" when only a bound is known
 (then value is that bound).
 
@@ -29,8 +34,10 @@ import json
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+import torch
 
 from memtool.errors import MemtoolError
 
@@ -50,6 +57,13 @@ class DensityProfile:
     fit: dict | None = None  # ladder: {"a", "alpha", "E"}
     constants: dict = field(default_factory=dict)  # densing
     protocol: dict = field(default_factory=dict)
+    parameter_sets: tuple[dict, ...] = ()  # alternative constants (densing) or fits (ladder)
+
+    def with_parameters(self, parameters: dict) -> "DensityProfile":
+        """This profile with one of its parameter sets in place of its constants or fit."""
+        if self.kind == "densing":
+            return replace(self, constants=parameters, parameter_sets=())
+        return replace(self, fit=parameters, parameter_sets=())
 
 
 @dataclass(frozen=True)
@@ -82,16 +96,25 @@ def parse_profile(data: dict, source: str = "profile") -> DensityProfile:
             f"{source}: unknown profile kind {kind!r}; use one of {', '.join(KINDS)}"
         )
     protocol = data.get("protocol", {})
+    raw_sets = data.get("parameter_sets", [])
+    if not isinstance(raw_sets, list) or not all(isinstance(p, dict) for p in raw_sets):
+        raise MemtoolError(f"{source}: parameter_sets must be a list of objects")
     if kind == "densing":
         raw = data.get("constants")
         if not isinstance(raw, dict):
             raise MemtoolError(f"{source}: a densing profile needs a 'constants' object")
-        constants = {k: _number(raw, k, source, positive=True) for k in DENSING_LOSS}
-        if all(k in raw for k in DENSING_SCORE):
-            constants.update({k: _number(raw, k, source) for k in DENSING_SCORE})
-            if constants["c"] <= 0 or constants["gamma"] == 0:
-                raise MemtoolError(f"{source}: c must be positive and gamma non-zero")
-        return DensityProfile(kind, source, constants=constants, protocol=protocol)
+        constants = _densing_constants(raw, source)
+        sets = []
+        for i, raw_set in enumerate(raw_sets):
+            parameters = _densing_constants(raw_set, f"{source}: parameter_sets[{i}]")
+            if parameters.keys() != constants.keys():
+                raise MemtoolError(
+                    f"{source}: parameter_sets[{i}] must give the same constants as 'constants'"
+                )
+            sets.append(parameters)
+        return DensityProfile(
+            kind, source, constants=constants, protocol=protocol, parameter_sets=tuple(sets)
+        )
     raw_points = data.get("points")
     if not isinstance(raw_points, list) or len(raw_points) < 2:
         raise MemtoolError(f"{source}: a ladder profile needs at least two 'points'")
@@ -107,10 +130,31 @@ def parse_profile(data: dict, source: str = "profile") -> DensityProfile:
         )
     fit = data.get("fit")
     if fit is not None:
-        fit = {k: _number(fit, k, source, positive=k != "E") for k in ("a", "alpha", "E")}
+        fit = _ladder_fit(fit, source)
     elif len(points) >= 3:
         fit = fit_ladder(points)
-    return DensityProfile(kind, source, tuple(points), fit, protocol=protocol)
+    if raw_sets and fit is None:
+        raise MemtoolError(f"{source}: parameter_sets of a ladder are fits: give 'fit' too")
+    sets = tuple(_ladder_fit(p, f"{source}: parameter_sets[{i}]") for i, p in enumerate(raw_sets))
+    return DensityProfile(kind, source, tuple(points), fit, protocol=protocol, parameter_sets=sets)
+
+
+def _densing_constants(raw: dict, where: str) -> dict:
+    constants = {k: _number(raw, k, where, positive=True) for k in DENSING_LOSS}
+    if all(k in raw for k in DENSING_SCORE):
+        constants.update({k: _number(raw, k, where) for k in DENSING_SCORE})
+        if constants["c"] <= 0 or constants["gamma"] == 0:
+            raise MemtoolError(f"{where}: c must be positive and gamma non-zero")
+    return constants
+
+
+def _ladder_fit(raw: dict, where: str) -> dict:
+    if not isinstance(raw, dict):
+        raise MemtoolError(f"{where}: a ladder fit is an object with a, alpha and E")
+    fit = {k: _number(raw, k, where, positive=k != "E") for k in ("a", "alpha", "E")}
+    if fit["E"] < 0:
+        raise MemtoolError(f"{where}: the loss floor E must not be negative, not {fit['E']}")
+    return fit
 
 
 def load_profile(path: Path | str) -> DensityProfile:
@@ -126,27 +170,52 @@ def load_profile(path: Path | str) -> DensityProfile:
 
 
 def fit_ladder(points: Sequence[tuple[float, float]]) -> dict:
-    """Least-squares L(N) = a * N^-alpha + E: for each (alpha, E) on a grid, a is linear."""
+    """Least-squares L(N) = a * N^-alpha + E over a grid of (alpha, E); a is linear, so for
+    each grid cell it is solved exactly (the whole grid at once, as tensors)."""
     if len(points) < 3:
         raise MemtoolError("fitting a ladder needs at least three points")
-    losses = [loss for _, loss in points]
-    best = None
-    for i in range(1, 200):
-        alpha = i / 200  # (0, 1): the exponents measured for LMs lie well inside
-        xs = [n**-alpha for n, _ in points]
-        for j in range(200):
-            floor = min(losses) * j / 200
-            ys = [loss - floor for loss in losses]
-            a = sum(x * y for x, y in zip(xs, ys, strict=True)) / sum(x * x for x in xs)
-            if a <= 0:
-                continue
-            error = sum((a * x - y) ** 2 for x, y in zip(xs, ys, strict=True))
-            if best is None or error < best[0]:
-                best = (error, a, alpha, floor)
-    if best is None:
+    params = torch.tensor([n for n, _ in points], dtype=torch.float64)
+    losses = torch.tensor([loss for _, loss in points], dtype=torch.float64)
+    # alpha in (0, 1): the exponents measured for LMs lie well inside; E in [0, min loss).
+    alphas = torch.arange(1, 200, dtype=torch.float64) / 200
+    floors = losses.min() * torch.arange(200, dtype=torch.float64) / 200
+    xs = params[None, :] ** -alphas[:, None]  # [alpha, point]
+    ys = losses[None, :] - floors[:, None]  # [floor, point]
+    sxx = (xs * xs).sum(1)[:, None]
+    sxy = xs @ ys.T  # [alpha, floor]
+    syy = (ys * ys).sum(1)[None, :]
+    a = sxy / sxx
+    error = a * a * sxx - 2 * a * sxy + syy
+    error = torch.where(a > 0, error, torch.inf)
+    best = int(torch.argmin(error))
+    if not math.isfinite(float(error.flatten()[best])):
         raise MemtoolError("the ladder's losses do not fall with size: no power law fits")
-    _, a, alpha, floor = best
-    return {"a": a, "alpha": alpha, "E": floor}
+    i, j = divmod(best, len(floors))
+    return {"a": float(a[i, j]), "alpha": float(alphas[i]), "E": float(floors[j])}
+
+
+def ladder_parameter_sets(
+    params: Sequence[int],
+    window_losses: Sequence[tuple[Sequence[float], Sequence[int]]],
+    samples: int = 100,
+    seed: int = 0,
+) -> list[dict]:
+    """Fits of the ladder to bootstrap resamples of each reference model's evaluation windows.
+
+    `window_losses[k]` holds model k's per-window NLL sums and predicted-token counts. A resample
+    whose losses no longer fall with size is skipped (it is not a ladder).
+    """
+    rng = random.Random(seed)
+    sets = []
+    for _ in range(samples):
+        points = []
+        for n, (sums, tokens) in zip(params, window_losses, strict=True):
+            picks = [rng.randrange(len(sums)) for _ in sums]
+            points.append((n, sum(sums[i] for i in picks) / sum(tokens[i] for i in picks)))
+        points.sort()
+        if all(b[1] < a[1] for a, b in itertools.pairwise(points)):
+            sets.append(fit_ladder(points))
+    return sets
 
 
 def effective_params(profile: DensityProfile, loss: float | None = None, score=None) -> Estimate:
@@ -226,7 +295,8 @@ def bootstrap_density(
     samples: int = 1000,
     seed: int = 0,
 ) -> tuple[float, tuple[float, float], tuple[str, ...]]:
-    """Median and 90% interval of rho over windows resampled with replacement.
+    """Median and 90% interval of rho over windows resampled with replacement (and, when the
+    profile has `parameter_sets`, one set drawn per resample).
 
     `tokens_per_window` is one count for every window or one per window (forward batches of
     unequal size). Quantiles are taken of log rho (density spans orders of magnitude). Resamples
@@ -241,13 +311,23 @@ def bootstrap_density(
     for _ in range(samples):
         picks = [rng.randrange(n) for _ in range(n)]
         total = sum(window_nll_sums[i] for i in picks)
-        estimate = effective_params(profile, loss=total / sum(tokens[i] for i in picks))
+        reference = profile
+        if profile.parameter_sets:
+            reference = profile.with_parameters(rng.choice(profile.parameter_sets))
+        estimate = effective_params(reference, loss=total / sum(tokens[i] for i in picks))
         bounded |= bool(estimate.bound)
         if 0 < estimate.value < math.inf:
             logs.append(math.log(capacity_density(estimate.value, params_non_embedding)))
     if not logs:
         raise MemtoolError("every bootstrap sample fell outside the profile's range")
-    logs.sort()
+    return _median_and_interval(logs, bounded)
+
+
+def _median_and_interval(
+    logs: list[float], bounded: bool
+) -> tuple[float, tuple[float, float], tuple[str, ...]]:
+    """Median and 5%-95% quantiles of log densities, back on the density scale."""
+    logs = sorted(logs)
 
     def quantile(q: float) -> float:
         return math.exp(logs[min(len(logs) - 1, int(q * len(logs)))])
@@ -256,10 +336,34 @@ def bootstrap_density(
     return quantile(0.5), (quantile(0.05), quantile(0.95)), flags
 
 
-def build_ladder_profile(points: Sequence[tuple[int, float]], protocol: dict) -> dict:
+def parameter_set_density(
+    profile: DensityProfile,
+    params_non_embedding: int,
+    loss: float | None = None,
+    score: float | None = None,
+) -> tuple[float, tuple[float, float], tuple[str, ...]]:
+    """Median and 90% interval of rho over the profile's parameter sets, for one measured loss
+    or score (a task score has no windows to resample). Same conventions as `bootstrap_density`."""
+    if not profile.parameter_sets:
+        raise MemtoolError(f"{profile.source} has no parameter_sets to take an interval over")
+    logs, bounded = [], False
+    for parameters in profile.parameter_sets:
+        estimate = effective_params(profile.with_parameters(parameters), loss=loss, score=score)
+        bounded |= bool(estimate.bound)
+        if 0 < estimate.value < math.inf:
+            logs.append(math.log(capacity_density(estimate.value, params_non_embedding)))
+    if not logs:
+        raise MemtoolError("every parameter set put the measurement outside its range")
+    return _median_and_interval(logs, bounded)
+
+
+def build_ladder_profile(
+    points: Sequence[tuple[int, float]], protocol: dict, parameter_sets: Sequence[dict] = ()
+) -> dict:
     """A ladder profile's JSON object from measured (non-embedding params, loss) pairs; the
     protocol (data, split, seq_len, windows, fingerprint) travels with it, so a later
-    measurement can tell whether it was measured the same way."""
+    measurement can tell whether it was measured the same way. `parameter_sets` (fits to
+    resampled windows, `ladder_parameter_sets`) are kept when there is a fit."""
     data = {
         "kind": "ladder",
         "points": [{"params": int(n), "loss": float(loss)} for n, loss in sorted(points)],
@@ -268,6 +372,8 @@ def build_ladder_profile(points: Sequence[tuple[int, float]], protocol: dict) ->
     profile = parse_profile(data, "the measured ladder")  # validates, fits with >= 3 points
     if profile.fit is not None:
         data["fit"] = profile.fit
+        if parameter_sets:
+            data["parameter_sets"] = list(parameter_sets)
     return data
 
 

@@ -100,10 +100,13 @@ def _build_model(source: str | None, from_config: Path | None, seed: int) -> nn.
     if from_config is not None:
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        path = from_config.parent if from_config.is_file() else from_config
-        if not (path / "config.json").is_file():
-            raise MemtoolError(f"--from-config {from_config}: no config.json there")
-        config = AutoConfig.from_pretrained(path)
+        # A config file of any name (a recipe keeps several side by side), or a folder's.
+        if not (from_config.is_file() or (from_config / "config.json").is_file()):
+            raise MemtoolError(f"--from-config {from_config}: no config file or config.json")
+        try:
+            config = AutoConfig.from_pretrained(from_config)
+        except (OSError, ValueError) as exc:
+            raise MemtoolError(f"--from-config {from_config}: not a model config ({exc})") from None
         torch.manual_seed(seed)
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     from memtool.models import load_model

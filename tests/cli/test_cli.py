@@ -423,8 +423,17 @@ def test_measure_density_against_a_ladder_profile(tiny_llama_dir, text_file, tmp
     breach = _run(*args, "--density-profile", profile, "--min-density", 1e9)
     assert breach.exit_code == 1 and "below --min-density" in breach.stderr
     assert _run(*args, "--min-density", 0.1).exit_code == 2
-    pair = _run("measure", tiny_llama_dir, tiny_llama_dir, "--density-profile", profile)
-    assert pair.exit_code == 2 and "one model for now" in pair.stderr
+    # A comparison gives every row N_hat, density and N_hat's change vs the base (here itself).
+    pair_args = ["measure", tiny_llama_dir, tiny_llama_dir, *args[2:], "--density-profile", profile]
+    pair = _run(*pair_args, "--json")
+    assert pair.exit_code == 0, pair.stderr
+    rows = json.loads(pair.stdout)["rows"]
+    assert [r["effective_params"] for r in rows] == [payload["effective_params"]] * 2
+    assert rows[1]["capacity_density"] == pytest.approx(rho)
+    assert rows[1]["effective_params_change_pct"] == pytest.approx(0.0)
+    table = _run(*pair_args, "--summary", tmp_path / "s.md", "--min-density", 1e9)
+    assert table.exit_code == 1 and "below --min-density" in table.stderr
+    assert "N̂" in table.stdout and "Δ N̂" in (tmp_path / "s.md").read_text()
     profile.write_text(json.dumps({"kind": "ladder", "points": points[:1]}))
     bad = _run(*args, "--density-profile", profile)
     assert bad.exit_code == 2 and "at least two" in bad.stderr

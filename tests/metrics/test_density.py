@@ -127,3 +127,96 @@ def test_bootstrap_interval_contains_the_point_and_narrows_with_more_windows():
     assert high64 / low64 < high / low
     again = bootstrap_density(profile, windows(16), tokens, params)
     assert again == (median, (low, high), flags)  # seeded
+
+
+def test_parameter_sets_widen_the_interval_and_are_validated():
+    n_true, params, tokens = 5e6, 10_000_000, 511
+    sums = [(_loss(n_true) + 0.05 * math.sin(i * 1.7)) * tokens for i in range(16)]
+    plain = _ladder()
+    _, (low, high), _ = bootstrap_density(plain, sums, tokens, params)
+    fit = fit_ladder([(n, _loss(n)) for n in SIZES])
+    # The reference itself uncertain: its loss floor anywhere in +-0.1 nats.
+    sets = [{**fit, "E": fit["E"] + shift} for shift in (-0.1, -0.05, 0.0, 0.05, 0.1)]
+    uncertain = _ladder(fit=fit, parameter_sets=sets)
+    median, (low_sets, high_sets), _ = bootstrap_density(uncertain, sums, tokens, params)
+    assert low_sets < low and high_sets > high
+    assert median == pytest.approx(n_true / params, rel=0.15)
+    for bad, words in (
+        ({"parameter_sets": [{"a": 1.0, "alpha": 0.3}]}, "missing field 'E'"),
+        ({"parameter_sets": {"a": 1.0}}, "list of objects"),
+        ({"parameter_sets": [{"a": 1.0, "alpha": 0.3, "E": -1.0}]}, "must not be negative"),
+    ):
+        with pytest.raises(MemtoolError, match=words):
+            _ladder(**bad)
+    with pytest.raises(MemtoolError, match="same constants"):
+        parse_profile({"kind": "densing", "constants": DENSING,
+                       "parameter_sets": [{k: DENSING[k] for k in ("a", "alpha", "b", "beta",
+                                                                     "D0")}]})  # fmt: skip
+    densing = parse_profile({"kind": "densing", "constants": DENSING,
+                             "parameter_sets": [DENSING, {**DENSING, "a": 440.0}]})  # fmt: skip
+    assert len(densing.parameter_sets) == 2
+    assert densing.with_parameters(densing.parameter_sets[1]).constants["a"] == 440.0
+
+
+def test_ladder_parameter_sets_refit_resampled_windows():
+    from memtool.metrics.density import ladder_parameter_sets
+
+    tokens = [100] * 8
+    windows = [([(_loss(n) + 0.02 * math.cos(i + n)) * 100 for i in range(8)], tokens)
+               for n in SIZES]  # fmt: skip
+    sets = ladder_parameter_sets(SIZES, windows, samples=20)
+    assert 10 <= len(sets) <= 20  # resamples that stop falling with size are dropped
+    assert all(s["alpha"] == pytest.approx(ALPHA, abs=0.1) for s in sets)
+    assert len({round(s["a"], 6) for s in sets}) > 1  # the fits do differ
+
+
+@pytest.mark.parametrize(
+    ("value", "bound", "base", "base_bound", "change", "shown"),
+    [
+        (50.0, "", 100.0, "", -50.0, ""),
+        (50.0, "", 100.0, ">", -50.0, "<"),  # the base may be larger: the fall is at least 50%
+        (50.0, "", 100.0, "<", -50.0, ">"),
+        (50.0, ">", 100.0, "", -50.0, ">"),
+        (50.0, "<", 100.0, ">", -50.0, "<"),
+        (50.0, ">", 100.0, ">", None, ""),  # both only bounds, the same way: nothing known
+        (math.inf, ">", 100.0, "", None, ""),
+    ],
+)
+def test_change_in_n_hat_carries_the_bounds(value, bound, base, base_bound, change, shown):
+    from memtool.comparison import bounded_change
+
+    pct, direction = bounded_change(value, bound, base, base_bound)
+    if change is None:
+        assert math.isnan(pct)
+    else:
+        assert pct == pytest.approx(change) and direction == shown
+
+
+def test_a_built_ladder_profile_keeps_its_parameter_sets():
+    from memtool.metrics.density import build_ladder_profile
+
+    points = [(n, _loss(n)) for n in SIZES]
+    fit = fit_ladder(points)
+    data = build_ladder_profile(points, {"data": "wiki"}, [fit, {**fit, "E": 1.9}])
+    profile = parse_profile(json.loads(json.dumps(data)))
+    assert profile.fit == pytest.approx(fit) and len(profile.parameter_sets) == 2
+    assert "parameter_sets" not in build_ladder_profile(points[:2], {}, [fit])  # no fit, no sets
+
+
+def test_a_densing_task_score_takes_its_interval_from_the_parameter_sets():
+    from memtool.measurement import profile_score
+    from memtool.metrics.density import parameter_set_density
+
+    sets = [{**DENSING, "a": a} for a in (360.0, 400.0, 440.0)]
+    profile = parse_profile({"kind": "densing", "constants": DENSING, "parameter_sets": sets,
+                             "protocol": {"task": "arc", "metric": "acc_norm"}})  # fmt: skip
+    score = 0.5
+    median, (low, high), flags = parameter_set_density(profile, 1e9, score=score)
+    point = effective_params(profile, score=score).value / 1e9
+    assert low < median < high and median == pytest.approx(point) and flags == ()
+    assert profile_score(profile, {"arc": {"acc": 0.4, "acc_norm": score}}) == score
+    assert profile_score(profile, {"other": {"acc": 0.4}}) is None  # not scored: loss is used
+    with pytest.raises(MemtoolError, match="did not report"):
+        profile_score(profile, {"arc": {"acc": 0.4}})
+    with pytest.raises(MemtoolError, match="no parameter_sets"):
+        parameter_set_density(parse_profile({"kind": "densing", "constants": DENSING}), 1e9, 3.0)

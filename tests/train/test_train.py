@@ -3,6 +3,7 @@ without optimizer offload, in one process and in two (gloo); exact resume; the e
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -314,3 +315,16 @@ def test_8bit_optimizer_states_learn_resume_exactly_and_take_a_quarter(
         eight, tmp_path / "d", from_config=config_json, resume=half.output, show_progress=False
     )
     assert resumed.losses == whole.losses
+
+
+def test_from_config_takes_a_config_file_of_any_name(tiny_run, tmp_path):
+    config_json, tokens = tiny_run
+    named = tmp_path / "ladder-step.json"  # a recipe keeps several configs in one folder
+    shutil.copy(config_json, named)
+    config = _config(data=str(tokens), steps=1)
+    result = train(config, tmp_path / "a", from_config=named, show_progress=False)
+    assert result.steps == 1 and (result.model_dir / "config.json").is_file()
+    (tmp_path / "notes.json").write_text('{"hello": 1}')
+    for bad in (tmp_path / "notes.json", tmp_path / "missing.json", tmp_path):
+        with pytest.raises(MemtoolError, match="--from-config"):
+            train(config, tmp_path / "b", from_config=bad, show_progress=False)
