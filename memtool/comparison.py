@@ -64,6 +64,21 @@ class Row:
         return f"{self.model} @ {format_size(self.budget_bytes)}"
 
 
+# Row fields copied from the first data set's report (the rest are per data set or vs the base).
+FROM_FIRST_REPORT = (
+    "weight_bytes",
+    "bits_per_weight",
+    "bits_per_weight_linear",
+    "tokens_per_s",
+    "effective_params",
+    "effective_params_bound",
+    "capacity_density",
+    "capacity_density_interval",
+    "density_flags",
+    "task_scores",
+)
+
+
 @dataclass
 class Comparison:
     """Rows in the order measured (base first) and how they were measured."""
@@ -211,17 +226,8 @@ def compare(
                 Row(
                     model=source,
                     budget_bytes=budget,
-                    weight_bytes=first.weight_bytes,
-                    bits_per_weight=first.bits_per_weight,
-                    bits_per_weight_linear=first.bits_per_weight_linear,
                     perplexity={d: r.perplexity for d, r in per_data.items()},
-                    tokens_per_s=first.tokens_per_s,
-                    effective_params=first.effective_params,
-                    effective_params_bound=first.effective_params_bound,
-                    capacity_density=first.capacity_density,
-                    capacity_density_interval=first.capacity_density_interval,
-                    density_flags=first.density_flags,
-                    task_scores=first.task_scores,
+                    **{name: getattr(first, name) for name in FROM_FIRST_REPORT},
                 )
             )
             reports += [r.to_dict() for r in per_data.values()]

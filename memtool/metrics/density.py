@@ -33,7 +33,7 @@ import itertools
 import json
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -307,33 +307,19 @@ def bootstrap_density(
     if not window_nll_sums or len(tokens) != n or min(tokens) <= 0:
         raise MemtoolError("bootstrapping density needs per-window losses and token counts")
     rng = random.Random(seed)
-    logs, bounded = [], False
-    for _ in range(samples):
-        picks = [rng.randrange(n) for _ in range(n)]
-        total = sum(window_nll_sums[i] for i in picks)
-        reference = profile
-        if profile.parameter_sets:
-            reference = profile.with_parameters(rng.choice(profile.parameter_sets))
-        estimate = effective_params(reference, loss=total / sum(tokens[i] for i in picks))
-        bounded |= bool(estimate.bound)
-        if 0 < estimate.value < math.inf:
-            logs.append(math.log(capacity_density(estimate.value, params_non_embedding)))
-    if not logs:
-        raise MemtoolError("every bootstrap sample fell outside the profile's range")
-    return _median_and_interval(logs, bounded)
 
+    def estimates():
+        for _ in range(samples):
+            picks = [rng.randrange(n) for _ in range(n)]
+            total = sum(window_nll_sums[i] for i in picks)
+            reference = profile
+            if profile.parameter_sets:
+                reference = profile.with_parameters(rng.choice(profile.parameter_sets))
+            yield effective_params(reference, loss=total / sum(tokens[i] for i in picks))
 
-def _median_and_interval(
-    logs: list[float], bounded: bool
-) -> tuple[float, tuple[float, float], tuple[str, ...]]:
-    """Median and 5%-95% quantiles of log densities, back on the density scale."""
-    logs = sorted(logs)
-
-    def quantile(q: float) -> float:
-        return math.exp(logs[min(len(logs) - 1, int(q * len(logs)))])
-
-    flags = ("interval includes bounds",) if bounded else ()
-    return quantile(0.5), (quantile(0.05), quantile(0.95)), flags
+    return _median_and_interval(
+        estimates(), params_non_embedding, "every bootstrap sample fell outside the profile's range"
+    )
 
 
 def parameter_set_density(
@@ -346,15 +332,34 @@ def parameter_set_density(
     or score (a task score has no windows to resample). Same conventions as `bootstrap_density`."""
     if not profile.parameter_sets:
         raise MemtoolError(f"{profile.source} has no parameter_sets to take an interval over")
+    estimates = (
+        effective_params(profile.with_parameters(parameters), loss=loss, score=score)
+        for parameters in profile.parameter_sets
+    )
+    return _median_and_interval(
+        estimates, params_non_embedding, "every parameter set put the measurement outside its range"
+    )
+
+
+def _median_and_interval(
+    estimates: Iterable[Estimate], params_non_embedding: int, empty: str
+) -> tuple[float, tuple[float, float], tuple[str, ...]]:
+    """Median and 5%-95% quantiles of log density over `estimates`, back on the density scale;
+    a bound is kept at its value and flagged, an infinite or zero one dropped."""
     logs, bounded = [], False
-    for parameters in profile.parameter_sets:
-        estimate = effective_params(profile.with_parameters(parameters), loss=loss, score=score)
+    for estimate in estimates:
         bounded |= bool(estimate.bound)
         if 0 < estimate.value < math.inf:
             logs.append(math.log(capacity_density(estimate.value, params_non_embedding)))
     if not logs:
-        raise MemtoolError("every parameter set put the measurement outside its range")
-    return _median_and_interval(logs, bounded)
+        raise MemtoolError(empty)
+    logs.sort()
+
+    def quantile(q: float) -> float:
+        return math.exp(logs[min(len(logs) - 1, int(q * len(logs)))])
+
+    flags = ("interval includes bounds",) if bounded else ()
+    return quantile(0.5), (quantile(0.05), quantile(0.95)), flags
 
 
 def build_ladder_profile(
