@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILE = ROOT / "recipes" / "wiki-ladder-profile.json"
-BUDGETS = "100MB,120MB,150MB"
+BUDGETS = "85MB,100MB,130MB"  # about 2, 3.3 and 5.5 bits per linear weight
 VARIANTS = {
     "q4": ["--method", "gptq", "--bits", "4", "--group-size", "128"],
     "q3": ["--method", "gptq", "--bits", "3", "--group-size", "128"],

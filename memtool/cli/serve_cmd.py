@@ -93,6 +93,12 @@ def serve_local_command(
         help="With --memory-budget: tokens the KV cache is reserved for (default: the model's, "
         "at most 1024).",
     ),
+    verify_store: bool = typer.Option(
+        False,
+        "--verify-store",
+        help="With --memory-budget: check the whole store against its CRC32s first (reads it "
+        "once; the resident part is always checked).",
+    ),
     json_out: bool = JsonOption,
     debug: bool = DebugOption,
 ) -> None:
@@ -120,6 +126,7 @@ def serve_local_command(
         params.validate()
         flash_options = {"--window": window, "--io-threads": io_threads, "--sparsity": sparsity}
         flash_options["--context"] = context
+        flash_options["--verify-store"] = verify_store or None
         if memory_budget is None:
             for flag, value in flash_options.items():
                 if value is not None:
@@ -128,7 +135,9 @@ def serve_local_command(
         def make_engine():
             if memory_budget is None:
                 return InMemoryEngine(load_model(model, dtype=dtype))
-            return _flash_engine(model, memory_budget, window, io_threads, sparsity, context)
+            return _flash_engine(
+                model, memory_budget, window, io_threads, sparsity, context, verify_store
+            )
 
         if mode == "--port":
             return _serve(make_engine, params, host, port, api_key, max_queue)
@@ -219,7 +228,9 @@ def _chat(engine: InMemoryEngine, params: GenerationParams) -> tuple[dict, list[
     return {"model": engine.model_name, "turns": turns}, []
 
 
-def _flash_engine(model, memory_budget, window, io_threads, sparsity, context) -> FlashEngine:
+def _flash_engine(
+    model, memory_budget, window, io_threads, sparsity, context, verify_store=False
+) -> FlashEngine:
     folder = ensure_flash_store(model)
     config = FlashConfig(
         memory_budget=memory_budget,
@@ -227,6 +238,7 @@ def _flash_engine(model, memory_budget, window, io_threads, sparsity, context) -
         io_threads=io_threads or FlashConfig.io_threads,
         sparsity=sparsity or FlashConfig.sparsity,
         context_tokens=context,
+        verify_store=verify_store,
     )
     flash = open_flash_model(folder, config)
     plan = flash.plan

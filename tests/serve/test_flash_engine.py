@@ -160,6 +160,18 @@ def test_damaged_and_truncated_stores_are_refused(store, tmp_path):
         handle.write(b"\xff" * 8)
     with pytest.raises(MemtoolError, match="CRC32"):
         open_flash_model(damaged, FlashConfig(memory_budget="1GB"))
+    # A flipped byte inside the neuron file: found when the store is verified before serving.
+    flipped = tmp_path / "flipped"
+    shutil.copytree(folder, flipped)
+    with open(flipped / FFN_FILE, "r+b") as handle:
+        handle.seek(100)
+        byte = handle.read(1)
+        handle.seek(100)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    open_flash_model(flipped, FlashConfig(memory_budget="1GB")).close()  # sizes alone: unseen
+    with pytest.raises(MemtoolError, match="layer 0 fails its CRC32"):
+        open_flash_model(flipped, FlashConfig(memory_budget="1GB", verify_store=True))
+    open_flash_model(folder, FlashConfig(memory_budget="1GB", verify_store=True)).close()
     truncated = tmp_path / "truncated"
     shutil.copytree(folder, truncated)
     with open(truncated / FFN_FILE, "r+b") as handle:
@@ -229,6 +241,7 @@ def test_cli_compress_then_serve_with_a_budget(tiny_llama_dir, text_file, tmp_pa
             "2",
             "--io-threads",
             "2",
+            "--verify-store",
             "--prompt",
             "the river",
             "--max-tokens",
@@ -262,6 +275,8 @@ def test_cli_compress_then_serve_with_a_budget(tiny_llama_dir, text_file, tmp_pa
     result = runner.invoke(app, ["serve-local", str(out), "--window", "2", "--prompt", "x"])
     assert result.exit_code != 0
     assert "--window applies to --memory-budget" in result.stderr
+    result = runner.invoke(app, ["serve-local", str(out), "--verify-store", "--prompt", "x"])
+    assert result.exit_code == 2 and "--verify-store applies to --memory-budget" in result.stderr
 
 
 def test_the_openai_server_serves_a_flash_engine(tiny_llama_dir, tmp_path):

@@ -58,6 +58,8 @@ class FlashConfig:
         direct_io: read with O_DIRECT where the filesystem allows it.
         gap_bytes: read through gaps of unwanted bundles up to this size (0: exact reads).
         staging_bytes: the aligned read buffer; None: 4 MiB, or one layer's bundles if less.
+        verify_store: check the neuron file's CRC32s too before serving (reads it whole once);
+            the resident part is always checked, the neuron file's size always.
     """
 
     memory_budget: int | str = "50%"
@@ -68,6 +70,7 @@ class FlashConfig:
     direct_io: bool = True
     gap_bytes: int = DEFAULT_GAP_BYTES
     staging_bytes: int | None = None
+    verify_store: bool = False
 
 
 @dataclass
@@ -279,7 +282,8 @@ def open_flash_model(folder: Path, config: FlashConfig) -> FlashModel:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(folder)
-    store = open_flash_store(folder, verify=False)  # sizes always; the resident CRC below
+    # Sizes always; CRCs of everything with verify_store, else of the resident part below.
+    store = open_flash_store(folder, verify=config.verify_store)
     try:
         predictors = load_predictors(folder)
         choice = _choice(store, predictors, config.sparsity)
@@ -289,7 +293,7 @@ def open_flash_model(folder: Path, config: FlashConfig) -> FlashModel:
             raise MemtoolError(
                 f"{folder}: the store's config.json is missing or bad: {exc}"
             ) from exc
-        resident = store.resident_state_dict(verify=True)
+        resident = store.resident_state_dict(verify=not config.verify_store)
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(model_config, dtype=store.dtype)
         layers = decoder_layers(model)
