@@ -7,14 +7,18 @@ the world size, and a CRC32 of every rank file). Every rank writes its own file 
 temporary folder, which rank 0 renames into place once all have finished: a checkpoint is
 either complete or absent, so an interrupt or a dying rank never leaves a half-written one.
 
-Resuming needs the same world size, ZeRO stage and compute dtype (the shards are cut for them);
-a mismatch, a missing or damaged file is a one-line error.
+Resuming needs the same ZeRO stage, compute dtype, offload and optimizer bits (the shards hold
+them); a mismatch, a missing or damaged file is a one-line error. On the same number of ranks
+each rank reads its own file; on another number, every rank reads all of them and the engine
+cuts its new shard from the rejoined state (`reshard`; not for 8-bit optimizer states, whose
+block-wise quantization is cut with the shards).
 """
 
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,31 +115,48 @@ def read_state(folder: Path) -> dict:
     return payload
 
 
-def load_shard(folder: Path, payload: dict, group: Dist, config: dict) -> dict[str, torch.Tensor]:
-    """This rank's shard from checkpoint `folder`, after checking it fits this run."""
+def load_shard(
+    folder: Path,
+    payload: dict,
+    group: Dist,
+    config: dict,
+    reshard: Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]],
+) -> dict[str, torch.Tensor]:
+    """This rank's shard from checkpoint `folder`, after checking it fits this run; written by
+    another number of ranks, every rank file is read and `reshard` cuts this rank's part."""
     saved = payload["config"]
-    if payload["world_size"] != group.world_size:
-        raise MemtoolError(
-            f"checkpoint {folder} was written by {payload['world_size']} rank(s); resume it "
-            f"with the same number (this run has {group.world_size})"
-        )
     for key in ("zero", "compute_dtype", "offload_optimizer", "optimizer_bits"):
         if saved.get(key) != config[key]:
             raise MemtoolError(
                 f"checkpoint {folder} was written with {key}={saved[key]!r}; resume with the "
                 f"same setting (this run has {config[key]!r})"
             )
-    path = folder / _rank_file(group.rank, group.world_size)
+    if payload["world_size"] == group.world_size:
+        return _read_rank(folder, payload, group.rank, group)
+    if config["optimizer_bits"] == 8:
+        raise MemtoolError(
+            f"checkpoint {folder} was written by {payload['world_size']} rank(s) with 8-bit "
+            f"optimizer states, which cannot be re-cut: resume on {payload['world_size']} "
+            f"(this run has {group.world_size})"
+        )
+    shards = [_read_rank(folder, payload, rank, group) for rank in range(payload["world_size"])]
+    return reshard(shards)
+
+
+def _read_rank(folder: Path, payload: dict, rank: int, group: Dist) -> dict[str, torch.Tensor]:
+    """Rank `rank`'s file, checked; this process's RNG state is restored from its own rank's."""
+    path = folder / _rank_file(rank, payload["world_size"])
     if not path.is_file():
         raise MemtoolError(f"checkpoint {folder} is damaged: {path.name} is missing")
-    if file_crc32(path) != payload["crc32"][group.rank]:
+    if file_crc32(path) != payload["crc32"][rank]:
         raise MemtoolError(f"checkpoint {folder} is damaged: {path.name} fails its checksum")
     try:
         tensors = load_file(str(path))
     except SafetensorError as exc:
         raise MemtoolError(f"checkpoint {folder} is damaged: {path.name}: {exc}") from None
-    torch.set_rng_state(tensors.pop("rng.cpu"))
-    cuda_rng = tensors.pop("rng.cuda", None)
-    if cuda_rng is not None and group.device.type == "cuda":
-        torch.cuda.set_rng_state(cuda_rng, group.device)
+    cpu_rng, cuda_rng = tensors.pop("rng.cpu"), tensors.pop("rng.cuda", None)
+    if rank == group.rank:
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None and group.device.type == "cuda":
+            torch.cuda.set_rng_state(cuda_rng, group.device)
     return tensors

@@ -128,6 +128,19 @@ class FSDPOptimizer:
                     state[key] = moment
                 state["step"] = torch.tensor(float(steps_done), dtype=torch.float32)
 
+    def reshard(self, shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """This rank's `shard_state` cut from every rank's shard of a run on another number of
+        ranks: FSDP2 shards each tensor along dim 0 as `torch.chunk` does (the last ranks may
+        hold less, or nothing), so the shards are rejoined and chunked anew."""
+        rank, world = self.group.rank, self.group.world_size
+        out = {}
+        for key in shards[0]:
+            full = torch.cat([s[key] for s in shards], dim=0)
+            chunks = list(torch.chunk(full, world, dim=0))
+            chunks += [full[:0]] * (world - len(chunks))
+            out[key] = chunks[rank].clone()
+        return out
+
     def full_parameters(self, model: nn.Module) -> Iterator[tuple[nn.Parameter, torch.Tensor]]:
         """Each parameter's full value (collective: every rank iterates and gathers)."""
         for param in self.params:

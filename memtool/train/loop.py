@@ -212,7 +212,7 @@ def _run(config, output, group, source, from_config, resume, activations, export
     engine = _engine(net, config, group)
     start, losses, tokens = 0, [], 0
     if payload is not None:
-        shard = load_shard(resume_dir, payload, group, config.to_dict())
+        shard = load_shard(resume_dir, payload, group, config.to_dict(), engine.reshard)
         start, losses, tokens = payload["step"], list(payload["losses"]), payload["tokens"]
         engine.load_shard_state(shard, start)
     torch.manual_seed(config.seed + 1000 * group.rank + start)

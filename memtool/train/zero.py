@@ -346,6 +346,22 @@ class ZeroOptimizer:
                 state["step"] = _step_value(self.adamw, steps_done, bucket.master.device)
             self._publish(bucket)
 
+    def reshard(self, shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """This rank's `shard_state` cut from every rank's shard of a run on another number of
+        ranks (same stage). Buckets do not depend on the world size, only their padding does:
+        each bucket's flat master and moments are rejoined, unpadded, padded anew, and sliced."""
+        out = {}
+        for key in shards[0]:
+            index = int(key.rsplit(".", 1)[1])
+            bucket = self.buckets[index]
+            total = bucket.offsets[-1] + bucket.params[-1].numel()
+            # Stage 0: every rank held the whole bucket; else the shards lie end to end.
+            joined = shards[0][key] if self.stage == 0 else torch.cat([s[key] for s in shards])
+            flat = torch.zeros(bucket.numel, dtype=joined.dtype)
+            flat[:total] = joined[:total]
+            out[key] = flat[bucket.owned].clone()
+        return out
+
     def full_parameters(self, model: nn.Module) -> Iterator[tuple[nn.Parameter, torch.Tensor]]:
         """Each parameter's full fp32 value (collective: every rank iterates)."""
         for bucket in self.buckets:

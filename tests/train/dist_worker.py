@@ -1,8 +1,9 @@
 """Run several training jobs in one `torchrun` launch (one process group, many runs), writing
 rank 0's results as JSON beside the job file. Used by test_train.py.
 
-A spec with `"die": {"rank": R, "step": S}` kills rank R right after step S instead (a crashed
-rank); the survivors write the error they raised to `error-RANK.txt`.
+A job may name a checkpoint to `"resume"` from. A spec with `"die": {"rank": R, "step": S}`
+kills rank R right after step S instead (a crashed rank); the survivors write the error they
+raised to `error-RANK.txt`.
 """
 
 import json
@@ -33,6 +34,7 @@ def main() -> None:
     for index, job in enumerate(spec["jobs"]):
         job = dict(job)
         activations = job.pop("activations", None)
+        resume = job.pop("resume", None)
         config = TrainConfig.from_dict({**spec["base"], **job})
         try:
             result = train(
@@ -42,6 +44,7 @@ def main() -> None:
                 device="cpu",
                 show_progress=False,
                 on_step=on_step,
+                resume=Path(resume) if resume else None,
                 activations=ActivationConfig(**activations) if activations else None,
             )
         except MemtoolError as exc:

@@ -272,6 +272,41 @@ def test_two_processes_equal_plain_adamw(tiny_run, tmp_path, plain):
         assert abs(held(rank) / held(one_rank) - 0.5) < 0.02
 
 
+def test_resume_on_another_number_of_ranks(tiny_run, tmp_path, plain):
+    """Checkpoints of 2 ranks resume on 1 and of 1 rank on 2, for every stage: the rest of
+    the run matches plain AdamW as an uninterrupted run does (the shards are cut anew)."""
+    config_json, tokens = tiny_run
+    half = STEPS // 2
+    one_rank = {}
+    for zero in (0, 2, 3):  # written by one process, resumed by two below
+        first = _train(tiny_run, tmp_path / f"one-{zero}", zero=zero, steps=half)
+        one_rank[zero] = str(first.checkpoint)
+    jobs = [{"zero": zero, "steps": half} for zero in (1, 2, 3)]
+    jobs += [{"zero": zero, "resume": path} for zero, path in one_rank.items()]
+    spec = {
+        "config_json": str(config_json),
+        "tokens": str(tokens),
+        "output": str(tmp_path),
+        "base": _config(data=str(tokens)).to_dict(),
+        "jobs": jobs,
+    }
+    done = _two_ranks(spec, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    for job, result in zip(jobs, results, strict=True):
+        expected = plain[0] if "resume" in job else plain[0][:half]
+        torch.testing.assert_close(result["losses"], expected, rtol=RTOL, atol=0, msg=str(job))
+    for index, zero in enumerate((1, 2, 3)):  # written by two processes, resumed by one
+        resumed = train(
+            _config(data=str(tokens), zero=zero),
+            tmp_path / f"resumed-{zero}",
+            from_config=config_json,
+            resume=Path(results[index]["checkpoint"]),
+            show_progress=False,
+        )
+        torch.testing.assert_close(resumed.losses, plain[0], rtol=RTOL, atol=0, msg=str(zero))
+
+
 def test_a_dying_rank_stops_the_others_and_keeps_the_last_checkpoint(tiny_run, tmp_path):
     config_json, tokens = tiny_run
     spec = {
@@ -315,6 +350,13 @@ def test_8bit_optimizer_states_learn_resume_exactly_and_take_a_quarter(
         eight, tmp_path / "d", from_config=config_json, resume=half.output, show_progress=False
     )
     assert resumed.losses == whole.losses
+    # Block-wise quantized moments cannot be cut for another number of ranks: said, not tried.
+    state_file = half.checkpoint / "trainer.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "world_size": 2}))
+    with pytest.raises(MemtoolError, match="8-bit optimizer states, which cannot be re-cut"):
+        train(eight, tmp_path / "e", from_config=config_json, resume=half.checkpoint,
+              show_progress=False)  # fmt: skip
 
 
 def test_from_config_takes_a_config_file_of_any_name(tiny_run, tmp_path):
