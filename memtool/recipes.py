@@ -20,6 +20,9 @@ and, optionally, what to measure afterwards with CI gates:
     max_windows = 32
     max_perplexity = 30.0
     budget = "150MB"         # BitStack only: load the stack at this budget to measure
+    density_profile = "recipes/wiki-ladder-profile.json"   # density on the first data set
+    min_density = 0.001      # needs density_profile
+    tasks = ["tasks/arc.jsonl"]   # lm-eval task accuracy (needs the eval extra)
 
 Unknown keys, wrong types and impossible values are errors that name the key, before any work.
 """
@@ -56,6 +59,9 @@ class MeasureStep:
     seq_len: int = 512
     max_perplexity: float | None = None
     budget: str | None = None  # BitStack stacks: measure at this budget ("150MB")
+    density_profile: str | None = None  # capacity density on the first data set
+    min_density: float | None = None
+    tasks: list[str] = field(default_factory=list)  # lm-eval tasks, scored once
 
 
 @dataclass
@@ -144,9 +150,20 @@ def load_recipe(path: str | Path) -> Recipe:
     measure = None
     if "measure" in raw:
         table = dict(raw["measure"] or {})
-        if isinstance(table.get("data"), str):
-            table["data"] = [table["data"]]
+        for key in ("data", "tasks"):
+            if isinstance(table.get(key), str):
+                table[key] = [table[key]]
         measure = _build(MeasureStep, table, f"{where} [measure]")
+        if measure.min_density is not None and measure.density_profile is None:
+            raise MemtoolError(f"{where} [measure]: min_density needs density_profile")
+        if measure.density_profile is not None:
+            from memtool.metrics.density import load_profile
+
+            load_profile(measure.density_profile)  # a bad profile fails now, not after compress
+        if measure.tasks:
+            from memtool.metrics.tasks import resolve_tasks
+
+            resolve_tasks(measure.tasks)
         if measure.max_windows <= 0 or measure.seq_len <= 1:
             raise MemtoolError(f"{where} [measure]: max_windows and seq_len must be positive")
         if measure.budget is not None:
@@ -187,11 +204,21 @@ def run_recipe(
         step = recipe.measure
         written = load_model(target, budget=step.budget)  # what ships, not what is in memory
         for data in step.data:
+            first = data == step.data[0]  # density and tasks once, with the first data set
             config = MeasureConfig(
-                data=data, seq_len=step.seq_len, max_windows=step.max_windows, budget=step.budget
+                data=data,
+                seq_len=step.seq_len,
+                max_windows=step.max_windows,
+                budget=step.budget,
+                density_profile=step.density_profile if first else None,
+                tasks=tuple(step.tasks) if first else (),
             )
             report = measure(written, config)
             summary["measure"][data] = report.to_dict()
-            gates = threshold_failures(report, max_perplexity=step.max_perplexity)
+            gates = threshold_failures(
+                report,
+                max_perplexity=step.max_perplexity,
+                min_density=step.min_density if first else None,
+            )
             failures += [f"{data}: {gate}" for gate in gates]
     return summary, failures

@@ -68,18 +68,26 @@ def test_yaml_and_bnb(tmp_path):
 def test_recipe_runs_and_gates(tiny_llama_dir, text_file, tmp_path):
     path = tmp_path / "r.toml"
     out = tmp_path / "out"
+    profile = tmp_path / "ladder.json"
+    points = [{"params": n, "loss": 2.0 + 40.0 * n**-0.15} for n in (1e4, 1e5, 1e6, 1e7)]
+    profile.write_text(json.dumps({"kind": "ladder", "points": points}))
     path.write_text(
         f'model = "{tiny_llama_dir}"\noutput = "{out}"\n'
         '[compress]\nmethod = "gptq"\nbits = 4\ngroup_size = 32\n'
         f'[calibration]\ndata = "{text_file}"\nn_samples = 4\nseq_len = 32\n'
         f'[measure]\ndata = "{text_file}"\nmax_windows = 2\nseq_len = 32\nmax_perplexity = 1.0\n'
+        f'density_profile = "{profile}"\nmin_density = 1e9\n'
     )
     summary, failures = run_recipe(load_recipe(path))
     assert (out / "config.json").exists()
     assert json.loads((out / "config.json").read_text())["quantization_config"]["bits"] == 4
     report = next(iter(summary["measure"].values()))
-    assert report["bits_per_weight_linear"] < 8
-    assert len(failures) == 1 and "max-perplexity" in failures[0]
+    assert report["bits_per_weight_linear"] < 8 and report["capacity_density"] > 0
+    assert len(failures) == 2 and any("max-perplexity" in f for f in failures)
+    assert any("below --min-density" in f for f in failures)
+    path.write_text(path.read_text().replace(f'density_profile = "{profile}"\n', ""))
+    with pytest.raises(MemtoolError, match="min_density needs density_profile"):
+        load_recipe(path)
 
 
 def test_bitstack_recipe_measures_the_stack_at_its_budget(tiny_llama_dir, text_file, tmp_path):
