@@ -154,6 +154,10 @@ def load_recipe(path: str | Path) -> Recipe:
             if isinstance(table.get(key), str):
                 table[key] = [table[key]]
         measure = _build(MeasureStep, table, f"{where} [measure]")
+        for key in ("data", "tasks"):
+            value = getattr(measure, key)
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise MemtoolError(f"{where} [measure]: {key} must be a string or a list of them")
         if measure.min_density is not None and measure.density_profile is None:
             raise MemtoolError(f"{where} [measure]: min_density needs density_profile")
         if measure.density_profile is not None:

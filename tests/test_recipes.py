@@ -50,6 +50,11 @@ def test_shipped_gptq_recipe_contents():
             'output = "x"\n[compress]\nmethod = "bitstack"\n[measure]\nbudget = "lots"\n',
             "size",
         ),
+        ('output = "x"\n[compress]\nmethod = "rtn"\n[measure]\ntasks = 3\n', "tasks must be"),
+        (
+            'output = "x"\n[compress]\nmethod = "rtn"\n[measure]\ndensity_profile = "no.json"\n',
+            "does not exist",
+        ),
     ],
 )
 def test_bad_recipes_name_the_problem(tmp_path, text, match):
