@@ -60,7 +60,7 @@ def main() -> None:
     keep = (
         "label", "weight_bytes", "bits_per_weight_linear", "perplexity", "tokens_per_s",
         "effective_params", "effective_params_bound", "capacity_density",
-        "capacity_density_interval", "effective_params_change_pct",
+        "capacity_density_interval", "effective_params_ratio",
         "effective_params_change_bound", "density_flags", "pareto",
     )  # fmt: skip
     rows = [{key: row[key] for key in keep} for row in payload["rows"]]

@@ -53,8 +53,9 @@ class Row:
     capacity_density: float | None = None
     capacity_density_interval: list[float] | None = None
     density_flags: list[str] | None = None
-    effective_params_change_pct: float | None = None  # vs the base; None when unknown
-    effective_params_change_bound: str | None = None  # "", "<" or ">"
+    effective_params_ratio: float | None = None  # N_hat / the base's; None when unknown
+    effective_params_change_pct: float | None = None  # the same as a change in percent
+    effective_params_change_bound: str | None = None  # "", "<" or ">" (for both)
     task_scores: dict[str, dict] | None = None  # with tasks: lm-eval's metrics per task
 
     @property
@@ -103,7 +104,7 @@ class Comparison:
         head += [f"ppl {d}" for d in self.data] + [f"Δ ppl {d}" for d in self.data]
         head += ["bytes vs base", "Pareto"]
         if self.has_density:
-            head += ["N̂", "density (90%)", "Δ N̂"]
+            head += ["N̂", "density (90%)", "N̂ vs base"]
         tasks = list(self.rows[0].task_scores or {})
         head += [f"{task} {task_metric(self.rows[0].task_scores[task])}" for task in tasks]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -125,14 +126,14 @@ class Comparison:
 
 
 def density_cells(row: dict) -> list[str]:
-    """N_hat, capacity density with its interval, and N_hat's change vs the base, as text."""
+    """N_hat, capacity density with its interval, and N_hat against the base's, as text."""
     bound = row["effective_params_bound"] or ""
     density = f"{bound}{row['capacity_density']:.3g}"
     if row["capacity_density_interval"]:
         low, high = row["capacity_density_interval"]
         density += f" ({low:.3g}-{high:.3g})"
-    change = row["effective_params_change_pct"]
-    shown = "?" if change is None else f"{row['effective_params_change_bound']}{change:+.1f}%"
+    ratio = row["effective_params_ratio"]
+    shown = "?" if ratio is None else f"{row['effective_params_change_bound']}{ratio:.3g}x"
     return [f"{bound}{row['effective_params']:.3g}", density, shown]
 
 
@@ -156,11 +157,11 @@ def task_cells(row: dict, tasks: list[str]) -> list[str]:
     return cells
 
 
-def bounded_change(value: float, bound: str, base: float, base_bound: str) -> tuple[float, str]:
-    """Percent change of `value` against `base` when either may be a bound ("<" or ">").
+def bounded_ratio(value: float, bound: str, base: float, base_bound: str) -> tuple[float, str]:
+    """`value` / `base` when either may be a bound ("<" or ">").
 
-    Returns (percent, bound of the true change); percent is nan when nothing can be said
-    (both bounds the same way, or a value that is not a positive finite number)."""
+    Returns (ratio, bound of the true ratio); the ratio is nan when nothing can be said (both
+    bounds the same way, or a value that is not a positive finite number)."""
     if not (0 < value < math.inf and 0 < base < math.inf):
         return math.nan, ""
     # The true ratio is at most the computed one when the value can only be lower or the base
@@ -169,7 +170,7 @@ def bounded_change(value: float, bound: str, base: float, base_bound: str) -> tu
     higher = bound == ">" or base_bound == "<"
     if lower and higher:
         return math.nan, ""
-    return 100 * (value / base - 1), "<" if lower else ">" if higher else ""
+    return value / base, "<" if lower else ">" if higher else ""
 
 
 def compare(
@@ -239,14 +240,15 @@ def compare(
         }
         row.weight_bytes_ratio = row.weight_bytes / base.weight_bytes
         if base.effective_params is not None:
-            change, bound = bounded_change(
+            ratio, bound = bounded_ratio(
                 row.effective_params,
                 row.effective_params_bound,
                 base.effective_params,
                 base.effective_params_bound,
             )
-            if not math.isnan(change):
-                row.effective_params_change_pct = change
+            if not math.isnan(ratio):
+                row.effective_params_ratio = ratio
+                row.effective_params_change_pct = 100 * (ratio - 1)
                 row.effective_params_change_bound = bound
     for index in pareto_front([(r.weight_bytes, r.perplexity[data[0]]) for r in rows]):
         rows[index].pareto = True

@@ -344,7 +344,10 @@ def _density(
         flags.append(f"from the score of task {profile.protocol['task']}")
     rho = capacity_density(estimate.value, non_embedding)
     interval = None
-    if score is not None:
+    if estimate.bound:
+        # Only one side is known: resampling would mix the bound with extrapolations.
+        flags.append("N_hat is a bound: no interval")
+    elif score is not None:
         # No windows to resample for a task score: the interval spans the profile's own sets.
         if profile.parameter_sets:
             rho, (low, high), more = parameter_set_density(profile, non_embedding, score=score)

@@ -113,7 +113,7 @@ def render_comparison(payload: dict) -> None:
     columns += [f"ppl {d}" for d in data] + [f"Δ {d}" for d in data] + ["bytes", "Pareto"]
     has_density = payload["rows"][0]["effective_params"] is not None
     if has_density:
-        columns += ["N̂", "density (90%)", "Δ N̂"]
+        columns += ["N̂", "density (90%)", "N̂ vs base"]
     first_scores = payload["rows"][0]["task_scores"] or {}
     tasks = list(first_scores)
     columns += [f"{task} {task_metric(first_scores[task])}" for task in tasks]
@@ -143,7 +143,7 @@ def render_comparison(payload: dict) -> None:
     if has_density:
         console.print(
             f"[dim]N̂: effective parameters on {data[0]} against {first['density_profile']}; "
-            "Δ N̂ vs the base; < or > marks a bound[/]"
+            "N̂ vs base = N̂ / the base's; < or > marks a bound[/]"
         )
         for row in payload["rows"]:
             if row["density_flags"]:

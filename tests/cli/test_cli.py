@@ -431,9 +431,10 @@ def test_measure_density_against_a_ladder_profile(tiny_llama_dir, text_file, tmp
     assert [r["effective_params"] for r in rows] == [payload["effective_params"]] * 2
     assert rows[1]["capacity_density"] == pytest.approx(rho)
     assert rows[1]["effective_params_change_pct"] == pytest.approx(0.0)
+    assert rows[1]["effective_params_ratio"] == pytest.approx(1.0)
     table = _run(*pair_args, "--summary", tmp_path / "s.md", "--min-density", 1e9)
     assert table.exit_code == 1 and "below --min-density" in table.stderr
-    assert "N̂" in table.stdout and "Δ N̂" in (tmp_path / "s.md").read_text()
+    assert "N̂" in table.stdout and "N̂ vs base" in (tmp_path / "s.md").read_text()
     profile.write_text(json.dumps({"kind": "ladder", "points": points[:1]}))
     bad = _run(*args, "--density-profile", profile)
     assert bad.exit_code == 2 and "at least two" in bad.stderr

@@ -171,25 +171,25 @@ def test_ladder_parameter_sets_refit_resampled_windows():
 
 
 @pytest.mark.parametrize(
-    ("value", "bound", "base", "base_bound", "change", "shown"),
+    ("value", "bound", "base", "base_bound", "ratio", "shown"),
     [
-        (50.0, "", 100.0, "", -50.0, ""),
-        (50.0, "", 100.0, ">", -50.0, "<"),  # the base may be larger: the fall is at least 50%
-        (50.0, "", 100.0, "<", -50.0, ">"),
-        (50.0, ">", 100.0, "", -50.0, ">"),
-        (50.0, "<", 100.0, ">", -50.0, "<"),
+        (50.0, "", 100.0, "", 0.5, ""),
+        (50.0, "", 100.0, ">", 0.5, "<"),  # the base may be larger: N_hat at most halved
+        (50.0, "", 100.0, "<", 0.5, ">"),
+        (50.0, ">", 100.0, "", 0.5, ">"),
+        (50.0, "<", 100.0, ">", 0.5, "<"),
         (50.0, ">", 100.0, ">", None, ""),  # both only bounds, the same way: nothing known
         (math.inf, ">", 100.0, "", None, ""),
     ],
 )
-def test_change_in_n_hat_carries_the_bounds(value, bound, base, base_bound, change, shown):
-    from memtool.comparison import bounded_change
+def test_n_hat_against_the_base_carries_the_bounds(value, bound, base, base_bound, ratio, shown):
+    from memtool.comparison import bounded_ratio
 
-    pct, direction = bounded_change(value, bound, base, base_bound)
-    if change is None:
-        assert math.isnan(pct)
+    got, direction = bounded_ratio(value, bound, base, base_bound)
+    if ratio is None:
+        assert math.isnan(got)
     else:
-        assert pct == pytest.approx(change) and direction == shown
+        assert got == pytest.approx(ratio) and direction == shown
 
 
 def test_a_built_ladder_profile_keeps_its_parameter_sets():
