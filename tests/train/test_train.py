@@ -238,25 +238,30 @@ def _two_ranks(spec: dict, folder: Path) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
+def _two_rank_jobs(tiny_run, folder: Path, jobs: list[dict]) -> list[dict]:
+    """Rank 0's results of `jobs` (changes to the base config) run on 2 ranks."""
+    config_json, tokens = tiny_run
+    spec = {
+        "config_json": str(config_json),
+        "tokens": str(tokens),
+        "output": str(folder),
+        "base": _config(data=str(tokens)).to_dict(),
+        "jobs": jobs,
+    }
+    done = _two_ranks(spec, folder)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((folder / "results.json").read_text())
+
+
 def test_two_processes_equal_plain_adamw(tiny_run, tmp_path, plain):
     """Every stage, offload on and off, on 2 gloo ranks (one torchrun launch runs them all)."""
-    config_json, tokens = tiny_run
     jobs = [
         {"zero": zero, "offload_optimizer": offload}
         for zero in (0, 1, 2, 3)
         for offload in (False, True)
     ]
     jobs += [{"zero": zero, "activations": MEMO} for zero in (0, 3)]
-    spec = {
-        "config_json": str(config_json),
-        "tokens": str(tokens),
-        "output": str(tmp_path),
-        "base": _config(data=str(tokens)).to_dict(),
-        "jobs": jobs,
-    }
-    done = _two_ranks(spec, tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads((tmp_path / "results.json").read_text())
+    results = _two_rank_jobs(tiny_run, tmp_path, jobs)
     assert len(results) == len(jobs)
     for job, result in zip(jobs, results, strict=True):
         assert result["world_size"] == 2
@@ -283,16 +288,7 @@ def test_resume_on_another_number_of_ranks(tiny_run, tmp_path, plain):
         one_rank[zero] = str(first.checkpoint)
     jobs = [{"zero": zero, "steps": half} for zero in (1, 2, 3)]
     jobs += [{"zero": zero, "resume": path} for zero, path in one_rank.items()]
-    spec = {
-        "config_json": str(config_json),
-        "tokens": str(tokens),
-        "output": str(tmp_path),
-        "base": _config(data=str(tokens)).to_dict(),
-        "jobs": jobs,
-    }
-    done = _two_ranks(spec, tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads((tmp_path / "results.json").read_text())
+    results = _two_rank_jobs(tiny_run, tmp_path, jobs)
     for job, result in zip(jobs, results, strict=True):
         expected = plain[0] if "resume" in job else plain[0][:half]
         torch.testing.assert_close(result["losses"], expected, rtol=RTOL, atol=0, msg=str(job))
