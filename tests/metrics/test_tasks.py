@@ -91,3 +91,30 @@ def test_missing_lm_eval_is_one_clear_error(tiny_llama_dir, tmp_path, monkeypatc
     path = _write(tmp_path / "t.jsonl", [0, 0, 0, 0])
     with pytest.raises(MemtoolError, match=r"memtool\[eval\]"):
         task_scores(load_model(str(tiny_llama_dir)), [str(path)])
+
+
+def test_measure_and_compare_report_task_scores(tiny_llama_dir, text_file, tmp_path):
+    pytest.importorskip("lm_eval", reason="the optional lm-eval install ('memtool[eval]')")
+    from typer.testing import CliRunner
+
+    from memtool.cli.app import app
+
+    task = _write(tmp_path / "mini.jsonl", [0, 1, 2, 3])
+    common = ["--data", str(text_file), "--seq-len", "32", "--max-windows", "2"]
+    runner = CliRunner()
+    one = runner.invoke(app, ["measure", str(tiny_llama_dir), *common, "--tasks", str(task),
+                              "--json"])  # fmt: skip
+    assert one.exit_code == 0, one.stderr
+    scores = json.loads(one.stdout)["task_scores"]["mini"]
+    assert 0.0 <= scores["acc"] <= 1.0 and scores["samples"] == len(QUERIES)
+    summary = tmp_path / "s.md"
+    pair = runner.invoke(app, ["measure", str(tiny_llama_dir), str(tiny_llama_dir), *common,
+                               "--tasks", str(task), "--task-limit", "2",
+                               "--summary", str(summary), "--json"])  # fmt: skip
+    assert pair.exit_code == 0, pair.stderr
+    rows = json.loads(pair.stdout)["rows"]
+    assert [r["task_scores"]["mini"]["samples"] for r in rows] == [2, 2]
+    assert "mini acc" in summary.read_text()
+    bad = runner.invoke(app, ["measure", str(tiny_llama_dir), *common, "--tasks",
+                              str(tmp_path / "none.jsonl")])  # fmt: skip
+    assert bad.exit_code == 2 and "does not exist" in bad.stderr
