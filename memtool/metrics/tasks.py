@@ -82,6 +82,18 @@ def _yaml_task_name(path: Path) -> str:
     return name
 
 
+@contextlib.contextmanager
+def _untied_call(model):
+    """HFLM calls `model.tie_weights()`; memtool's loaders already tied what the checkpoint
+    ties, and a compressed model (a BitStack stack's embeddings are plain tensors, not
+    parameters) cannot be re-tied by name, so the call is a no-op while HFLM is built."""
+    model.tie_weights = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        del model.tie_weights  # the class's method again
+
+
 def resolve_tasks(specs: list[str]) -> tuple[list, list[str], bool]:
     """(tasks for lm-eval, folders to include, whether every task is local)."""
     tasks, include, local = [], [], True
@@ -136,7 +148,7 @@ def task_scores(
             )
     device = str(next(loaded.model.parameters()).device)
     # lm-eval writes progress and notes to stdout in places: keep stdout for memtool's JSON.
-    with contextlib.redirect_stdout(sys.stderr):
+    with contextlib.redirect_stdout(sys.stderr), _untied_call(loaded.model):
         model = HFLM(
             pretrained=loaded.model,
             tokenizer=loaded.tokenizer,

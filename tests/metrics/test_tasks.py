@@ -118,3 +118,21 @@ def test_measure_and_compare_report_task_scores(tiny_llama_dir, text_file, tmp_p
     bad = runner.invoke(app, ["measure", str(tiny_llama_dir), *common, "--tasks",
                               str(tmp_path / "none.jsonl")])  # fmt: skip
     assert bad.exit_code == 2 and "does not exist" in bad.stderr
+
+
+def test_a_bitstack_stack_at_a_budget_is_scored(tiny_llama_dir, text_file, tmp_path):
+    """lm-eval re-ties weights by name when it wraps a model; a stack's embeddings are not
+    parameters, so memtool keeps that call from failing (and restores it after)."""
+    pytest.importorskip("lm_eval", reason="the optional lm-eval install ('memtool[eval]')")
+    from memtool.compress import BitStackConfig, CalibrationConfig, compress
+    from memtool.formats.bitstack_stack import StackFile
+
+    calibration = CalibrationConfig(data=str(text_file), n_samples=4, seq_len=32)
+    compress(tiny_llama_dir, BitStackConfig(niter=3, score_samples=2), calibration,
+             output=tmp_path / "stack", show_progress=False)  # fmt: skip
+    stack = StackFile(tmp_path / "stack")
+    loaded = load_model(str(tmp_path / "stack"), budget=(stack.min_bytes + stack.max_bytes) // 2)
+    task = _write(tmp_path / "mini.jsonl", [0, 1, 2, 3])
+    scores = task_scores(loaded, [str(task)])
+    assert scores["mini"]["samples"] == len(QUERIES)
+    assert "tie_weights" not in vars(loaded.model)  # the model's own method again
