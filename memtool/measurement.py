@@ -204,20 +204,7 @@ def measure(
         from memtool.metrics.tasks import task_scores
 
         scores = task_scores(loaded, list(config.tasks), config.task_limit, config.batch_size)
-    density = (
-        _density(
-            profile,
-            result,
-            non_embedding,
-            model_bits_per_weight(loaded.model),
-            config,
-            density_protocol(windows),
-            profile_score(profile, scores),
-        )
-        if profile is not None
-        else {}
-    )
-    return MeasureReport(
+    report = MeasureReport(
         model=loaded.source,
         model_kind=loaded.kind,
         dtype=str(dtype).removeprefix("torch."),
@@ -250,8 +237,11 @@ def measure(
         budget_bytes=None if config.budget is None else parse_size(config.budget),
         stack_blocks=stack.n_blocks if stack is not None else None,
         task_scores=scores,
-        **density,
     )
+    if profile is None:
+        return report
+    density = _density(profile, result, report, config, profile_score(profile, scores))
+    return replace(report, **density)
 
 
 def check_profile_tokenizer(profile, fingerprint: str, source: str) -> None:
@@ -280,12 +270,7 @@ def build_ladder(models: list[str], config: MeasureConfig) -> dict:
     reports = [measure(source, plain) for source in models]
     first = reports[0]
     protocol = {
-        "data": first.data,
-        "split": first.split,
-        "seq_len": first.seq_len,
-        "windows": first.windows,
-        "fingerprint": first.data_fingerprint,
-        "protocol": PROTOCOL,
+        **density_protocol(first),
         "tokenizer": tokenizer,
         "models": [r.model for r in reports],
     }
@@ -301,15 +286,15 @@ def build_ladder(models: list[str], config: MeasureConfig) -> dict:
     return build_ladder_profile(points, protocol, sets)
 
 
-def density_protocol(windows) -> dict:
+def density_protocol(report: "MeasureReport") -> dict:
     """The protocol facts a ladder profile records and a density check compares."""
     return {
-        "data": windows.data,
-        "split": windows.split,
-        "seq_len": windows.seq_len,
-        "windows": windows.n_windows,
-        "fingerprint": windows.fingerprint,
-        "protocol": PROTOCOL,
+        "data": report.data,
+        "split": report.split,
+        "seq_len": report.seq_len,
+        "windows": report.windows,
+        "fingerprint": report.data_fingerprint,
+        "protocol": report.protocol,
     }
 
 
@@ -328,18 +313,13 @@ def profile_score(profile, scores: dict | None) -> float | None:
 
 
 def _density(
-    profile,
-    result,
-    non_embedding: int,
-    bits: float,
-    config: MeasureConfig,
-    protocol: dict,
-    score: float | None = None,
+    profile, result, report: MeasureReport, config: MeasureConfig, score: float | None = None
 ) -> dict:
-    """The density fields of a report (see `memtool.metrics.density`). With a task `score`
+    """The density fields of `report` (see `memtool.metrics.density`). With a task `score`
     (a densing profile's task), N_hat inverts the score law and no window bootstrap applies."""
+    non_embedding, bits = report.params_non_embedding, report.bits_per_weight
     estimate = effective_params(profile, loss=result.nll_mean, score=score)
-    flags = list(estimate.flags) + list(protocol_flags(profile, protocol))
+    flags = list(estimate.flags) + list(protocol_flags(profile, density_protocol(report)))
     if score is not None:
         flags.append(f"from the score of task {profile.protocol['task']}")
     rho = capacity_density(estimate.value, non_embedding)
