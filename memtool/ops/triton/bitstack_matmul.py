@@ -43,7 +43,7 @@ from torch import Tensor
 from memtool.errors import MemtoolError
 from memtool.ops.reference import check_bitstack_tensors, check_linear_inputs
 from memtool.ops.triton.launch import check_launch
-from memtool.ops.triton.tiles import dot_accumulate, store_output
+from memtool.ops.triton.tiles import Tiles, default_tiles, dot_accumulate, store_output
 
 
 @triton.jit
@@ -128,15 +128,6 @@ def _bitstack_matmul_kernel(
     )
 
 
-def _block_sizes(m: int, n: int, k: int, rank: int) -> tuple[int, int, int, int]:
-    """Fixed tile shapes, as the GPTQ kernel's, plus the rank padded for `tl.dot` (>= 16)."""
-    block_m = 16 if m <= 16 else 64
-    block_n = 64 if n % 64 == 0 else 32
-    block_k = 64 if k % 64 == 0 else 32
-    block_r = max(16, triton.next_power_of_2(max(rank, 1)))
-    return block_m, block_n, block_k, block_r
-
-
 def triton_bitstack_linear(
     x: Tensor,
     signs: Tensor,
@@ -144,6 +135,8 @@ def triton_bitstack_linear(
     v: Tensor,
     in_features: int,
     bias: Tensor | None = None,
+    *,
+    tiles: Tiles | None = None,
 ) -> Tensor:
     """`x @ Wᵀ + bias` for the BitStack weight `W = Σ_j S_j ⊙ (u_j v_jᵀ)`, in one Triton kernel.
 
@@ -157,6 +150,7 @@ def triton_bitstack_linear(
         v: float `[blocks, in_features, rank]`.
         in_features: input features (the packed width rounds up to 8).
         bias: optional `[out_features]`.
+        tiles: the launch's tile shape; None picks `default_tiles` for the call's shape.
 
     Returns:
         `[..., out_features]` in `x.dtype`.
@@ -173,8 +167,10 @@ def triton_bitstack_linear(
     blocks, _, rank = u.shape
     out = torch.empty(m, out_features, dtype=x.dtype, device=x.device)
     if m > 0 and out_features > 0:
-        block_m, block_n, block_k, block_r = _block_sizes(m, out_features, in_features, rank)
-        grid = (triton.cdiv(m, block_m), triton.cdiv(out_features, block_n))
+        tiles = tiles or default_tiles(m, out_features, in_features)
+        # The rank padded for `tl.dot`, whose inner dimension is at least 16.
+        block_r = max(16, triton.next_power_of_2(max(rank, 1)))
+        grid = (triton.cdiv(m, tiles.block_m), triton.cdiv(out_features, tiles.block_n))
         _bitstack_matmul_kernel[grid](
             x2,
             signs,
@@ -203,9 +199,10 @@ def triton_bitstack_linear(
             HAS_BIAS=bias is not None,
             IEEE_FP32=x.dtype == torch.float32,
             FACTORS_FP16=u.dtype == torch.float16 and v.dtype == torch.float16,
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            BLOCK_K=block_k,
+            BLOCK_M=tiles.block_m,
+            BLOCK_N=tiles.block_n,
+            BLOCK_K=tiles.block_k,
             BLOCK_R=block_r,
+            num_warps=tiles.num_warps,
         )
     return out.reshape(*x.shape[:-1], out_features)

@@ -34,7 +34,7 @@ from torch import Tensor
 from memtool.formats.gptq_pack import check_gptq_tensors
 from memtool.ops.reference import check_linear_inputs
 from memtool.ops.triton.launch import check_launch
-from memtool.ops.triton.tiles import dot_accumulate, store_output
+from memtool.ops.triton.tiles import Tiles, default_tiles, dot_accumulate, store_output
 
 
 @triton.jit
@@ -129,14 +129,6 @@ def _gptq_matmul_kernel(
     )
 
 
-def _block_sizes(m: int, n: int, k: int) -> tuple[int, int, int]:
-    """Fixed tile shapes: decode (small M) gets the smallest M-tile `tl.dot` accepts (16)."""
-    block_m = 16 if m <= 16 else 64
-    block_n = 64 if n % 64 == 0 else 32
-    block_k = 64 if k % 64 == 0 else 32
-    return block_m, block_n, block_k
-
-
 def triton_gptq_linear(
     x: Tensor,
     qweight: Tensor,
@@ -146,6 +138,8 @@ def triton_gptq_linear(
     bits: int,
     in_features: int,
     bias: Tensor | None = None,
+    *,
+    tiles: Tiles | None = None,
 ) -> Tensor:
     """`x @ W + bias` for a GPTQ-packed `W`, fused in one Triton kernel.
 
@@ -157,6 +151,7 @@ def triton_gptq_linear(
             with `TRITON_INTERPRET=1` set before this module was imported).
         qweight, qzeros, scales, g_idx, bits, in_features: as in `dequantize_gptq`.
         bias: optional `[out_features]`.
+        tiles: the launch's tile shape; None picks `default_tiles` for the call's shape.
 
     Returns:
         `[..., out_features]` in `x.dtype`.
@@ -168,8 +163,8 @@ def triton_gptq_linear(
     m = x2.shape[0]
     out = torch.empty(m, out_features, dtype=x.dtype, device=x.device)
     if m > 0:
-        block_m, block_n, block_k = _block_sizes(m, out_features, in_features)
-        grid = (triton.cdiv(m, block_m), triton.cdiv(out_features, block_n))
+        tiles = tiles or default_tiles(m, out_features, in_features)
+        grid = (triton.cdiv(m, tiles.block_m), triton.cdiv(out_features, tiles.block_n))
         _gptq_matmul_kernel[grid](
             x2,
             qweight,
@@ -194,8 +189,9 @@ def triton_gptq_linear(
             BITS=bits,
             HAS_BIAS=bias is not None,
             IEEE_FP32=x.dtype == torch.float32,
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            BLOCK_K=block_k,
+            BLOCK_M=tiles.block_m,
+            BLOCK_N=tiles.block_n,
+            BLOCK_K=tiles.block_k,
+            num_warps=tiles.num_warps,
         )
     return out.reshape(*x.shape[:-1], out_features)

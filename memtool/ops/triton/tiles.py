@@ -1,7 +1,29 @@
-"""Tile steps the Triton matmul kernels share: the accumulating dot and the output epilogue."""
+"""Tile steps the Triton matmul kernels share: the accumulating dot and the output epilogue,
+and the tile shapes a launch may be given instead of the defaults."""
+
+from typing import NamedTuple
 
 import triton
 import triton.language as tl
+
+
+class Tiles(NamedTuple):
+    """A matmul launch's tile shape: output rows x columns per program, the K-step, warps.
+
+    The kernels pick these from the call's shape; `benchmarks/gpu_linear_kernels.py` passes
+    others to sweep them on a GPU. Each of `block_m`, `block_n`, `block_k` must be a power of
+    two of at least 16 (`tl.dot`'s smallest tile).
+    """
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+
+
+def default_tiles(m: int, n: int, k: int) -> Tiles:
+    """Fixed tile shapes: decode (small M) gets the smallest M-tile `tl.dot` accepts (16)."""
+    return Tiles(16 if m <= 16 else 64, 64 if n % 64 == 0 else 32, 64 if k % 64 == 0 else 32)
 
 
 @triton.jit

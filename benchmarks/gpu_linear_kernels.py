@@ -1,0 +1,429 @@
+"""Inference kernels on CUDA: the GPTQ and BitStack Triton matmuls checked against their
+references, then timed beside cuBLAS on the dense float16 weight, with a tile sweep.
+
+Checks (a failed one prints FAIL and the script exits 1), each on fresh random inputs, with the
+output's memory poisoned with NaN first (so an unwritten element shows):
+
+- GPTQ (`memtool.ops.triton.gptq_matmul`): 2/3/4/8 bits; static groups of 128, a ragged last
+  group (576 inputs), act-order (shuffled g_idx) and one group per row; float32, float16 and
+  bfloat16 activations; 1, 17 and 300 rows; with and without bias. float32 must match
+  `memtool.ops.reference.gptq_linear` within 1e-4 of the output's largest magnitude (IEEE
+  float32, another summation order); half precision must match the float32 product of `x` and
+  the weight rounded to `x`'s dtype (what the kernel computes) within 2e-3 (float16) or 1e-2
+  (bfloat16) of the largest magnitude, the rounding of the stored output.
+- BitStack (`memtool.ops.triton.bitstack_matmul`): 1-6 blocks, ranks 2-16 (the padding to 16),
+  widths that are not multiples of 8 or of the tiles, float16 and float32 factors, the same
+  activation dtypes, rows and tolerances against `memtool.ops.reference.bitstack_linear`.
+- A model: a SmolLM2-135M-shaped Llama (random weights) with every decoder linear replaced by
+  `GPTQLinear` (RTN 4-bit g128) gives the same logits on CUDA through Triton as on the CPU
+  through the reference (float32), and greedy decoding time is compared with the float16 model.
+
+Timings (`triton.testing.do_bench`, median, L2 flushed between calls so that decode reads its
+weights from memory): per shape (K inputs x N outputs) and rows M, cuBLAS on the float16 weight,
+the reference (dequantize or reconstruct, then matmul: what runs without the kernel) and the
+kernel with its default tiles and, with --sweep, other tiles. For M=1 the figure of merit is
+the weight bytes read per second; for large M, TFLOP/s.
+
+    python benchmarks/gpu_linear_kernels.py [--sweep] [--out FILE.json]
+
+Without CUDA it says so and exits 0. `--device cpu` under TRITON_INTERPRET=1 runs the checks at
+small sizes in the Triton interpreter (no bfloat16 there, no model, no timing): a smoke test.
+"""
+
+import argparse
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from memtool.formats.bitstack_pack import pack_signs
+from memtool.formats.gptq_pack import pack_gptq
+from memtool.ops import reference
+
+HERE = Path(__file__).resolve().parent
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+failures: list[str] = []
+
+
+def check(name: str, ok: bool, detail: str = "") -> None:
+    print(f"{'ok  ' if ok else 'FAIL'} {name}{f' ({detail})' if detail else ''}", flush=True)
+    if not ok:
+        failures.append(name)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    scale = expected.float().abs().max().clamp_min(1e-12)
+    return float((actual.float() - expected.float()).abs().max() / scale)
+
+
+def poison(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+    """Free a NaN-filled block of the output's size: the caching allocator hands it out next."""
+    if device.type == "cuda":
+        block = torch.full(shape, float("nan"), dtype=dtype, device=device)
+        del block
+
+
+def compare(name: str, out: torch.Tensor, x: torch.Tensor, weight_t: torch.Tensor, bias) -> None:
+    """Check `out` against `x @ weight_t + bias` computed as the kernel does for `x.dtype`.
+
+    `weight_t` is the float32 reference weight `[in, out]`; for half-precision activations the
+    kernel rounds it to their dtype before the dot, so the expectation does too.
+    """
+    w = weight_t if x.dtype == torch.float32 else weight_t.to(x.dtype).float()
+    expected = x.float() @ w
+    if bias is not None:
+        expected = expected + bias.float()
+    finite = bool(torch.isfinite(out).all())
+    error = relative_error(out, expected) if finite else float("inf")
+    limit = TOLERANCE[x.dtype]
+    check(name, finite and error <= limit, f"{error:.1e} of max, limit {limit:.0e}")
+
+
+def check_calls(device: torch.device) -> list[tuple[torch.dtype, int, bool]]:
+    """(activation dtype, rows, bias) per checked call: decode and prefill tiles in every dtype,
+    a ragged row count in float32. Few, since each combination is a compilation of the kernel."""
+    dtypes = [torch.float32, torch.float16]
+    if device.type == "cuda":
+        dtypes.append(torch.bfloat16)  # the interpreter cannot run bfloat16 dots
+    calls = [(dtype, 1, False) for dtype in dtypes] + [(torch.float32, 17, True)]
+    if device.type == "cuda":
+        calls += [(dtype, 300, True) for dtype in dtypes]
+    return calls
+
+
+# --- GPTQ -----------------------------------------------------------------------------------
+
+
+def gptq_layer(bits, in_features, out_features, group_size, shuffle, gen, device):
+    n_groups = -(-in_features // group_size)
+    maxq = (1 << bits) - 1
+    q = torch.randint(0, maxq + 1, (in_features, out_features), generator=gen)
+    zeros = torch.randint(1, maxq + 2, (n_groups, out_features), generator=gen)
+    scales = torch.rand(n_groups, out_features, generator=gen) * 0.02 + 1e-3
+    g_idx = torch.arange(in_features) // group_size
+    if shuffle:
+        g_idx = g_idx[torch.randperm(in_features, generator=gen)]
+    packed = pack_gptq(q, zeros, scales, g_idx, bits)
+    return {name: t.to(device) for name, t in packed.items()}
+
+
+def gptq_args(layer, bits, in_features):
+    return (layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], bits, in_features)
+
+
+def check_gptq(device: torch.device) -> None:
+    from memtool.ops.triton.gptq_matmul import triton_gptq_linear
+
+    gen = torch.Generator().manual_seed(0)
+    layouts = {
+        "g128": (1024, 768, 128, False),
+        "ragged g128": (576, 96, 128, False),
+        "act-order": (1024, 768, 128, True),
+        "per-row": (576, 1536, 576, False),
+    }
+    if device.type == "cpu":  # the interpreter: small layers only
+        layouts = {"ragged g128": (576, 96, 128, False), "act-order": (256, 64, 128, True)}
+    for bits in (2, 3, 4, 8):
+        for layout, (k, n, group, shuffle) in layouts.items():
+            layer = gptq_layer(bits, k, n, group, shuffle, gen, device)
+            weight_t = reference.dequantize_gptq(*gptq_args(layer, bits, k))
+            for dtype, rows, with_bias in check_calls(device):
+                bias = torch.randn(n, generator=gen).to(device, dtype) if with_bias else None
+                x = torch.randn(rows, k, generator=gen).to(device, dtype)
+                poison((rows, n), dtype, device)
+                out = triton_gptq_linear(x, *gptq_args(layer, bits, k), bias)
+                name = f"GPTQ {bits}-bit {layout} {k}x{n} {str(dtype)[6:]} M={rows}"
+                compare(name + (" +bias" if bias is not None else ""), out, x, weight_t, bias)
+                if dtype == torch.float32:
+                    ref = reference.gptq_linear(x, *gptq_args(layer, bits, k), bias)
+                    error = relative_error(out, ref)
+                    check(name + " vs reference op", error <= 1e-4, f"{error:.1e}")
+
+
+# --- BitStack -------------------------------------------------------------------------------
+
+
+def bitstack_layer(out_features, in_features, rank, blocks, factor_dtype, gen, device):
+    signs = torch.where(torch.randn(blocks, out_features, in_features, generator=gen) < 0, -1, 1)
+    decay = 1.0 / torch.arange(1, blocks + 1).float()[:, None, None]
+    u = torch.randn(blocks, out_features, rank, generator=gen) * 0.1 * decay
+    v = torch.randn(blocks, in_features, rank, generator=gen) * 0.1
+    return {
+        "signs": pack_signs(signs.float()).to(device),
+        "u": u.to(device, factor_dtype),
+        "v": v.to(device, factor_dtype),
+    }
+
+
+def bitstack_args(layer, in_features):
+    return (layer["signs"], layer["u"], layer["v"], in_features)
+
+
+def check_bitstack(device: torch.device) -> None:
+    from memtool.ops.triton.bitstack_matmul import triton_bitstack_linear
+
+    gen = torch.Generator().manual_seed(1)
+    cases = [  # (out, in, rank, blocks, factor dtype)
+        (1536, 576, 7, 4, torch.float16),
+        (576, 1536, 7, 3, torch.float16),
+        (192, 576, 2, 6, torch.float16),
+        (100, 203, 16, 2, torch.float16),
+        (768, 1024, 16, 1, torch.float32),
+        (96, 77, 5, 3, torch.float32),
+    ]
+    if device.type == "cpu":  # the interpreter: small layers only
+        cases = [case for case in cases if case[0] * case[1] <= 100 * 203]
+    for n, k, rank, blocks, factor_dtype in cases:
+        layer = bitstack_layer(n, k, rank, blocks, factor_dtype, gen, device)
+        weight_t = reference.bitstack_reconstruct(*bitstack_args(layer, k)).float().t()
+        for dtype, rows, with_bias in check_calls(device):
+            bias = torch.randn(n, generator=gen).to(device, dtype) if with_bias else None
+            x = torch.randn(rows, k, generator=gen).to(device, dtype)
+            poison((rows, n), dtype, device)
+            out = triton_bitstack_linear(x, *bitstack_args(layer, k), bias)
+            name = (
+                f"BitStack {n}x{k} r{rank} b{blocks} {str(factor_dtype)[6:]} factors "
+                f"{str(dtype)[6:]} M={rows}"
+            )
+            compare(name + (" +bias" if bias is not None else ""), out, x, weight_t, bias)
+            if dtype == torch.float32:
+                ref = reference.bitstack_linear(x, *bitstack_args(layer, k), bias)
+                error = relative_error(out, ref)
+                check(name + " vs reference op", error <= 1e-4, f"{error:.1e}")
+
+
+# --- a model --------------------------------------------------------------------------------
+
+
+def smollm2_shaped(layers: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
+        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+        tie_word_embeddings=True, rope_theta=100000.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+def quantize_linears(model, bits: int = 4, group_size: int = 128) -> None:
+    """Replace every decoder linear by a `GPTQLinear` holding its RTN codes."""
+    from memtool.compress.quantizer import rtn_quantize
+    from memtool.formats.gptq_linear import GPTQLinear
+
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if not isinstance(child, torch.nn.Linear):
+                    continue
+                qw = rtn_quantize(child.weight, bits, group_size, sym=False)
+                packed = pack_gptq(qw.codes.t().long(), qw.zeros.t(), qw.scales.t(), qw.g_idx, bits)
+                setattr(parent, name, GPTQLinear.from_tensors(packed, bits))
+
+
+def check_model(device: torch.device, new_tokens: int) -> list[dict]:
+    """Logits through Triton on CUDA == the reference on CPU; decode time vs float16."""
+    model = smollm2_shaped(layers=30)
+    quantize_linears(model)
+    ids = torch.randint(0, 49152, (2, 80), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        cpu_logits = model(ids).logits
+        model.to(device)
+        cuda_logits = model(ids.to(device)).logits.cpu()
+    error = relative_error(cuda_logits, cpu_logits)
+    check("GPTQLinear model: CUDA Triton logits == CPU reference (float32)", error <= 1e-3,
+          f"{error:.1e} of max")  # fmt: skip
+    rows = []
+    for label, build in (
+        ("float16 dense", lambda: smollm2_shaped(30).half().to(device)),
+        ("GPTQ 4-bit g128 (Triton)", lambda: model.half()),
+    ):
+        subject = build()
+        prompt = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(3))
+        prompt = prompt.to(device)
+        kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        with torch.no_grad():
+            subject.generate(prompt, **kwargs)  # warm-up: compiles and plans
+            torch.cuda.synchronize(device)
+            began = time.perf_counter()
+            subject.generate(prompt, **kwargs)
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - began
+        rows.append(
+            {"model": label, "new_tokens": new_tokens, "tokens_per_s": new_tokens / seconds}
+        )
+        print(f"decode {label}: {new_tokens / seconds:.0f} tokens/s", flush=True)
+    return rows
+
+
+# --- timing ---------------------------------------------------------------------------------
+
+
+def bench_ms(fn) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
+
+
+SHAPES = {  # name: (in K, out N)
+    "SmolLM2 up 576->1536": (576, 1536),
+    "SmolLM2 down 1536->576": (1536, 576),
+    "7B q/o 4096->4096": (4096, 4096),
+    "7B up 4096->11008": (4096, 11008),
+    "7B down 11008->4096": (11008, 4096),
+}
+# Tile shapes (BLOCK_M, BLOCK_N, BLOCK_K, warps) that --sweep times besides the defaults.
+DECODE_SWEEP = [(16, n, k, 4) for n in (32, 64, 128) for k in (64, 128, 256)] + [
+    (16, 64, 128, 8),
+    (16, 128, 128, 8),
+]
+PREFILL_SWEEP = [
+    (64, 64, 32, 4), (64, 128, 32, 4), (128, 64, 64, 4), (64, 128, 64, 4),
+    (128, 128, 32, 4), (128, 128, 32, 8), (128, 128, 64, 8),
+]  # fmt: skip
+BITSTACK_SWEEP_DECODE = [(16, n, k, 4) for n in (32, 64, 128) for k in (32, 64)]
+BITSTACK_SWEEP_PREFILL = [(64, 64, 32, 4), (128, 64, 32, 4), (64, 128, 32, 4), (128, 128, 32, 8)]
+
+
+def linear_contenders(x, dense, dense_bytes, packed_bytes, args, reference_op, kernel, sweep):
+    """(label, call, weight bytes read) for cuBLAS, the reference, the kernel and each tile."""
+    from memtool.ops.triton.tiles import Tiles
+
+    contenders = [
+        ("cuBLAS fp16 dense", functools.partial(torch.matmul, x, dense), dense_bytes),
+        ("reference", functools.partial(reference_op, x, *args), packed_bytes),
+        ("triton default tiles", functools.partial(kernel, x, *args), packed_bytes),
+    ]
+    for tiles in sweep:
+        call = functools.partial(kernel, x, *args, tiles=Tiles(*tiles))
+        contenders.append((f"triton {tiles}", call, packed_bytes))
+    return contenders
+
+
+def time_row(kind, shape, rows, bits_label, k, n, results, contenders) -> None:
+    flops = 2 * rows * k * n
+    for label, fn, nbytes in contenders:
+        try:
+            ms = bench_ms(fn)
+        except Exception as error:  # a tile that does not compile (resources) is reported
+            print(f"  {label}: failed ({type(error).__name__}: {str(error)[:120]})", flush=True)
+            continue
+        row = {
+            "kernel": kind, "shape": shape, "M": rows, "weights": bits_label, "contender": label,
+            "ms": ms, "weight_GBps": nbytes / ms / 1e6, "TFLOPs": flops / ms / 1e9,
+        }  # fmt: skip
+        results.append(row)
+        print(f"  {kind} {shape} M={rows} {bits_label} {label}: {ms * 1e3:.1f} us, "
+              f"{row['weight_GBps']:.0f} GB/s, {row['TFLOPs']:.1f} TFLOP/s")  # fmt: skip
+
+
+def time_gptq(device, sweep: bool, results: list) -> None:
+    from memtool.ops.triton.gptq_matmul import triton_gptq_linear
+
+    gen = torch.Generator().manual_seed(5)
+    for shape, (k, n) in SHAPES.items():
+        bit_list = (2, 3, 4, 8) if shape.startswith("7B q/o") else (4,)
+        for bits in bit_list:
+            layer = gptq_layer(bits, k, n, 128, False, gen, device)
+            args = gptq_args(layer, bits, k)
+            packed_bytes = sum(t.numel() * t.element_size() for t in layer.values())
+            dense = reference.dequantize_gptq(*args).half()
+            for rows in (1, 2048) if bits == 4 else (1,):
+                x = torch.randn(rows, k, generator=gen).to(device, torch.float16)
+                big = shape.startswith(("7B q/o", "7B up"))
+                sweep_tiles = DECODE_SWEEP if rows == 1 else PREFILL_SWEEP
+                contenders = linear_contenders(
+                    x, dense, k * n * 2, packed_bytes, args, reference.gptq_linear,
+                    triton_gptq_linear, sweep_tiles if sweep and bits == 4 and big else [],
+                )  # fmt: skip
+                time_row("GPTQ", shape, rows, f"{bits}-bit g128", k, n, results, contenders)
+
+
+def time_bitstack(device, sweep: bool, results: list) -> None:
+    from memtool.ops.triton.bitstack_matmul import triton_bitstack_linear
+
+    gen = torch.Generator().manual_seed(6)
+    configs = {  # shape: (rank, blocks) about 4-5 bits per weight
+        "SmolLM2 up 576->1536": (7, 4),
+        "7B q/o 4096->4096": (16, 4),
+        "7B up 4096->11008": (16, 4),
+    }
+    for shape, (rank, blocks) in configs.items():
+        k, n = SHAPES[shape]
+        layer = bitstack_layer(n, k, rank, blocks, torch.float16, gen, device)
+        args = bitstack_args(layer, k)
+        packed_bytes = sum(t.numel() * t.element_size() for t in layer.values())
+        dense = reference.bitstack_reconstruct(*args).half().t().contiguous()
+        bits_label = f"r{rank} x{blocks} blocks ({8 * packed_bytes / (k * n):.2f} bits)"
+        for rows in (1, 2048):
+            x = torch.randn(rows, k, generator=gen).to(device, torch.float16)
+            sweep_tiles = BITSTACK_SWEEP_DECODE if rows == 1 else BITSTACK_SWEEP_PREFILL
+            contenders = linear_contenders(
+                x, dense, k * n * 2, packed_bytes, args, reference.bitstack_linear,
+                triton_bitstack_linear, sweep_tiles if sweep and shape.startswith("7B q/o") else [],
+            )  # fmt: skip
+            time_row("BitStack", shape, rows, bits_label, k, n, results, contenders)
+
+
+def summary(results: list) -> None:
+    """The table the reply shows: per kernel, shape and M, the best of each contender group."""
+    print("\n| kernel | shape | M | weights | cuBLAS fp16 | reference | triton default "
+          "| best tiles | best triton | triton vs cuBLAS |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    keys = dict.fromkeys((r["kernel"], r["shape"], r["M"], r["weights"]) for r in results)
+    for key in keys:
+        rows = [r for r in results if (r["kernel"], r["shape"], r["M"], r["weights"]) == key]
+        by = {r["contender"]: r["ms"] for r in rows}
+        dense = by.get("cuBLAS fp16 dense")
+        ref = by.get("reference")
+        default = by.get("triton default tiles")
+        tritons = {c: v for c, v in by.items() if c.startswith("triton")}
+        best_name, best = min(tritons.items(), key=lambda kv: kv[1]) if tritons else ("-", None)
+
+        def us(v):
+            return f"{v * 1e3:.1f} us" if v is not None else "-"
+
+        ratio = f"{dense / best:.2f}x" if dense and best else "-"
+        print(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {us(dense)} | {us(ref)} "
+              f"| {us(default)} | {best_name.removeprefix('triton ')} | {us(best)} "
+              f"| {ratio} |")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--sweep", action="store_true", help="also time other tile shapes")
+    parser.add_argument("--skip-model", action="store_true")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "gpu_linear_kernels.json")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("this check needs a CUDA device (or --device cpu under TRITON_INTERPRET=1)")
+        return
+    began = time.perf_counter()
+    check_gptq(device)
+    check_bitstack(device)
+    print(f"kernel checks: {time.perf_counter() - began:.0f} s", flush=True)
+    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    if device.type == "cuda":
+        if not args.skip_model:
+            report["decode"] = check_model(device, args.new_tokens)
+        results: list[dict] = []
+        time_gptq(device, args.sweep, results)
+        time_bitstack(device, args.sweep, results)
+        report["timings"] = results
+        summary(results)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+    report["failures"] = failures
+    print(f"\n{len(failures)} failed checks; {time.perf_counter() - began:.0f} s in all")
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
