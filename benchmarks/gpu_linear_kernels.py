@@ -1,28 +1,30 @@
-"""Inference kernels on CUDA: the GPTQ and BitStack Triton matmuls checked against their
+"""Inference kernels on CUDA: the GPTQ and BitStack Triton paths checked against their
 references, then timed beside cuBLAS on the dense float16 weight, with a tile sweep.
 
 Checks (a failed one prints FAIL and the script exits 1), each on fresh random inputs, with the
 output's memory poisoned with NaN first (so an unwritten element shows):
 
-- GPTQ (`memtool.ops.triton.gptq_matmul`): 2/3/4/8 bits; static groups of 128, a ragged last
-  group (576 inputs), act-order (shuffled g_idx) and one group per row; float32, float16 and
-  bfloat16 activations; 1, 17 and 300 rows; with and without bias. float32 must match
-  `memtool.ops.reference.gptq_linear` within 1e-4 of the output's largest magnitude (IEEE
-  float32, another summation order); half precision must match the float32 product of `x` and
-  the weight rounded to `x`'s dtype (what the kernel computes) within 2e-3 (float16) or 1e-2
-  (bfloat16) of the largest magnitude, the rounding of the stored output.
-- BitStack (`memtool.ops.triton.bitstack_matmul`): 1-6 blocks, ranks 2-16 (the padding to 16),
-  widths that are not multiples of 8 or of the tiles, float16 and float32 factors, the same
-  activation dtypes, rows and tolerances against `memtool.ops.reference.bitstack_linear`.
+- GPTQ (`memtool.ops.triton.gptq_matmul`), both paths (GEMV; dequantize + cuBLAS): 2/3/4/8
+  bits; static groups of 128, a ragged last group (576 inputs), act-order (shuffled g_idx) and
+  one group per row; float32, float16 and bfloat16 activations; 1, 5 and 300 rows (GEMV up to
+  16); with and without bias. float32 must match `memtool.ops.reference.gptq_linear` within
+  1e-4 of the output's largest magnitude (another summation order). Half precision: GEMV
+  against the float32 product with the exact weight, dequantize against the weight rounded to
+  the activations' dtype (what each computes), within 2e-3 (float16) or 1e-2 (bfloat16) of the
+  largest magnitude: the output's own rounding.
+- BitStack (`memtool.ops.triton.bitstack_matmul`), both paths (fused; reconstruct + cuBLAS):
+  1-6 blocks, ranks 2-16 (padded to 16), widths that are not multiples of 8 or of the tiles,
+  float16 and float32 factors, the same activation dtypes, rows and tolerances (both paths
+  round the weight for half-precision activations).
 - A model: a SmolLM2-135M-shaped Llama (random weights) with every decoder linear replaced by
   `GPTQLinear` (RTN 4-bit g128) gives the same logits on CUDA through Triton as on the CPU
   through the reference (float32), and greedy decoding time is compared with the float16 model.
 
 Timings (`triton.testing.do_bench`, median, L2 flushed between calls so that decode reads its
 weights from memory): per shape (K inputs x N outputs) and rows M, cuBLAS on the float16 weight,
-the reference (dequantize or reconstruct, then matmul: what runs without the kernel) and the
-kernel with its default tiles and, with --sweep, other tiles. For M=1 the figure of merit is
-the weight bytes read per second; for large M, TFLOP/s.
+the reference (dequantize or reconstruct, then matmul: what runs without the kernels), the
+Triton op on `auto` and on each path, and with --sweep other tiles of the decode path at one
+row. For M=1 the figure of merit is the weight bytes read per second; for large M, TFLOP/s.
 
     python benchmarks/gpu_linear_kernels.py [--sweep] [--out FILE.json]
 
@@ -42,6 +44,7 @@ import torch
 from memtool.formats.bitstack_pack import pack_signs
 from memtool.formats.gptq_pack import pack_gptq
 from memtool.ops import reference
+from memtool.ops.triton.tiles import Tiles
 
 HERE = Path(__file__).resolve().parent
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -66,13 +69,13 @@ def poison(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
         del block
 
 
-def compare(name: str, out: torch.Tensor, x: torch.Tensor, weight_t: torch.Tensor, bias) -> None:
+def compare(name, out, x, weight_t, bias, rounds_weight: bool) -> None:
     """Check `out` against `x @ weight_t + bias` computed as the kernel does for `x.dtype`.
 
-    `weight_t` is the float32 reference weight `[in, out]`; for half-precision activations the
-    kernel rounds it to their dtype before the dot, so the expectation does too.
+    `weight_t` is the float32 reference weight `[in, out]`; a path that rounds it to
+    half-precision activations' dtype before the product (`rounds_weight`) is held to that.
     """
-    w = weight_t if x.dtype == torch.float32 else weight_t.to(x.dtype).float()
+    w = weight_t if not rounds_weight else weight_t.to(x.dtype).float()
     expected = x.float() @ w
     if bias is not None:
         expected = expected + bias.float()
@@ -88,10 +91,23 @@ def check_calls(device: torch.device) -> list[tuple[torch.dtype, int, bool]]:
     dtypes = [torch.float32, torch.float16]
     if device.type == "cuda":
         dtypes.append(torch.bfloat16)  # the interpreter cannot run bfloat16 dots
-    calls = [(dtype, 1, False) for dtype in dtypes] + [(torch.float32, 17, True)]
+    calls = [(dtype, 1, False) for dtype in dtypes] + [(torch.float32, 5, True)]
     if device.type == "cuda":
         calls += [(dtype, 300, True) for dtype in dtypes]
     return calls
+
+
+def check_one(name, kernel, args, x, weight_t, bias, path, rounds_weight, reference_op) -> None:
+    """One checked call of `kernel` on `path`, its output memory poisoned first."""
+    poison((x.shape[0], weight_t.shape[1]), x.dtype, x.device)
+    out = kernel(x, *args, bias, path=path)
+    name = f"{name} {str(x.dtype)[6:]} M={x.shape[0]} {path}" + (
+        " +bias" if bias is not None else ""
+    )
+    compare(name, out, x, weight_t, bias, rounds_weight and x.dtype != torch.float32)
+    if x.dtype == torch.float32:
+        error = relative_error(out, reference_op(x, *args, bias))
+        check(name + " vs reference op", error <= 1e-4, f"{error:.1e}")
 
 
 # --- GPTQ -----------------------------------------------------------------------------------
@@ -133,14 +149,13 @@ def check_gptq(device: torch.device) -> None:
             for dtype, rows, with_bias in check_calls(device):
                 bias = torch.randn(n, generator=gen).to(device, dtype) if with_bias else None
                 x = torch.randn(rows, k, generator=gen).to(device, dtype)
-                poison((rows, n), dtype, device)
-                out = triton_gptq_linear(x, *gptq_args(layer, bits, k), bias)
-                name = f"GPTQ {bits}-bit {layout} {k}x{n} {str(dtype)[6:]} M={rows}"
-                compare(name + (" +bias" if bias is not None else ""), out, x, weight_t, bias)
-                if dtype == torch.float32:
-                    ref = reference.gptq_linear(x, *gptq_args(layer, bits, k), bias)
-                    error = relative_error(out, ref)
-                    check(name + " vs reference op", error <= 1e-4, f"{error:.1e}")
+                # GEMV sums float32 products of the exact weight; dequantize rounds it first.
+                for path, rounds in (("gemv", False), ("dequant", True)):
+                    if path == "gemv" and rows > 16:
+                        continue
+                    check_one(f"GPTQ {bits}-bit {layout} {k}x{n}", triton_gptq_linear,
+                              gptq_args(layer, bits, k), x, weight_t, bias, path, rounds,
+                              reference.gptq_linear)  # fmt: skip
 
 
 # --- BitStack -------------------------------------------------------------------------------
@@ -182,17 +197,11 @@ def check_bitstack(device: torch.device) -> None:
         for dtype, rows, with_bias in check_calls(device):
             bias = torch.randn(n, generator=gen).to(device, dtype) if with_bias else None
             x = torch.randn(rows, k, generator=gen).to(device, dtype)
-            poison((rows, n), dtype, device)
-            out = triton_bitstack_linear(x, *bitstack_args(layer, k), bias)
-            name = (
-                f"BitStack {n}x{k} r{rank} b{blocks} {str(factor_dtype)[6:]} factors "
-                f"{str(dtype)[6:]} M={rows}"
-            )
-            compare(name + (" +bias" if bias is not None else ""), out, x, weight_t, bias)
-            if dtype == torch.float32:
-                ref = reference.bitstack_linear(x, *bitstack_args(layer, k), bias)
-                error = relative_error(out, ref)
-                check(name + " vs reference op", error <= 1e-4, f"{error:.1e}")
+            # Both paths round the weight to half-precision activations' dtype for the product.
+            for path in ("fused", "reconstruct"):
+                check_one(f"BitStack {n}x{k} r{rank} b{blocks} {str(factor_dtype)[6:]} factors",
+                          triton_bitstack_linear, bitstack_args(layer, k), x, weight_t, bias,
+                          path, True, reference.bitstack_linear)  # fmt: skip
 
 
 # --- a model --------------------------------------------------------------------------------
@@ -276,35 +285,16 @@ SHAPES = {  # name: (in K, out N)
     "7B up 4096->11008": (4096, 11008),
     "7B down 11008->4096": (11008, 4096),
 }
-# Tile shapes (BLOCK_M, BLOCK_N, BLOCK_K, warps) that --sweep times besides the defaults.
-DECODE_SWEEP = [(16, n, k, 4) for n in (32, 64, 128) for k in (64, 128, 256)] + [
-    (16, 64, 128, 8),
-    (16, 128, 128, 8),
+# Tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps) that --sweep times besides the defaults, at one row.
+GEMV_SWEEP = [(1, n, k, 4) for n in (32, 64, 128) for k in (64, 128)] + [
+    (1, 64, 128, 2),
+    (1, 128, 128, 8),
 ]
-PREFILL_SWEEP = [
-    (64, 64, 32, 4), (64, 128, 32, 4), (128, 64, 64, 4), (64, 128, 64, 4),
-    (128, 128, 32, 4), (128, 128, 32, 8), (128, 128, 64, 8),
-]  # fmt: skip
-BITSTACK_SWEEP_DECODE = [(16, n, k, 4) for n in (32, 64, 128) for k in (32, 64)]
-BITSTACK_SWEEP_PREFILL = [(64, 64, 32, 4), (128, 64, 32, 4), (64, 128, 32, 4), (128, 128, 32, 8)]
-
-
-def linear_contenders(x, dense, dense_bytes, packed_bytes, args, reference_op, kernel, sweep):
-    """(label, call, weight bytes read) for cuBLAS, the reference, the kernel and each tile."""
-    from memtool.ops.triton.tiles import Tiles
-
-    contenders = [
-        ("cuBLAS fp16 dense", functools.partial(torch.matmul, x, dense), dense_bytes),
-        ("reference", functools.partial(reference_op, x, *args), packed_bytes),
-        ("triton default tiles", functools.partial(kernel, x, *args), packed_bytes),
-    ]
-    for tiles in sweep:
-        call = functools.partial(kernel, x, *args, tiles=Tiles(*tiles))
-        contenders.append((f"triton {tiles}", call, packed_bytes))
-    return contenders
+FUSED_SWEEP = [(16, n, k, 4) for n in (32, 64, 128) for k in (32, 64)]
 
 
 def time_row(kind, shape, rows, bits_label, k, n, results, contenders) -> None:
+    """Time each `(label, call, weight bytes read)` and record it."""
     flops = 2 * rows * k * n
     for label, fn, nbytes in contenders:
         try:
@@ -321,24 +311,43 @@ def time_row(kind, shape, rows, bits_label, k, n, results, contenders) -> None:
               f"{row['weight_GBps']:.0f} GB/s, {row['TFLOPs']:.1f} TFLOP/s")  # fmt: skip
 
 
+def contenders_for(x, dense, packed_bytes, args, reference_op, kernel, paths, sweep):
+    """cuBLAS on the float16 weight, the reference, the kernel on `auto` and on each path, and
+    (one row) each swept tile shape on the decode path."""
+    k, n = dense.shape
+    part = functools.partial
+    contenders = [
+        ("cuBLAS fp16 dense", part(torch.matmul, x, dense), k * n * 2),
+        ("reference", part(reference_op, x, *args), packed_bytes),
+        ("triton auto", part(kernel, x, *args), packed_bytes),
+    ]
+    contenders += [(f"triton {p}", part(kernel, x, *args, path=p), packed_bytes) for p in paths]
+    for tiles in sweep:
+        call = part(kernel, x, *args, path=paths[0], tiles=Tiles(*tiles))
+        contenders.append((f"triton {paths[0]} {tiles}", call, packed_bytes))
+    return contenders
+
+
 def time_gptq(device, sweep: bool, results: list) -> None:
     from memtool.ops.triton.gptq_matmul import triton_gptq_linear
 
     gen = torch.Generator().manual_seed(5)
     for shape, (k, n) in SHAPES.items():
-        bit_list = (2, 3, 4, 8) if shape.startswith("7B q/o") else (4,)
-        for bits in bit_list:
+        q_o = shape.startswith("7B q/o")
+        for bits in (2, 3, 4, 8) if q_o else (4,):
             layer = gptq_layer(bits, k, n, 128, False, gen, device)
             args = gptq_args(layer, bits, k)
             packed_bytes = sum(t.numel() * t.element_size() for t in layer.values())
             dense = reference.dequantize_gptq(*args).half()
-            for rows in (1, 2048) if bits == 4 else (1,):
+            # The GEMV/dequantize crossover at 4 bits on the 4096-wide layer.
+            row_list = (1, 2, 4, 8, 16, 32, 2048) if q_o and bits == 4 else (1, 2048)
+            for rows in row_list if bits == 4 else (1,):
                 x = torch.randn(rows, k, generator=gen).to(device, torch.float16)
-                big = shape.startswith(("7B q/o", "7B up"))
-                sweep_tiles = DECODE_SWEEP if rows == 1 else PREFILL_SWEEP
-                contenders = linear_contenders(
-                    x, dense, k * n * 2, packed_bytes, args, reference.gptq_linear,
-                    triton_gptq_linear, sweep_tiles if sweep and bits == 4 and big else [],
+                tiles = GEMV_SWEEP if sweep and rows == 1 and bits == 4 and q_o else []
+                paths = ("gemv", "dequant")
+                contenders = contenders_for(
+                    x, dense, packed_bytes, args, reference.gptq_linear, triton_gptq_linear,
+                    paths, tiles,
                 )  # fmt: skip
                 time_row("GPTQ", shape, rows, f"{bits}-bit g128", k, n, results, contenders)
 
@@ -359,20 +368,22 @@ def time_bitstack(device, sweep: bool, results: list) -> None:
         packed_bytes = sum(t.numel() * t.element_size() for t in layer.values())
         dense = reference.bitstack_reconstruct(*args).half().t().contiguous()
         bits_label = f"r{rank} x{blocks} blocks ({8 * packed_bytes / (k * n):.2f} bits)"
-        for rows in (1, 2048):
+        q_o = shape.startswith("7B q/o")
+        for rows in (1, 4, 16, 64, 2048) if q_o else (1, 2048):
             x = torch.randn(rows, k, generator=gen).to(device, torch.float16)
-            sweep_tiles = BITSTACK_SWEEP_DECODE if rows == 1 else BITSTACK_SWEEP_PREFILL
-            contenders = linear_contenders(
-                x, dense, k * n * 2, packed_bytes, args, reference.bitstack_linear,
-                triton_bitstack_linear, sweep_tiles if sweep and shape.startswith("7B q/o") else [],
+            tiles = FUSED_SWEEP if sweep and rows == 1 and q_o else []
+            paths = ("fused", "reconstruct")
+            contenders = contenders_for(
+                x, dense, packed_bytes, args, reference.bitstack_linear, triton_bitstack_linear,
+                paths, tiles,
             )  # fmt: skip
             time_row("BitStack", shape, rows, bits_label, k, n, results, contenders)
 
 
 def summary(results: list) -> None:
     """The table the reply shows: per kernel, shape and M, the best of each contender group."""
-    print("\n| kernel | shape | M | weights | cuBLAS fp16 | reference | triton default "
-          "| best tiles | best triton | triton vs cuBLAS |")  # fmt: skip
+    print("\n| kernel | shape | M | weights | cuBLAS fp16 | reference | triton auto "
+          "| best triton | its time | auto vs cuBLAS |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|")
     keys = dict.fromkeys((r["kernel"], r["shape"], r["M"], r["weights"]) for r in results)
     for key in keys:
@@ -380,14 +391,14 @@ def summary(results: list) -> None:
         by = {r["contender"]: r["ms"] for r in rows}
         dense = by.get("cuBLAS fp16 dense")
         ref = by.get("reference")
-        default = by.get("triton default tiles")
+        default = by.get("triton auto")
         tritons = {c: v for c, v in by.items() if c.startswith("triton")}
         best_name, best = min(tritons.items(), key=lambda kv: kv[1]) if tritons else ("-", None)
 
         def us(v):
             return f"{v * 1e3:.1f} us" if v is not None else "-"
 
-        ratio = f"{dense / best:.2f}x" if dense and best else "-"
+        ratio = f"{dense / default:.2f}x" if dense and default else "-"
         print(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {us(dense)} | {us(ref)} "
               f"| {us(default)} | {best_name.removeprefix('triton ')} | {us(best)} "
               f"| {ratio} |")  # fmt: skip
@@ -398,7 +409,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--sweep", action="store_true", help="also time other tile shapes")
     parser.add_argument("--skip-model", action="store_true")
-    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "gpu_linear_kernels.json")
     args = parser.parse_args()
     device = torch.device(args.device)

@@ -137,6 +137,11 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--skip-kernels", action="store_true")
+    parser.add_argument(
+        "--modes",
+        help="comma-separated rows to run (default: all); 'memtool plain' always runs, as the "
+        "ratios' base",
+    )
     parser.add_argument("--out", type=Path, default=HERE / "results" / "gpu_train_check.json")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -149,8 +154,15 @@ def main() -> None:
         )
     config = _config(args)
     device = torch.device(args.device)
+    peers = ("plain (torch)", "transformers checkpointing", "torch save_on_cpu")
+    wanted = set(peers) | set(MEMTOOL_MODES)
+    if args.modes:
+        wanted = {name.strip() for name in args.modes.split(",")} | {"memtool plain"}
+        unknown = wanted - set(peers) - set(MEMTOOL_MODES)
+        if unknown:
+            parser.error(f"unknown modes {sorted(unknown)}; choose from {[*peers, *MEMTOOL_MODES]}")
     rows = []
-    for peer in ("plain (torch)", "transformers checkpointing", "torch save_on_cpu"):
+    for peer in (name for name in peers if name in wanted):
         rows.append(peer_step_times(peer, config, args, device))
         print(rows[-1], flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -159,6 +171,8 @@ def main() -> None:
         ids = torch.randint(0, config.vocab_size, (args.seq_len * 8,))
         save_file({"input_ids": ids}, str(folder / "tokens.safetensors"))
         for name, (changes, activations) in MEMTOOL_MODES.items():
+            if name not in wanted:
+                continue
             rows.append(
                 memtool_step_times(
                     name,

@@ -24,12 +24,14 @@ def run_interpreted(tmp_path_factory) -> Callable[[list[dict]], list[dict]]:
     """Run jobs through `memtool.ops` under TRITON_INTERPRET=1 in a child process.
 
     A job is `{"kwargs": {...the op's arguments...}, "backend": "triton" | "auto", "op": name}`,
-    where `op` is `"gptq_linear"` (the default when absent), `"bitstack_linear"`,
-    `"pack_activation"`, `"unpack_activation"` (its `packed` given as a dict of `Packed`'s
-    fields) or `"adamw_step"`; each result is `{"out": ..., "backend": str}` or
-    `{"error": str}` (a `MemtoolError` message). `out` is the op's tensor, a `Packed` as a dict
-    of its fields, or for `adamw_step` the updated buffers by argument name (see
-    interpret_worker.py). Skips when triton is not installed.
+    where `op` is `"gptq_linear"` (the default when absent), `"triton_gptq_linear"` (the Triton
+    entry point, taking `path` and `tiles` as a tuple), `"triton_dequantize_gptq"`,
+    `"bitstack_linear"`, `"triton_bitstack_linear"` (taking `path`), `"pack_activation"`,
+    `"unpack_activation"` (its `packed` given as a dict of `Packed`'s fields) or `"adamw_step"`;
+    each result is `{"out": ..., "backend": str}` or `{"error": str}` (a `MemtoolError` message).
+    `out` is the op's tensor, a `Packed` as a dict of its fields, or for `adamw_step` the
+    updated buffers by argument name (see interpret_worker.py). Skips when triton is not
+    installed.
     """
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")

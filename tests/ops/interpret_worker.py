@@ -55,8 +55,37 @@ def _adamw(kwargs: dict, backend: str):
     return {name: kwargs[name] for name in ADAMW_BUFFERS if kwargs.get(name) is not None}, chosen
 
 
+def _gptq_path(kwargs: dict, backend: str):
+    """The Triton GPTQ entry point itself, so a test can pick its path and tiles."""
+    from memtool.ops import KernelBackend
+    from memtool.ops.triton.gptq_matmul import triton_gptq_linear
+    from memtool.ops.triton.tiles import Tiles
+
+    if kwargs.get("tiles") is not None:  # travels as a plain tuple (weights-only loading)
+        kwargs = {**kwargs, "tiles": Tiles(*kwargs["tiles"])}
+    return triton_gptq_linear(**kwargs), KernelBackend.TRITON
+
+
+def _gptq_dequantize(kwargs: dict, backend: str):
+    from memtool.ops import KernelBackend
+    from memtool.ops.triton.gptq_matmul import triton_dequantize_gptq
+
+    return triton_dequantize_gptq(**kwargs), KernelBackend.TRITON
+
+
+def _bitstack_path(kwargs: dict, backend: str):
+    """The Triton BitStack entry point itself, so a test can pick its path."""
+    from memtool.ops import KernelBackend
+    from memtool.ops.triton.bitstack_matmul import triton_bitstack_linear
+
+    return triton_bitstack_linear(**kwargs), KernelBackend.TRITON
+
+
 OPS = {
     "gptq_linear": _linear(gptq_linear),
+    "triton_bitstack_linear": _bitstack_path,
+    "triton_gptq_linear": _gptq_path,
+    "triton_dequantize_gptq": _gptq_dequantize,
     "bitstack_linear": _linear(bitstack_linear),
     "pack_activation": _pack,
     "unpack_activation": _unpack,

@@ -195,10 +195,24 @@ FP32_CASES = {
 }
 
 
+# Up to FUSED_MAX_ROWS rows `auto` runs the fused kernel, above it reconstructs Wᵀ for torch's
+# matmul; the path-forced jobs run both on every case.
+PATHS = ("fused", "reconstruct")
+
+
 @pytest.fixture(scope="module")
 def kernel_results(run_interpreted):
     """All kernel jobs of this module, run in one interpreter process (a few seconds)."""
     jobs = {case_id: kernel_job(case_id, **case) for case_id, case in FP32_CASES.items()}
+    for case_id, case in FP32_CASES.items():  # each path on every case, whatever auto picks
+        for path in PATHS:
+            job = kernel_job(case_id, **case)
+            job["kwargs"]["path"] = path
+            jobs[f"{case_id}@{path}"] = {**job, "op": "triton_bitstack_linear"}
+    bad = kernel_job("bad-path", 32, 40, 4, 2, (3,))
+    bad["kwargs"]["path"] = "tiled"
+    jobs["bad-path"] = {**bad, "op": "triton_bitstack_linear"}
+    jobs["fp16-prefill"] = kernel_job("fp16-prefill", 48, 100, 7, 3, (40,), dtype=torch.float16)
     jobs["fp16"] = kernel_job("fp16", 48, 100, 7, 3, (5,), bias=True, dtype=torch.float16)
     jobs["fp16-decode"] = kernel_job("fp16-decode", 96, 576, 16, 4, (1,), dtype=torch.float16)
     jobs["bf16"] = kernel_job("bf16", 32, 40, 4, 2, (3,), dtype=torch.bfloat16)
@@ -214,12 +228,13 @@ def kernel_results(run_interpreted):
 
 
 def expected_output(job):
-    return reference_linear(**job["kwargs"])
+    return reference_linear(**{k: v for k, v in job["kwargs"].items() if k != "path"})
 
 
+@pytest.mark.parametrize("path", ("auto", *PATHS))
 @pytest.mark.parametrize("case_id", FP32_CASES)
-def test_triton_kernel_matches_reference_fp32(kernel_results, case_id):
-    job, result = kernel_results[case_id]
+def test_triton_kernel_matches_reference_fp32(kernel_results, case_id, path):
+    job, result = kernel_results[case_id if path == "auto" else f"{case_id}@{path}"]
     assert result.get("backend") == "triton", result
     assert job["kwargs"]["u"].is_contiguous() != (case_id == "strided-factors")
     expected = expected_output(job)
@@ -228,7 +243,11 @@ def test_triton_kernel_matches_reference_fp32(kernel_results, case_id):
         assert_close_relative(result["out"], expected, FP32_RTOL)
 
 
-@pytest.mark.parametrize("case_id", ["fp16", "fp16-decode"])
+def test_unknown_path_is_an_error(kernel_results):
+    assert "unknown BitStack kernel path 'tiled'" in kernel_results["bad-path"][1]["error"]
+
+
+@pytest.mark.parametrize("case_id", ["fp16", "fp16-decode", "fp16-prefill"])
 def test_triton_kernel_fp16_rounds_only_the_weight(kernel_results, case_id):
     # float16 activations: the reconstructed tile is rounded to float16 for the dot, so the
     # bound is half-precision rounding of W (2**-11 relative per product), not float32's.

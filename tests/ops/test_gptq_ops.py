@@ -210,3 +210,109 @@ def test_auto_on_plain_cpu_runs_the_reference_and_says_so(monkeypatch, caplog):
         "gptq_linear runs on the reference backend (cpu tensors)"
     ]
     assert torch.equal(out, reference_linear(x, *packed_args(packed, 4)))
+
+
+# --- the Triton entry point's two paths ----------------------------------------------------
+# Decode-sized calls run the GEMV kernel (packed words unpacked by shifts for 2/4/8 bits, per
+# row for 3; one scale row per K-step where the step sits in one group, per element where
+# act-order mixes groups), larger ones dequantize once and call torch's matmul. Both are run
+# here on every layout, whatever `auto` would pick for the shape.
+
+PATH_CASES = {
+    f"{path}-{b}bit-{layout}-m{rows}": {
+        "bits": b,
+        "rows": rows,
+        "path": path,
+        "shuffle": layout == "actorder",
+        "sym": b == 8,
+    }
+    for path in ("gemv", "dequant")
+    for b in BITS
+    for layout in ("static", "actorder")
+    # 16 rows of 96 columns fill the interpreter's pretend processors: one split, no atomics.
+    for rows in ((1, 16) if path == "gemv" and b == 4 else (1,) if path == "gemv" else (3,))
+}
+# Tiles that make static groups of 64 look mixed (K-steps of 128 span two groups) and columns
+# of 32: the per-element path on a checkpoint without act-order, still exact.
+TILE_CASES = {
+    "gemv-4bit-g64-steps128": {"bits": 4, "group_size": 64, "tiles": (1, 32, 128, 4)},
+    "gemv-3bit-g64-steps16": {"bits": 3, "group_size": 64, "tiles": (1, 32, 16, 2)},
+}
+
+
+def path_job(case_id, bits, rows, path="gemv", shuffle=False, sym=False, group_size=128,
+             tiles=None, dtype=torch.float32) -> dict:  # fmt: skip
+    job = kernel_job(case_id, bits, (rows, 576), bias=True, sym=sym, shuffle=shuffle,
+                     group_size=group_size, dtype=dtype)  # fmt: skip
+    job["kwargs"].update(path=path, tiles=tiles)
+    return {**job, "op": "triton_gptq_linear"}
+
+
+@pytest.fixture(scope="module")
+def path_results(run_interpreted):
+    jobs = {case_id: path_job(case_id, **case) for case_id, case in PATH_CASES.items()}
+    jobs |= {case_id: path_job(case_id, rows=2, **case) for case_id, case in TILE_CASES.items()}
+    jobs["gemv-fp16"] = path_job("gemv-fp16", 4, 2, dtype=torch.float16)
+    jobs["dequant-fp16"] = path_job("dequant-fp16", 4, 2, path="dequant", dtype=torch.float16)
+    jobs["bad-path"] = path_job("bad-path", 4, 1, path="fused")
+    for bits in BITS:
+        _, packed = make_layer(bits, shuffle=True)
+        for dtype in (torch.float32, torch.float16):
+            kwargs = {**packed, "bits": bits, "in_features": 576, "dtype": dtype}
+            jobs[f"dequantize-{bits}-{dtype}"] = {
+                "kwargs": kwargs, "backend": "triton", "op": "triton_dequantize_gptq"
+            }  # fmt: skip
+    results = run_interpreted(list(jobs.values()))
+    return dict(zip(jobs, zip(jobs.values(), results, strict=True), strict=True))
+
+
+@pytest.mark.parametrize("case_id", [*PATH_CASES, *TILE_CASES])
+def test_both_paths_match_the_reference_on_every_layout(path_results, case_id):
+    job, result = path_results[case_id]
+    assert "out" in result, result
+    kwargs = {k: v for k, v in job["kwargs"].items() if k not in ("path", "tiles")}
+    expected = reference_linear(**kwargs)
+    assert result["out"].shape == expected.shape and result["out"].dtype == torch.float32
+    assert_close_relative(result["out"], expected, FP32_RTOL)
+
+
+def test_gemv_sums_float16_calls_in_float32_from_the_exact_weight(path_results):
+    # GEMV never rounds W: only the output's float16 rounding separates it from the reference.
+    job, result = path_results["gemv-fp16"]
+    kwargs = {k: v for k, v in job["kwargs"].items() if k not in ("path", "tiles")}
+    assert result["out"].dtype == torch.float16
+    assert_close_relative(result["out"], reference_linear(**kwargs), 1e-3)
+    job, result = path_results["dequant-fp16"]  # W rounded to float16 first
+    kwargs = {k: v for k, v in job["kwargs"].items() if k not in ("path", "tiles")}
+    assert_close_relative(result["out"], reference_linear(**kwargs), 2e-3)
+
+
+def test_unknown_path_is_an_error(path_results):
+    assert "unknown GPTQ kernel path 'fused'" in path_results["bad-path"][1]["error"]
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_triton_dequantize_is_the_reference_dequantize(path_results, bits):
+    for dtype in (torch.float32, torch.float16):
+        job, result = path_results[f"dequantize-{bits}-{dtype}"]
+        kwargs = {k: v for k, v in job["kwargs"].items() if k != "dtype"}
+        expected = dequantize_gptq(**kwargs).to(dtype)
+        assert result["out"].dtype == dtype
+        assert torch.equal(result["out"], expected)  # the same one rounding per weight
+
+
+def test_k_splits_until_the_processors_are_busy():
+    tiles_module = pytest.importorskip("memtool.ops.triton.tiles")
+    from memtool.ops.triton.tiles import PROGRAMS_PER_SM, k_splits
+
+    cuda = torch.device("cuda")
+    with pytest.MonkeyPatch.context() as patch:  # an H100/H200's 132 multiprocessors
+        patch.setattr(tiles_module, "multiprocessors", lambda device: 132)
+        # One row of 4096 x 4096 in 64 column tiles, K-steps of 128: 1056 programs wanted.
+        splits, steps = k_splits(64, 4096, 128, cuda)
+        assert (splits, steps) == (16, 2)
+        assert 64 * splits >= PROGRAMS_PER_SM * 132 // 2
+        # Enough output tiles already: no split, so no atomics.
+        assert k_splits(8 * 11008 * 16 // 64, 4096, 128, cuda) == (1, 32)
+        # Never more splits than K-steps; ragged K rounds the steps up.
+        assert k_splits(1, 200, 128, cuda) == (2, 1)

@@ -2,8 +2,12 @@
 
 Specification: `memtool.ops.reference.bitstack_linear` (and `bitstack_reconstruct` for the
 weight), over the sign layout of `memtool.formats.bitstack_pack`: `W = Σ_j S_j ⊙ (u_j v_jᵀ)`
-with `S_j` packed one bit per weight. The kernel never materialises `W`; tests compare it with
-the reference under `TRITON_INTERPRET=1` on CPU.
+with `S_j` packed one bit per weight. For decode-sized calls (at most `FUSED_MAX_ROWS` rows) the
+fused kernel never materialises `W`; larger calls reconstruct `Wᵀ` once in the activations'
+dtype (`triton_bitstack_reconstruct_t`, the same weight tiles) and hand it to torch's matmul,
+as the issue's "whichever is faster for the shape and batch" asks: rebuilding every weight tile
+for each tile of rows costs more than one pass over `W`. Tests compare both with the reference
+under `TRITON_INTERPRET=1` on CPU.
 
 Tiling: one program computes a `BLOCK_M x BLOCK_N` tile of the output (tokens x out-features)
 and walks the input dimension in steps of `BLOCK_K`. For each K-step it
@@ -15,6 +19,10 @@ and walks the input dimension in steps of `BLOCK_K`. For each K-step it
    byte load the same address, which the cache serves) and adds the magnitude, negated where
    the bit is set, to a float32 weight tile;
 3. accumulates `tl.dot(x_tile, w_tile)` in float32, the weight tile being `Wᵀ` already.
+
+Where the output gives too few tiles to keep the GPU busy (decode: one row, a few hundred
+columns), K is split over programs too (`memtool.ops.triton.tiles.k_splits`), whose float32
+partial sums are added atomically: the summation order, not the precision, can vary by run.
 
 The rank is padded to `BLOCK_R`, the next power of two of at least 16 (the smallest inner
 dimension `tl.dot` takes), with masked loads returning 0 beyond the rank, so the padding adds
@@ -43,7 +51,69 @@ from torch import Tensor
 from memtool.errors import MemtoolError
 from memtool.ops.reference import check_bitstack_tensors, check_linear_inputs
 from memtool.ops.triton.launch import check_launch
-from memtool.ops.triton.tiles import Tiles, default_tiles, dot_accumulate, store_output
+from memtool.ops.triton.tiles import (
+    Tiles,
+    default_tiles,
+    dot_accumulate,
+    k_splits,
+    store_output,
+)
+
+# Rows up to which the fused kernel runs; above, reconstruct Wᵀ once and call torch's matmul.
+# The fused kernel rebuilds every weight tile for each tile of rows: on an H200 at 2048 rows it
+# ran 16x slower than cuBLAS on the float16 weight (benchmarks/gpu_linear_kernels.py).
+FUSED_MAX_ROWS = 16
+
+
+@triton.jit
+def _weight_tile(signs_ptr, u_ptr, v_ptr, offs_k, offs_n, offs_r, k_mask, n_mask, r_mask,
+                 BLOCKS, stride_sj, stride_sn, stride_sc, stride_uj, stride_un, stride_ur,
+                 stride_vj, stride_vk, stride_vr, FACTORS_FP16: tl.constexpr,
+                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """The float32 tile `Wᵀ[offs_k, offs_n] = Σ_j S_jᵀ ⊙ (v_j u_jᵀ)` over the loaded blocks."""
+    v_offs = offs_k[:, None] * stride_vk + offs_r[None, :] * stride_vr
+    v_mask = k_mask[:, None] & r_mask[None, :]
+    u_offs = offs_r[:, None] * stride_ur + offs_n[None, :] * stride_un
+    u_mask = r_mask[:, None] & n_mask[None, :]
+    # Input k of out-feature n: bit k % 8 of byte k // 8 in row n (set = negative).
+    s_offs = (offs_k // 8)[:, None] * stride_sc + offs_n[None, :] * stride_sn
+    s_shift = (offs_k % 8)[:, None]
+    kn_mask = k_mask[:, None] & n_mask[None, :]
+    w = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    for j in range(0, BLOCKS):
+        # Masked factors load 0: rank padding, ragged K and N all add exact zeros.
+        v = tl.load(v_ptr + j * stride_vj + v_offs, mask=v_mask, other=0.0)
+        u = tl.load(u_ptr + j * stride_uj + u_offs, mask=u_mask, other=0.0)
+        if FACTORS_FP16:
+            magnitude = tl.dot(v, u)  # float16 products are exact in float32
+        else:
+            magnitude = tl.dot(v.to(tl.float32), u.to(tl.float32), input_precision="ieee")
+        byte = tl.load(signs_ptr + j * stride_sj + s_offs, mask=kn_mask, other=0)
+        negative = ((byte.to(tl.int32) >> s_shift) & 1) != 0
+        w += tl.where(negative, -magnitude, magnitude)
+    return w
+
+
+@triton.jit
+def _bitstack_reconstruct_kernel(
+    signs_ptr, u_ptr, v_ptr, wt_ptr, N, K, BLOCKS, RANK,
+    stride_sj, stride_sn, stride_sc, stride_uj, stride_un, stride_ur,
+    stride_vj, stride_vk, stride_vr, stride_wk, stride_wn,
+    FACTORS_FP16: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    k_mask = offs_k < K
+    n_mask = offs_n < N
+    w = _weight_tile(signs_ptr, u_ptr, v_ptr, offs_k, offs_n, offs_r, k_mask, n_mask,
+                     offs_r < RANK, BLOCKS, stride_sj, stride_sn, stride_sc, stride_uj,
+                     stride_un, stride_ur, stride_vj, stride_vk, stride_vr, FACTORS_FP16,
+                     BLOCK_K, BLOCK_N)  # fmt: skip
+    w_offs = offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    tl.store(wt_ptr + w_offs, w.to(wt_ptr.dtype.element_ty),
+             mask=k_mask[:, None] & n_mask[None, :])  # fmt: skip
 
 
 @triton.jit
@@ -57,6 +127,7 @@ def _bitstack_matmul_kernel(
     M,
     N,
     K,
+    K_SPLIT,
     BLOCKS,
     RANK,
     stride_xm,
@@ -75,6 +146,7 @@ def _bitstack_matmul_kernel(
     HAS_BIAS: tl.constexpr,
     IEEE_FP32: tl.constexpr,
     FACTORS_FP16: tl.constexpr,
+    ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -82,50 +154,66 @@ def _bitstack_matmul_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
     m_mask = offs_m < M
     n_mask = offs_n < N
     r_mask = offs_r < RANK
-    # The u_jᵀ tile [BLOCK_R, BLOCK_N] of this program's out-features: fixed for the K loop.
-    u_offs = offs_r[:, None] * stride_ur + offs_n[None, :] * stride_un
-    u_mask = r_mask[:, None] & n_mask[None, :]
-
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_end = tl.minimum(pid_k * K_SPLIT + K_SPLIT, K)
+    for k0 in range(pid_k * K_SPLIT, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        kn_mask = k_mask[:, None] & n_mask[None, :]
+        k_mask = offs_k < k_end
         x = tl.load(
             x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
             mask=m_mask[:, None] & k_mask[None, :],
             other=0.0,
         )
-        v_offs = offs_k[:, None] * stride_vk + offs_r[None, :] * stride_vr
-        v_mask = k_mask[:, None] & r_mask[None, :]
-        # Input k of out-feature n: bit k % 8 of byte k // 8 in row n (set = negative).
-        s_offs = (offs_k // 8)[:, None] * stride_sc + offs_n[None, :] * stride_sn
-        s_shift = (offs_k % 8)[:, None]
-
-        w = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)  # Wᵀ for this K-step
-        for j in range(0, BLOCKS):
-            # Masked factors load 0: rank padding, ragged K and N all add exact zeros.
-            v = tl.load(v_ptr + j * stride_vj + v_offs, mask=v_mask, other=0.0)
-            u = tl.load(u_ptr + j * stride_uj + u_offs, mask=u_mask, other=0.0)
-            if FACTORS_FP16:
-                magnitude = tl.dot(v, u)  # float16 products are exact in float32
-            else:
-                magnitude = tl.dot(v.to(tl.float32), u.to(tl.float32), input_precision="ieee")
-            byte = tl.load(signs_ptr + j * stride_sj + s_offs, mask=kn_mask, other=0)
-            negative = ((byte.to(tl.int32) >> s_shift) & 1) != 0
-            w += tl.where(negative, -magnitude, magnitude)
-
+        w = _weight_tile(signs_ptr, u_ptr, v_ptr, offs_k, offs_n, offs_r, k_mask, n_mask,
+                         r_mask, BLOCKS, stride_sj, stride_sn, stride_sc, stride_uj, stride_un,
+                         stride_ur, stride_vj, stride_vk, stride_vr, FACTORS_FP16,
+                         BLOCK_K, BLOCK_N)  # fmt: skip
         acc = dot_accumulate(acc, x, w, IEEE_FP32)
 
-    store_output(
-        acc, bias_ptr, out_ptr, offs_m, offs_n, m_mask, n_mask, stride_om, stride_on, HAS_BIAS
-    )
+    if ATOMIC:  # K split over programs: add this split's partial sums (bias: the first split's)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            acc += tl.where(pid_k == 0, bias, 0.0)[None, :]
+        out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+        tl.atomic_add(out, acc, mask=m_mask[:, None] & n_mask[None, :])
+    else:
+        store_output(
+            acc, bias_ptr, out_ptr, offs_m, offs_n, m_mask, n_mask, stride_om, stride_on, HAS_BIAS
+        )
+
+
+def _block_r(rank: int) -> int:
+    """The rank padded for `tl.dot`, whose inner dimension is at least 16."""
+    return max(16, triton.next_power_of_2(max(rank, 1)))
+
+
+def triton_bitstack_reconstruct_t(
+    signs: Tensor, u: Tensor, v: Tensor, in_features: int, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """`Wᵀ` `[in_features, out_features]` in `dtype`: `bitstack_reconstruct`'s weight,
+    transposed, in one Triton pass (each element rounded once, from float32)."""
+    check_bitstack_tensors(signs, u, v, in_features)
+    blocks, out_features, rank = u.shape
+    wt = torch.empty(in_features, out_features, dtype=dtype, device=signs.device)
+    block_k, block_n = 32, 64
+    grid = (triton.cdiv(in_features, block_k), triton.cdiv(out_features, block_n))
+    if in_features and out_features:
+        _bitstack_reconstruct_kernel[grid](
+            signs, u, v, wt, out_features, in_features, blocks, rank,
+            signs.stride(0), signs.stride(1), signs.stride(2),
+            u.stride(0), u.stride(1), u.stride(2), v.stride(0), v.stride(1), v.stride(2),
+            wt.stride(0), wt.stride(1),
+            FACTORS_FP16=u.dtype == torch.float16 and v.dtype == torch.float16,
+            BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_R=_block_r(rank),
+        )  # fmt: skip
+    return wt
 
 
 def triton_bitstack_linear(
@@ -136,9 +224,11 @@ def triton_bitstack_linear(
     in_features: int,
     bias: Tensor | None = None,
     *,
+    path: str = "auto",
     tiles: Tiles | None = None,
 ) -> Tensor:
-    """`x @ Wᵀ + bias` for the BitStack weight `W = Σ_j S_j ⊙ (u_j v_jᵀ)`, in one Triton kernel.
+    """`x @ Wᵀ + bias` for the BitStack weight `W = Σ_j S_j ⊙ (u_j v_jᵀ)`: the fused kernel,
+    or (more than `FUSED_MAX_ROWS` rows) the reconstruct kernel feeding torch's matmul.
 
     Same contract as `memtool.ops.reference.bitstack_linear`.
 
@@ -150,7 +240,8 @@ def triton_bitstack_linear(
         v: float `[blocks, in_features, rank]`.
         in_features: input features (the packed width rounds up to 8).
         bias: optional `[out_features]`.
-        tiles: the launch's tile shape; None picks `default_tiles` for the call's shape.
+        path: `auto`, `fused` or `reconstruct`: for benchmarks.
+        tiles: the fused launch's tile shape; None picks `default_tiles` for the call's shape.
 
     Returns:
         `[..., out_features]` in `x.dtype`.
@@ -162,16 +253,26 @@ def triton_bitstack_linear(
         if not tensor.is_floating_point():
             raise MemtoolError(f"{name} must be a float tensor, got {tensor.dtype}")
     check_launch("BitStack", x, signs, {"u": u, "v": v})
+    if path not in ("auto", "fused", "reconstruct"):
+        raise MemtoolError(f"unknown BitStack kernel path {path!r}; use auto, fused or reconstruct")
     x2 = x.reshape(-1, in_features)
     m = x2.shape[0]
     blocks, _, rank = u.shape
-    out = torch.empty(m, out_features, dtype=x.dtype, device=x.device)
+    if path == "reconstruct" or (path == "auto" and m > FUSED_MAX_ROWS):
+        wt = triton_bitstack_reconstruct_t(signs, u, v, in_features, x.dtype)
+        out = torch.addmm(bias.to(x.dtype), x2, wt) if bias is not None else x2 @ wt
+        return out.reshape(*x.shape[:-1], out_features)
+    tiles = tiles or default_tiles(m, out_features, in_features)
+    grid = (triton.cdiv(m, tiles.block_m), triton.cdiv(out_features, tiles.block_n))
+    splits, steps_per_split = k_splits(grid[0] * grid[1], in_features, tiles.block_k, x.device)
+    atomic = splits > 1
+    if atomic:
+        out = torch.zeros(m, out_features, dtype=torch.float32, device=x.device)
+    else:
+        out = torch.empty(m, out_features, dtype=x.dtype, device=x.device)
     if m > 0 and out_features > 0:
-        tiles = tiles or default_tiles(m, out_features, in_features)
-        # The rank padded for `tl.dot`, whose inner dimension is at least 16.
-        block_r = max(16, triton.next_power_of_2(max(rank, 1)))
-        grid = (triton.cdiv(m, tiles.block_m), triton.cdiv(out_features, tiles.block_n))
-        _bitstack_matmul_kernel[grid](
+        block_r = _block_r(rank)
+        _bitstack_matmul_kernel[(*grid, splits)](
             x2,
             signs,
             u,
@@ -181,6 +282,7 @@ def triton_bitstack_linear(
             m,
             out_features,
             in_features,
+            steps_per_split * tiles.block_k,
             blocks,
             rank,
             x2.stride(0),
@@ -199,10 +301,13 @@ def triton_bitstack_linear(
             HAS_BIAS=bias is not None,
             IEEE_FP32=x.dtype == torch.float32,
             FACTORS_FP16=u.dtype == torch.float16 and v.dtype == torch.float16,
+            ATOMIC=atomic,
             BLOCK_M=tiles.block_m,
             BLOCK_N=tiles.block_n,
             BLOCK_K=tiles.block_k,
             BLOCK_R=block_r,
             num_warps=tiles.num_warps,
         )
+    if atomic:
+        out = out.to(x.dtype)
     return out.reshape(*x.shape[:-1], out_features)

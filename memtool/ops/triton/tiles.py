@@ -1,10 +1,16 @@
 """Tile steps the Triton matmul kernels share: the accumulating dot and the output epilogue,
 and the tile shapes a launch may be given instead of the defaults."""
 
+import functools
 from typing import NamedTuple
 
+import torch
 import triton
 import triton.language as tl
+
+# Programs per multiprocessor to aim for when splitting K: enough loads in flight to hide
+# memory latency when the output alone gives too few programs (decode).
+PROGRAMS_PER_SM = 8
 
 
 class Tiles(NamedTuple):
@@ -56,3 +62,21 @@ def store_output(
         acc.to(out_ptr.dtype.element_ty),
         mask=m_mask[:, None] & n_mask[None, :],
     )
+
+
+@functools.cache
+def multiprocessors(device: torch.device) -> int:
+    """The device's multiprocessor count; 2 for the interpreter (small, so tests split K too)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2
+
+
+def k_splits(programs: int, k: int, block_k: int, device: torch.device) -> tuple[int, int]:
+    """`(splits, BLOCK_K steps per split)` of K for a launch of `programs` output tiles: enough
+    programs for about `PROGRAMS_PER_SM` per multiprocessor, each split whole steps. Splits > 1
+    mean the partial sums are added atomically (in float32)."""
+    k_steps = max(triton.cdiv(k, block_k), 1)
+    wanted = triton.cdiv(PROGRAMS_PER_SM * multiprocessors(device), max(programs, 1))
+    steps_per_split = triton.cdiv(k_steps, max(1, min(wanted, k_steps)))
+    return triton.cdiv(k_steps, steps_per_split), steps_per_split
