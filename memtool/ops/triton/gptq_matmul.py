@@ -156,13 +156,14 @@ def _gptq_gemv_kernel(
         first = tl.load(g_idx_ptr + k0)
         group = tl.where(k_mask, tl.load(g_idx_ptr + offs_k, mask=k_mask, other=0), first)
         if tl.min(group, axis=0) == tl.max(group, axis=0):
-            scale = tl.load(scales_ptr + first * stride_sg + offs_n * stride_sn, mask=n_mask,
-                            other=0.0).to(tl.float32)  # fmt: skip
-            zero = _unpack_field(qzeros_ptr, first * stride_zg + z_word, stride_zn, z_shift,
-                                 n_mask, BITS)  # fmt: skip
+            # Names differ from the else branch's: Triton wants a name's type alike in both.
+            scale_row = tl.load(scales_ptr + first * stride_sg + offs_n * stride_sn, mask=n_mask,
+                                other=0.0).to(tl.float32)  # fmt: skip
+            zero_row = _unpack_field(qzeros_ptr, first * stride_zg + z_word, stride_zn, z_shift,
+                                     n_mask, BITS)  # fmt: skip
             # Checkpoints store zero - 1 (GPTQ "v1").
-            diff = (q - (zero + 1)[None, :]).to(tl.float32)
-            acc += scale * tl.sum(x.to(tl.float32)[:, None] * diff, axis=0)
+            diff = (q - (zero_row + 1)[None, :]).to(tl.float32)
+            acc += scale_row * tl.sum(x.to(tl.float32)[:, None] * diff, axis=0)
         else:
             zero = _unpack_field(qzeros_ptr, group[:, None] * stride_zg + z_word[None, :],
                                  stride_zn, z_shift[None, :], kn_mask, BITS)  # fmt: skip
