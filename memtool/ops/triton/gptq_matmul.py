@@ -79,10 +79,10 @@ def _codes(qweight_ptr, k0, offs_n, k_mask, n_mask, K, stride_qk, stride_qn,
     """The `BLOCK_K x BLOCK_N` int32 codes of rows `k0 + [0, BLOCK_K)`, columns `offs_n`.
 
     Rows outside `k_mask` may hold any code (callers zero their activations)."""
-    if BITS == 3:
+    if BITS == 3:  # an if/else, not an early return: Triton compiles code after a return
         offs_k = k0 + tl.arange(0, BLOCK_K)
         q_bit = offs_k * BITS
-        return _unpack_field(
+        codes = _unpack_field(
             qweight_ptr,
             (q_bit // 32)[:, None] * stride_qk + offs_n[None, :] * stride_qn,
             stride_qk,
@@ -90,17 +90,19 @@ def _codes(qweight_ptr, k0, offs_n, k_mask, n_mask, K, stride_qk, stride_qn,
             k_mask[:, None] & n_mask[None, :],
             BITS,
         )
-    PER_WORD: tl.constexpr = 32 // BITS
-    offs_w = k0 // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
-    w_mask = (offs_w < K * BITS // 32)[:, None] & n_mask[None, :]
-    words = tl.load(
-        qweight_ptr + offs_w[:, None] * stride_qk + offs_n[None, :] * stride_qn,
-        mask=w_mask,
-        other=0,
-    ).to(tl.uint32, bitcast=True)
-    shifts = (tl.arange(0, PER_WORD) * BITS).to(tl.uint32)
-    fields = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
-    return tl.reshape(fields, (BLOCK_K, BLOCK_N)).to(tl.int32)
+    else:
+        PER_WORD: tl.constexpr = 32 // BITS
+        offs_w = k0 // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
+        w_mask = (offs_w < K * BITS // 32)[:, None] & n_mask[None, :]
+        words = tl.load(
+            qweight_ptr + offs_w[:, None] * stride_qk + offs_n[None, :] * stride_qn,
+            mask=w_mask,
+            other=0,
+        ).to(tl.uint32, bitcast=True)
+        shifts = (tl.arange(0, PER_WORD) * BITS).to(tl.uint32)
+        fields = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
+        codes = tl.reshape(fields, (BLOCK_K, BLOCK_N)).to(tl.int32)
+    return codes
 
 
 @triton.jit
