@@ -195,7 +195,7 @@ FP32_CASES = {
 }
 
 
-# Up to FUSED_MAX_ROWS rows `auto` runs the fused kernel, above it reconstructs Wᵀ for torch's
+# Up to FUSED_MAX_ROWS rows (1) `auto` runs the fused kernel, above it reconstructs Wᵀ for torch's
 # matmul; the path-forced jobs run both on every case.
 PATHS = ("fused", "reconstruct")
 

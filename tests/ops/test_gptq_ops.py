@@ -316,3 +316,13 @@ def test_k_splits_until_the_processors_are_busy():
         assert k_splits(8 * 11008 * 16 // 64, 4096, 128, cuda) == (1, 32)
         # Never more splits than K-steps; ragged K rounds the steps up.
         assert k_splits(1, 200, 128, cuda) == (2, 1)
+
+
+def test_auto_runs_gemv_for_single_rows_except_at_3_bits():
+    # The choice the H200 timings support (see GEMV_MAX_ROWS); forced paths are obeyed.
+    pytest.importorskip("triton")
+    from memtool.ops.triton.gptq_matmul import use_gemv
+
+    assert use_gemv(1, 4) and use_gemv(1, 2) and use_gemv(1, 8)
+    assert not use_gemv(2, 4) and not use_gemv(1, 3)
+    assert use_gemv(300, 3, "gemv") and not use_gemv(1, 4, "dequant")

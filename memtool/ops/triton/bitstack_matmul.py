@@ -59,10 +59,11 @@ from memtool.ops.triton.tiles import (
     store_output,
 )
 
-# Rows up to which the fused kernel runs; above, reconstruct Wᵀ once and call torch's matmul.
-# The fused kernel rebuilds every weight tile for each tile of rows: on an H200 at 2048 rows it
-# ran 16x slower than cuBLAS on the float16 weight (benchmarks/gpu_linear_kernels.py).
-FUSED_MAX_ROWS = 16
+# Rows up to which `auto` runs the fused kernel; above, reconstruct Wᵀ once and call torch's
+# matmul. The fused kernel rebuilds every weight tile for each tile of rows: on an H200 at 2048
+# rows of a 4096 x 4096 layer it took 2172 us, reconstruct + cuBLAS 162 us (cuBLAS on the float16
+# weight: 94 us). At one row fused took 84 us, reconstruct 122; at 4 rows 165 and 138.
+FUSED_MAX_ROWS = 1
 
 
 @triton.jit

@@ -5,14 +5,15 @@ Specification: `memtool.ops.reference.gptq_linear` (and `dequantize_gptq` for th
 the GPTQ checkpoint layout of `memtool.formats.gptq_pack`. Tests compare both paths with the
 reference under `TRITON_INTERPRET=1` on CPU; `benchmarks/gpu_linear_kernels.py` on CUDA.
 
-Why two kernels: on an H200 (benchmarks/results/gpu_linear_kernels.json, first run) a fused
-tensor-core kernel that dequantized a tile per K-step ran 25x slower than cuBLAS on the float16
-weight at one row, and 18x slower at 2048 rows, where each M-tile dequantized the whole weight
-again. At a few rows the work is reading the packed weight once; past that it is a matmul that
-cuBLAS does best, so the weight is dequantized once per call (one pass writing K x N values,
-a fraction of the matmul's time at prefill sizes) and handed to it.
+Why two kernels: on an H200 (BENCHMARKS.md, "GPU kernels") a fused tensor-core kernel that
+dequantized a tile per K-step ran 25x slower than cuBLAS on the float16 weight at one row of a
+4096 x 4096 layer, and 37x slower at 2048 rows, where each M-tile dequantized the whole weight
+again; dequantizing once and calling cuBLAS took 2048 rows from 3427 us to 122 us (cuBLAS on
+the float16 weight: 93 us). At one row the work is reading the packed weight once: the GEMV
+kernel.
 
-GEMV (at most `GEMV_MAX_ROWS` rows): one program per (row, `BLOCK_N` output columns, K-split).
+GEMV (`auto` at one row, 2/4/8 bits; see `use_gemv`): one program per (row, `BLOCK_N` output
+columns, K-split).
 For each `BLOCK_K` step it
 
 1. loads the row's `BLOCK_K` activations;
@@ -52,10 +53,20 @@ from memtool.ops.reference import check_linear_inputs
 from memtool.ops.triton.launch import check_launch
 from memtool.ops.triton.tiles import Tiles, k_splits
 
-# Rows up to which the GEMV kernel runs; above, dequantize + cuBLAS. Each GEMV row re-reads the
-# packed weight (from L2 after the first), so its cost grows with the rows while cuBLAS's barely
-# does; see BENCHMARKS.md (GPU kernels) for the measured crossover.
-GEMV_MAX_ROWS = 8
+# Rows up to which `auto` runs the GEMV kernel. Each GEMV row re-reads the packed weight, so its
+# time grows with the rows (H200, 4096 x 4096, 4 bits: 49, 58, 89, 161 us at 1, 2, 4, 8 rows)
+# while dequantize + cuBLAS stays near 41-47 us; at one row GEMV is within 20% at 4 bits and
+# 1.8x faster at 2 bits. Those timings include ~40 us of per-call launch overhead on that
+# machine (the SmolLM2-sized layers take as long), so kernel times proper are to be measured.
+GEMV_MAX_ROWS = 1
+
+
+def use_gemv(rows: int, bits: int, path: str = "auto") -> bool:
+    """Whether a call of `rows` rows runs the GEMV kernel: `auto` picks it for single rows,
+    except at 3 bits, whose per-row word loads made it 2.4x slower than dequantize + cuBLAS."""
+    if path == "auto":
+        return rows <= GEMV_MAX_ROWS and bits != 3
+    return path == "gemv"
 
 
 @triton.jit
@@ -280,7 +291,7 @@ def triton_gptq_linear(
             with `TRITON_INTERPRET=1` set before this module was imported).
         qweight, qzeros, scales, g_idx, bits, in_features: as in `dequantize_gptq`.
         bias: optional `[out_features]`.
-        path: `auto` (GEMV up to `GEMV_MAX_ROWS` rows), `gemv` or `dequant`: for benchmarks.
+        path: `auto` (see `use_gemv`), or `gemv` or `dequant` to force one (benchmarks, tests).
         tiles: the GEMV's tiles (`block_m` unused: one row per program); None picks
             `default_gemv_tiles`.
 
@@ -294,7 +305,7 @@ def triton_gptq_linear(
         raise MemtoolError(f"unknown GPTQ kernel path {path!r}; use auto, gemv or dequant")
     x2 = x.reshape(-1, in_features)
     m = x2.shape[0]
-    if path == "dequant" or (path == "auto" and m > GEMV_MAX_ROWS):
+    if not use_gemv(m, bits, path):
         w = triton_dequantize_gptq(qweight, qzeros, scales, g_idx, bits, in_features, x.dtype)
         out = torch.addmm(bias.to(x.dtype), x2, w) if bias is not None else x2 @ w
         return out.reshape(*x.shape[:-1], out_features)
