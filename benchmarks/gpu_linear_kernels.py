@@ -48,6 +48,7 @@ from memtool.ops.triton.tiles import Tiles
 
 HERE = Path(__file__).resolve().parent
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+GRAPHS = False  # --graphs
 failures: list[str] = []
 
 
@@ -278,6 +279,22 @@ def bench_ms(fn) -> float:
     return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
 
 
+def graph_bench_ms(fn) -> float:
+    """`bench_ms` of one call captured in a CUDA graph: the GPU's time without Python's launch
+    overhead (about 40 us per Triton call on the H200 machine of 2026-11-27, which made
+    SmolLM2-sized layers take as long as 7B-sized ones)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture: compilation, autotuning, handles
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return bench_ms(graph.replay)
+
+
 SHAPES = {  # name: (in K, out N)
     "SmolLM2 up 576->1536": (576, 1536),
     "SmolLM2 down 1536->576": (1536, 576),
@@ -294,7 +311,8 @@ FUSED_SWEEP = [(16, n, k, 4) for n in (32, 64, 128) for k in (32, 64)]
 
 
 def time_row(kind, shape, rows, bits_label, k, n, results, contenders) -> None:
-    """Time each `(label, call, weight bytes read)` and record it."""
+    """Time each `(label, call, weight bytes read)` per call and, with --graphs, replayed from
+    a CUDA graph (`graph_ms`; rates from the graph time when there is one)."""
     flops = 2 * rows * k * n
     for label, fn, nbytes in contenders:
         try:
@@ -302,12 +320,21 @@ def time_row(kind, shape, rows, bits_label, k, n, results, contenders) -> None:
         except Exception as error:  # a tile that does not compile (resources) is reported
             print(f"  {label}: failed ({type(error).__name__}: {str(error)[:120]})", flush=True)
             continue
+        graph_ms = None
+        if GRAPHS:
+            try:
+                graph_ms = graph_bench_ms(fn)
+            except Exception as error:  # capture refused (a host sync in the call, say)
+                print(f"  {label}: no graph ({type(error).__name__}: {str(error)[:120]})")
+        best = graph_ms or ms
         row = {
             "kernel": kind, "shape": shape, "M": rows, "weights": bits_label, "contender": label,
-            "ms": ms, "weight_GBps": nbytes / ms / 1e6, "TFLOPs": flops / ms / 1e9,
+            "ms": ms, "graph_ms": graph_ms, "weight_GBps": nbytes / best / 1e6,
+            "TFLOPs": flops / best / 1e9,
         }  # fmt: skip
         results.append(row)
-        print(f"  {kind} {shape} M={rows} {bits_label} {label}: {ms * 1e3:.1f} us, "
+        graph_text = f" (graph {graph_ms * 1e3:.1f} us)" if graph_ms else ""
+        print(f"  {kind} {shape} M={rows} {bits_label} {label}: {ms * 1e3:.1f} us{graph_text}, "
               f"{row['weight_GBps']:.0f} GB/s, {row['TFLOPs']:.1f} TFLOP/s")  # fmt: skip
 
 
@@ -380,15 +407,17 @@ def time_bitstack(device, sweep: bool, results: list) -> None:
             time_row("BitStack", shape, rows, bits_label, k, n, results, contenders)
 
 
-def summary(results: list) -> None:
-    """The table the reply shows: per kernel, shape and M, the best of each contender group."""
-    print("\n| kernel | shape | M | weights | cuBLAS fp16 | reference | triton auto "
+def summary(results: list, field: str = "ms") -> None:
+    """The table the reply shows: per kernel, shape and M, the best of each contender group,
+    from per-call times (`ms`) or graph replays (`graph_ms`)."""
+    print(f"\n{'per call' if field == 'ms' else 'CUDA graph replay'}:")
+    print("| kernel | shape | M | weights | cuBLAS fp16 | reference | triton auto "
           "| best triton | its time | auto vs cuBLAS |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|")
     keys = dict.fromkeys((r["kernel"], r["shape"], r["M"], r["weights"]) for r in results)
     for key in keys:
         rows = [r for r in results if (r["kernel"], r["shape"], r["M"], r["weights"]) == key]
-        by = {r["contender"]: r["ms"] for r in rows}
+        by = {r["contender"]: r[field] for r in rows if r.get(field)}
         dense = by.get("cuBLAS fp16 dense")
         ref = by.get("reference")
         default = by.get("triton auto")
@@ -409,10 +438,15 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--sweep", action="store_true", help="also time other tile shapes")
     parser.add_argument("--skip-model", action="store_true")
+    parser.add_argument(
+        "--graphs", action="store_true", help="also time each call replayed from a CUDA graph"
+    )
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "gpu_linear_kernels.json")
     args = parser.parse_args()
     device = torch.device(args.device)
+    global GRAPHS
+    GRAPHS = args.graphs
     if device.type == "cuda" and not torch.cuda.is_available():
         print("this check needs a CUDA device (or --device cpu under TRITON_INTERPRET=1)")
         return
@@ -429,6 +463,8 @@ def main() -> None:
         time_bitstack(device, args.sweep, results)
         report["timings"] = results
         summary(results)
+        if GRAPHS:
+            summary(results, "graph_ms")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1) + "\n")
     report["failures"] = failures
