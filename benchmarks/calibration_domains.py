@@ -6,6 +6,7 @@ smollm2-135m, GPTQ group 128 symmetric with act-order, calibrated on `wiki`, `co
 Results accumulate in --work/results.json (a rerun skips what is there) and print as a table.
 
 Usage: python benchmarks/calibration_domains.py --work /tmp/domains [--samples 128]
+    [--mixed-samples N]   (also calibrate `mixed` on N windows: N/2 from each domain)
 """
 
 import argparse
@@ -30,6 +31,12 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--bits", default="4,3,2")
+    parser.add_argument(
+        "--mixed-samples",
+        type=int,
+        help="also calibrate mixed on this many windows (twice --samples gives each domain as "
+        "many windows as its matched set)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -57,8 +64,11 @@ def main() -> None:
             results[key] = evaluate(fake.model)
             path.write_text(json.dumps(results, indent=1))
         print(key, results[key], flush=True)
-        for calib in CALIBRATIONS:
-            key = f"{bits}-bit GPTQ, {calib} calibration"
+        runs = [(calib, args.samples, "") for calib in CALIBRATIONS]
+        if args.mixed_samples:
+            runs.append(("mixed", args.mixed_samples, f" ({args.mixed_samples} samples)"))
+        for calib, samples, suffix in runs:
+            key = f"{bits}-bit GPTQ, {calib} calibration{suffix}"
             if key in results:
                 print(key, results[key], flush=True)
                 continue
@@ -66,7 +76,7 @@ def main() -> None:
             _, _, fake = compress(
                 None,
                 GPTQConfig(bits, 128, True),
-                CalibrationConfig(data=calib, n_samples=args.samples, seq_len=512),
+                CalibrationConfig(data=calib, n_samples=samples, seq_len=512),
                 show_progress=False,
             )
             seconds = time.perf_counter() - began

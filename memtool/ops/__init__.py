@@ -342,6 +342,22 @@ def train_backend_used(
     return backend_used(device, backend)
 
 
+def pack_backend_used(
+    device: torch.device | str, fmt: PackFormat | str, backend: KernelBackend | str = "auto"
+) -> KernelBackend:
+    """The backend `pack_activation` runs: as `train_backend_used`, except that `auto` leaves
+    `bf16` packing to torch's cast, the same rounding, which on an H200 ran faster than the
+    Triton kernel (0.040 vs 0.062 ms for 4096 x 4096 float32: BENCHMARKS.md)."""
+    chosen = train_backend_used(device, backend)
+    if (
+        chosen is KernelBackend.TRITON
+        and fmt == "bf16"
+        and _as_backend(backend) is KernelBackend.AUTO
+    ):
+        return KernelBackend.REFERENCE
+    return chosen
+
+
 def pack_activation(
     x: Tensor, fmt: PackFormat | str, backend: KernelBackend | str = KernelBackend.AUTO
 ) -> Packed:
@@ -351,7 +367,7 @@ def pack_activation(
         x: float32/float16/bfloat16, any shape and strides; the last dimension is the row.
         fmt: `"bf16"` (round to nearest even) or `"int8"` (per-row symmetric absmax, float32
             scales); see `memtool.ops.reference_train`.
-        backend: `auto`, `reference` or `triton` (see `train_backend_used`).
+        backend: `auto`, `reference` or `triton` (see `pack_backend_used`).
 
     Returns:
         A `Packed` on `x`'s device; `Packed.nbytes` is what swapping it moves.
@@ -359,7 +375,7 @@ def pack_activation(
     Raises:
         MemtoolError: an unknown format, a non-float `x`, or a backend that cannot run.
     """
-    chosen = train_backend_used(x.device, backend)
+    chosen = pack_backend_used(x.device, fmt, backend)
     _log_first_use("pack_activation", chosen, x.device)
     if chosen is KernelBackend.TRITON:
         from memtool.ops.triton.activation_pack import triton_pack_activation
@@ -457,6 +473,7 @@ __all__ = [
     "gptq_backend_used",
     "gptq_linear",
     "pack_activation",
+    "pack_backend_used",
     "train_backend_used",
     "triton_interpreting",
     "triton_status",

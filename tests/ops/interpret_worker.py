@@ -23,6 +23,7 @@ from memtool.ops import (
     bitstack_linear,
     gptq_linear,
     pack_activation,
+    pack_backend_used,
     train_backend_used,
     unpack_activation,
 )
@@ -39,7 +40,7 @@ def _linear(op):
 
 
 def _pack(kwargs: dict, backend: str):
-    chosen = train_backend_used(kwargs["x"].device, backend)
+    chosen = pack_backend_used(kwargs["x"].device, kwargs["fmt"], backend)
     return dataclasses.asdict(pack_activation(**kwargs, backend=backend)), chosen
 
 
