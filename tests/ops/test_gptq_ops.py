@@ -326,3 +326,14 @@ def test_auto_runs_gemv_for_single_rows_except_at_3_bits():
     assert use_gemv(1, 4) and use_gemv(1, 2) and use_gemv(1, 8)
     assert not use_gemv(2, 4) and not use_gemv(1, 3)
     assert use_gemv(300, 3, "gemv") and not use_gemv(1, 4, "dequant")
+
+
+def test_grid_arithmetic_is_plain_integer_math():
+    from memtool.ops.triton.launch import ceil_div, next_power_of_2
+
+    for a in range(0, 300, 7):
+        for b in (1, 2, 3, 16, 64, 128):
+            assert ceil_div(a, b) == -(-a // b) == (a + b - 1) // b
+    assert [next_power_of_2(n) for n in (0, 1, 2, 3, 4, 5, 16, 17, 1000)] == [
+        1, 1, 2, 4, 4, 8, 16, 32, 1024,
+    ]  # fmt: skip

@@ -40,6 +40,7 @@ from memtool.ops.reference_train import (
     check_packed,
     row_count,
 )
+from memtool.ops.triton.launch import ceil_div, next_power_of_2
 
 _FLAT_BLOCK = 1024
 _TILE_ELEMENTS = 4096  # BLOCK_R * BLOCK_C of the int8 kernels
@@ -175,7 +176,7 @@ def _convert(src: Tensor, dtype: torch.dtype) -> Tensor:
     dst = torch.empty(src.shape, dtype=dtype, device=src.device)
     n = src.numel()
     if n:
-        _convert_kernel[(triton.cdiv(n, _FLAT_BLOCK),)](
+        _convert_kernel[(ceil_div(n, _FLAT_BLOCK),)](
             as_kernel_tensor(src),
             as_kernel_tensor(dst),
             n,
@@ -189,8 +190,8 @@ def _convert(src: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _row_blocks(rows: int, cols: int) -> tuple[int, int]:
     """Column tile up to 2048 wide; as many rows as fill a 4096-element tile (short rows)."""
-    block_c = min(triton.next_power_of_2(max(cols, 1)), _MAX_BLOCK_C)
-    block_r = min(_TILE_ELEMENTS // block_c, triton.next_power_of_2(max(rows, 1)))
+    block_c = min(next_power_of_2(max(cols, 1)), _MAX_BLOCK_C)
+    block_r = min(_TILE_ELEMENTS // block_c, next_power_of_2(max(rows, 1)))
     return block_r, block_c
 
 
@@ -215,7 +216,7 @@ def triton_pack_activation(x: Tensor, fmt: str) -> Packed:
     scales = torch.ones(x.shape[:-1], dtype=torch.float32, device=x.device)
     if rows and cols:
         block_r, block_c = _row_blocks(rows, cols)
-        _int8_pack_kernel[(triton.cdiv(rows, block_r),)](
+        _int8_pack_kernel[(ceil_div(rows, block_r),)](
             as_kernel_tensor(x.contiguous()),
             q,
             scales,
@@ -241,7 +242,7 @@ def triton_unpack_activation(packed: Packed) -> Tensor:
     out = torch.empty(packed.shape, dtype=packed.dtype, device=packed.data.device)
     if rows and cols:
         block_r, block_c = _row_blocks(rows, cols)
-        _int8_unpack_kernel[(triton.cdiv(rows, block_r),)](
+        _int8_unpack_kernel[(ceil_div(rows, block_r),)](
             packed.data,
             packed.scales,
             as_kernel_tensor(out),

@@ -51,6 +51,7 @@ from memtool.ops.triton.activation_pack import (
     check_triton_device,
     fp32_to_bf16_bits,
 )
+from memtool.ops.triton.launch import ceil_div
 
 _BLOCK = 1024
 
@@ -139,7 +140,7 @@ def triton_adamw_step(
     lerp_weight = _f32(1 - beta1)
     bias_correction1 = 1 - beta1 ** float(step)
     bias_correction2 = 1 - beta2 ** float(step)
-    _adamw_kernel[(triton.cdiv(n, _BLOCK),)](
+    _adamw_kernel[(ceil_div(n, _BLOCK),)](
         param_fp32,
         as_kernel_tensor(grad),
         exp_avg,

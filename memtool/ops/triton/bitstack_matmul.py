@@ -50,7 +50,7 @@ from torch import Tensor
 
 from memtool.errors import MemtoolError
 from memtool.ops.reference import check_bitstack_tensors, check_linear_inputs
-from memtool.ops.triton.launch import check_launch
+from memtool.ops.triton.launch import ceil_div, check_launch, next_power_of_2
 from memtool.ops.triton.tiles import (
     Tiles,
     default_tiles,
@@ -192,7 +192,7 @@ def _bitstack_matmul_kernel(
 
 def _block_r(rank: int) -> int:
     """The rank padded for `tl.dot`, whose inner dimension is at least 16."""
-    return max(16, triton.next_power_of_2(max(rank, 1)))
+    return max(16, next_power_of_2(max(rank, 1)))
 
 
 def triton_bitstack_reconstruct_t(
@@ -204,7 +204,7 @@ def triton_bitstack_reconstruct_t(
     blocks, out_features, rank = u.shape
     wt = torch.empty(in_features, out_features, dtype=dtype, device=signs.device)
     block_k, block_n = 32, 64
-    grid = (triton.cdiv(in_features, block_k), triton.cdiv(out_features, block_n))
+    grid = (ceil_div(in_features, block_k), ceil_div(out_features, block_n))
     if in_features and out_features:
         _bitstack_reconstruct_kernel[grid](
             signs, u, v, wt, out_features, in_features, blocks, rank,
@@ -264,7 +264,7 @@ def triton_bitstack_linear(
         out = torch.addmm(bias.to(x.dtype), x2, wt) if bias is not None else x2 @ wt
         return out.reshape(*x.shape[:-1], out_features)
     tiles = tiles or default_tiles(m, out_features, in_features)
-    grid = (triton.cdiv(m, tiles.block_m), triton.cdiv(out_features, tiles.block_n))
+    grid = (ceil_div(m, tiles.block_m), ceil_div(out_features, tiles.block_n))
     splits, steps_per_split = k_splits(grid[0] * grid[1], in_features, tiles.block_k, x.device)
     atomic = splits > 1
     if atomic:

@@ -50,7 +50,7 @@ from torch import Tensor
 from memtool.errors import MemtoolError
 from memtool.formats.gptq_pack import check_gptq_tensors
 from memtool.ops.reference import check_linear_inputs
-from memtool.ops.triton.launch import check_launch
+from memtool.ops.triton.launch import ceil_div, check_launch
 from memtool.ops.triton.tiles import Tiles, k_splits
 
 # Rows up to which `auto` runs the GEMV kernel. Each GEMV row re-reads the packed weight, so its
@@ -257,7 +257,7 @@ def triton_dequantize_gptq(
     out_features = check_gptq_tensors(qweight, qzeros, scales, g_idx, bits, in_features)
     w = torch.empty(in_features, out_features, dtype=dtype, device=qweight.device)
     block_k, block_n = 32, 64
-    grid = (triton.cdiv(in_features, block_k), triton.cdiv(out_features, block_n))
+    grid = (ceil_div(in_features, block_k), ceil_div(out_features, block_n))
     if in_features and out_features:
         _gptq_dequant_kernel[grid](
             qweight, qzeros, scales, g_idx, w, out_features, in_features,
@@ -316,7 +316,7 @@ def triton_gptq_linear(
 def _gemv(x2, qweight, qzeros, scales, g_idx, bits, bias, out_features, tiles) -> Tensor:
     m, k = x2.shape
     tiles = tiles or default_gemv_tiles(out_features, k, scales.shape[0])
-    n_tiles = triton.cdiv(out_features, tiles.block_n)
+    n_tiles = ceil_div(out_features, tiles.block_n)
     splits, steps_per_split = k_splits(m * n_tiles, k, tiles.block_k, x2.device)
     atomic = splits > 1
     if atomic:

@@ -1,4 +1,5 @@
-"""Checks every Triton kernel makes before launching: dtypes, devices, interpreter state."""
+"""Host-side helpers of every Triton launch: checks (dtypes, devices, interpreter state) and
+grid arithmetic."""
 
 import torch
 from torch import Tensor
@@ -34,3 +35,15 @@ def check_launch(kernel: str, x: Tensor, anchor: Tensor, others: dict[str, Tenso
     if interpreted and x.dtype == torch.bfloat16:
         # triton-lang/triton#11584: the interpreter's tl.dot multiplies bfloat16 bit patterns.
         raise MemtoolError("the Triton interpreter does not support bfloat16 dots; use a GPU")
+
+
+def ceil_div(a: int, b: int) -> int:
+    """`ceil(a / b)` for grids. Not `triton.cdiv`: in triton 3.x that is a constexpr function
+    whose Python call goes through the JIT's argument handling, several microseconds each, and
+    a decode-sized launch computes a few of them."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= `n` (1 for n <= 1); plain Python, as `ceil_div`."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()

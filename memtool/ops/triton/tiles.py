@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from memtool.ops.triton.launch import ceil_div
+
 # Programs per multiprocessor to aim for when splitting K: enough loads in flight to hide
 # memory latency when the output alone gives too few programs (decode).
 PROGRAMS_PER_SM = 8
@@ -76,7 +78,7 @@ def k_splits(programs: int, k: int, block_k: int, device: torch.device) -> tuple
     """`(splits, BLOCK_K steps per split)` of K for a launch of `programs` output tiles: enough
     programs for about `PROGRAMS_PER_SM` per multiprocessor, each split whole steps. Splits > 1
     mean the partial sums are added atomically (in float32)."""
-    k_steps = max(triton.cdiv(k, block_k), 1)
-    wanted = triton.cdiv(PROGRAMS_PER_SM * multiprocessors(device), max(programs, 1))
-    steps_per_split = triton.cdiv(k_steps, max(1, min(wanted, k_steps)))
-    return triton.cdiv(k_steps, steps_per_split), steps_per_split
+    k_steps = max(ceil_div(k, block_k), 1)
+    wanted = ceil_div(PROGRAMS_PER_SM * multiprocessors(device), max(programs, 1))
+    steps_per_split = ceil_div(k_steps, max(1, min(wanted, k_steps)))
+    return ceil_div(k_steps, steps_per_split), steps_per_split
