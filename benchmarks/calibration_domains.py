@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--bits", default="4,3,2")
+    parser.add_argument("--calibrations", default=",".join(CALIBRATIONS))
     parser.add_argument(
         "--mixed-samples",
         type=int,
@@ -64,7 +65,7 @@ def main() -> None:
             results[key] = evaluate(fake.model)
             path.write_text(json.dumps(results, indent=1))
         print(key, results[key], flush=True)
-        runs = [(calib, args.samples, "") for calib in CALIBRATIONS]
+        runs = [(calib, args.samples, "") for calib in args.calibrations.split(",")]
         if args.mixed_samples:
             runs.append(("mixed", args.mixed_samples, f" ({args.mixed_samples} samples)"))
         for calib, samples, suffix in runs:

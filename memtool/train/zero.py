@@ -14,10 +14,14 @@ at rest), so stages 0-2 are written here, on its collectives:
   micro-batch's backward, the bucket is flattened, reduce-scattered into the rank's persistent
   gradient shard and the parameters' `.grad` are freed (DeepSpeed's ZeRO-2 also reduces every
   micro-batch).
-- The optimizer is torch's AdamW (fused where the device supports it) over the rank's fp32
-  master shards; its state is therefore sharded. With an fp32 compute dtype and no offload the
-  master shard is a view of the parameters themselves (no extra copy). After the step the shards
-  are all-gathered back into the flat parameter buffers.
+- The optimizer is AdamW over the rank's fp32 master shards; its state is therefore sharded.
+  On the compute device, where Triton runs (CUDA), memtool's fused kernel
+  (`memtool.ops.adamw_step`) steps each bucket in one pass: clipping, the AdamW update and the
+  write of the compute-dtype weights (no separate copy). Elsewhere (CPU, 8-bit states, offload)
+  torch's fused AdamW or bitsandbytes' steps it. Both keep torch AdamW's state layout, so
+  checkpoints move between them. With an fp32 compute dtype and no offload the master shard is
+  a view of the parameters themselves (no extra copy). After the step the shards are
+  all-gathered back into the flat parameter buffers.
 - Offload: master shards, Adam moments and an fp32 copy of the gradient shard live in host memory
   (pinned when the device is CUDA); AdamW(fused=True) steps them on the CPU and the new weights are
   copied back to the device shard in the compute dtype.
@@ -33,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from memtool import ops
 from memtool.train.config import OptimConfig
 from memtool.train.distributed import Dist
 
@@ -119,8 +124,9 @@ class ZeroOptimizer:
         group: The process group's rank, world size and compute device.
         compute_dtype: dtype of the weights the forward pass sees.
         offload: Keep master weights, moments and the fp32 gradient shard in host memory.
-        optimizer_bits: 32 for torch's fused AdamW; 8 for bitsandbytes' AdamW8bit (block-wise
-            8-bit moments: 2 bytes per parameter instead of 8).
+        optimizer_bits: 32 for fp32 moments (memtool's fused kernel where Triton runs, else
+            torch's fused AdamW); 8 for bitsandbytes' AdamW8bit (block-wise 8-bit moments: 2
+            bytes per parameter instead of 8).
     """
 
     def __init__(
@@ -167,6 +173,13 @@ class ZeroOptimizer:
                 for b in self.buckets
             ]
         self.adamw = _adamw(masters, optim, optimizer_bits)
+        # memtool's fused step where its kernel runs on the masters' device (the Triton
+        # interpreter counts, which is how CPU tests reach this path).
+        self.fused_step = (
+            optimizer_bits == 32
+            and not offload
+            and ops.train_backend_used(group.device) is ops.KernelBackend.TRITON
+        )
         self._hooks = []
         if stage == 2:
             for bucket in self.buckets:
@@ -268,6 +281,9 @@ class ZeroOptimizer:
         coef = 1.0
         if self.optim.max_grad_norm is not None:
             coef = min(1.0, self.optim.max_grad_norm / (norm + 1e-6))
+        if self.fused_step:
+            self._kernel_step(grads, coef, step)
+            return norm
         for index, (bucket, grad) in enumerate(zip(self.buckets, grads, strict=True)):
             if self.offload:
                 target = self.host_grads[index]
@@ -287,10 +303,38 @@ class ZeroOptimizer:
                 bucket.grad_shard.zero_()
         return norm
 
-    def _publish(self, bucket: _Bucket) -> None:
-        """Copy the updated master shard into the compute weights and gather the other ranks'."""
+    def _kernel_step(self, grads: list[torch.Tensor], coef: float, step: int) -> None:
+        """The fused step: per bucket one kernel pass scales the gradient by `coef`, updates the
+        master shard and moments (kept in torch AdamW's state layout) and, for a low-precision
+        compute dtype, writes the owned compute weights rounded from the new masters."""
+        beta1, beta2 = self.optim.betas
+        for bucket, grad in zip(self.buckets, grads, strict=True):
+            master = bucket.master.detach()
+            state = self.adamw.state[bucket.master]
+            if not state:  # torch AdamW's lazy initialisation, as its fused step keeps it
+                state["step"] = torch.zeros((), dtype=torch.float32, device=master.device)
+                state["exp_avg"] = torch.zeros_like(master)
+                state["exp_avg_sq"] = torch.zeros_like(master)
+            state["step"] += 1
+            owned = bucket.flat_param[bucket.owned]
+            lowp = owned if owned.data_ptr() != master.data_ptr() else None
+            ops.adamw_step(
+                master, grad, state["exp_avg"], state["exp_avg_sq"],
+                lr=self.optim.lr_at(step), beta1=beta1, beta2=beta2, eps=self.optim.eps,
+                weight_decay=self.optim.weight_decay, step=int(state["step"]),
+                clip_coef=coef, out_lowp=lowp,
+            )  # fmt: skip
+            self._publish(bucket, copy_master=False)
+            if bucket.flat_grad is not None:
+                bucket.flat_grad.zero_()
+            if bucket.grad_shard is not None:
+                bucket.grad_shard.zero_()
+
+    def _publish(self, bucket: _Bucket, copy_master: bool = True) -> None:
+        """Copy the updated master shard into the compute weights (unless the fused step wrote
+        them) and gather the other ranks'."""
         owned = bucket.flat_param[bucket.owned]
-        if bucket.master.data_ptr() != owned.data_ptr():
+        if copy_master and bucket.master.data_ptr() != owned.data_ptr():
             owned.copy_(bucket.master.detach(), non_blocking=True)
         if self.stage > 0 and self.group.world_size > 1:
             _all_gather(bucket.flat_param, owned.clone())
