@@ -41,6 +41,7 @@ from memtool.train.activation_plan import (
     plan_activations,
     plan_layer_fractions,
     plan_swap_fraction,
+    swap_warning,
 )
 from memtool.train.activation_recompute import (
     checkpointed_forward,
@@ -197,6 +198,7 @@ class ActivationManager:
         self._input_bytes: dict[int, int] = {}
         self._layer_clock: Stopwatch | None = None
         self._layer_clocks: dict[int, Stopwatch] = {}
+        self._warned = False  # swap_warning, once per run
 
     @contextlib.contextmanager
     def forward_context(self) -> Iterator[None]:
@@ -313,6 +315,10 @@ class ActivationManager:
             profile.plain_bytes, profile.minimum_bytes, plan.mode, plan.swap_fraction,
             plan.layer_fractions,
         )  # fmt: skip
+        warning = swap_warning(profile, plan)
+        if warning and not self._warned:
+            self._warned = True
+            logger.warning(warning)
         return plan
 
 

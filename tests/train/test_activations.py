@@ -7,6 +7,7 @@ order, a few ulps apart. bf16 and int8 compression are lossy; their stated toler
 """
 
 import contextlib
+import dataclasses
 import math
 
 import pytest
@@ -32,7 +33,13 @@ from memtool.ops.reference_train import (
 from memtool.sizes import format_size
 from memtool.train.activation_compress import INT8_ROW_ELEMENTS, pack_storage, unpack_storage
 from memtool.train.activation_host import HostSlab
-from memtool.train.activation_plan import ActivationProfile, plan_activations
+from memtool.train.activation_plan import (
+    ActivationPlan,
+    ActivationProfile,
+    plan_activations,
+    swap_warning,
+    unhidden_copy_seconds,
+)
 from memtool.train.activation_swap import SWAP, SavedTensorStore
 from memtool.train.activations import (
     ActivationConfig,
@@ -574,6 +581,28 @@ def test_plan_activations():
         plan("full", True, 99)
     with pytest.raises(MemtoolError, match="enable swapping"):
         plan("none", False, 200)
+
+
+def test_swapping_that_cannot_hide_is_counted_and_warned_about():
+    # An H200-like case: layers compute in 0.4 ms, each swaps 270 MB at 50 GB/s (5.4 ms).
+    mb = 1_000_000
+    slow = ActivationProfile(
+        layer_saved_bytes=(270 * mb,) * 6, layer_input_bytes=(8 * mb,) * 6,
+        layer_always_bytes=(60 * mb,) * 6, outside_bytes=100 * mb, layer_time_s=4e-4,
+        host_bandwidth_bytes_per_s=50e9,
+    )  # fmt: skip
+    every = ActivationPlan("none", True)
+    assert unhidden_copy_seconds(slow, every) == pytest.approx(6 * (5.4e-3 - 4e-4))
+    memo = ActivationPlan("tokens", True, 0.0)  # only the always-swapped 60 MB: 1.2 ms each
+    assert unhidden_copy_seconds(slow, memo) == pytest.approx(6 * (1.2e-3 - 4e-4))
+    assert unhidden_copy_seconds(slow, ActivationPlan("full", False)) == 0.0
+    message = swap_warning(slow, memo)
+    assert message is not None and "cannot hide behind compute" in message
+    assert "--recompute full without swapping keeps 148 MB and copies nothing" in message
+    # Slow layers hide the same copies: no warning.
+    fast = dataclasses.replace(slow, layer_time_s=0.01)
+    assert unhidden_copy_seconds(fast, every) == 0.0 and swap_warning(fast, every) is None
+    assert swap_warning(dataclasses.replace(slow, host_bandwidth_bytes_per_s=None), every) is None
 
 
 def test_host_slab_spills_then_grows_between_steps():
