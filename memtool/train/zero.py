@@ -283,7 +283,20 @@ class ZeroOptimizer:
             coef = min(1.0, self.optim.max_grad_norm / (norm + 1e-6))
         if self.fused_step:
             self._kernel_step(grads, coef, step)
-            return norm
+        else:
+            self._torch_step(grads, coef, step)
+        for bucket in self.buckets:
+            bucket.master.grad = None
+            # The fused step wrote the compute weights itself.
+            self._publish(bucket, copy_master=not self.fused_step)
+            if bucket.flat_grad is not None:
+                bucket.flat_grad.zero_()
+            if bucket.grad_shard is not None:
+                bucket.grad_shard.zero_()
+        return norm
+
+    def _torch_step(self, grads: list[torch.Tensor], coef: float, step: int) -> None:
+        """torch's (or bitsandbytes') AdamW over the masters, the gradients scaled by `coef`."""
         for index, (bucket, grad) in enumerate(zip(self.buckets, grads, strict=True)):
             if self.offload:
                 target = self.host_grads[index]
@@ -294,14 +307,6 @@ class ZeroOptimizer:
         for param_group in self.adamw.param_groups:
             param_group["lr"] = self.optim.lr_at(step)
         self.adamw.step()
-        for bucket in self.buckets:
-            bucket.master.grad = None
-            self._publish(bucket)
-            if bucket.flat_grad is not None:
-                bucket.flat_grad.zero_()
-            if bucket.grad_shard is not None:
-                bucket.grad_shard.zero_()
-        return norm
 
     def _kernel_step(self, grads: list[torch.Tensor], coef: float, step: int) -> None:
         """The fused step: per bucket one kernel pass scales the gradient by `coef`, updates the
@@ -324,11 +329,6 @@ class ZeroOptimizer:
                 weight_decay=self.optim.weight_decay, step=int(state["step"]),
                 clip_coef=coef, out_lowp=lowp,
             )  # fmt: skip
-            self._publish(bucket, copy_master=False)
-            if bucket.flat_grad is not None:
-                bucket.flat_grad.zero_()
-            if bucket.grad_shard is not None:
-                bucket.grad_shard.zero_()
 
     def _publish(self, bucket: _Bucket, copy_master: bool = True) -> None:
         """Copy the updated master shard into the compute weights (unless the fused step wrote

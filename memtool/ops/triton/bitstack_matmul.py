@@ -201,6 +201,11 @@ def triton_bitstack_reconstruct_t(
     """`Wᵀ` `[in_features, out_features]` in `dtype`: `bitstack_reconstruct`'s weight,
     transposed, in one Triton pass (each element rounded once, from float32)."""
     check_bitstack_tensors(signs, u, v, in_features)
+    return _reconstruct_t(signs, u, v, in_features, dtype)
+
+
+def _reconstruct_t(signs, u, v, in_features: int, dtype: torch.dtype) -> Tensor:
+    """The reconstruct launch, the tensors already checked (once per call, by the caller)."""
     blocks, out_features, rank = u.shape
     wt = torch.empty(in_features, out_features, dtype=dtype, device=signs.device)
     block_k, block_n = 32, 64
@@ -260,7 +265,7 @@ def triton_bitstack_linear(
     m = x2.shape[0]
     blocks, _, rank = u.shape
     if path == "reconstruct" or (path == "auto" and m > FUSED_MAX_ROWS):
-        wt = triton_bitstack_reconstruct_t(signs, u, v, in_features, x.dtype)
+        wt = _reconstruct_t(signs, u, v, in_features, x.dtype)
         out = torch.addmm(bias.to(x.dtype), x2, wt) if bias is not None else x2 @ wt
         return out.reshape(*x.shape[:-1], out_features)
     tiles = tiles or default_tiles(m, out_features, in_features)

@@ -117,6 +117,18 @@ def _codes(qweight_ptr, k0, offs_n, k_mask, n_mask, K, stride_qk, stride_qn,
 
 
 @triton.jit
+def _dequantize_rows(q, group, qzeros_ptr, scales_ptr, offs_n, z_word, z_shift, kn_mask,
+                     stride_zg, stride_zn, stride_sg, stride_sn, BITS: tl.constexpr):  # fmt: skip
+    """`scale * (q - zero)` in float32 for codes `q` whose rows have groups `group` (any order):
+    each row's scale and zero point gathered per column. Checkpoints store zero - 1."""
+    zero = _unpack_field(qzeros_ptr, group[:, None] * stride_zg + z_word[None, :], stride_zn,
+                         z_shift[None, :], kn_mask, BITS)  # fmt: skip
+    s_offs = group[:, None] * stride_sg + offs_n[None, :] * stride_sn
+    scale = tl.load(scales_ptr + s_offs, mask=kn_mask, other=0.0).to(tl.float32)
+    return scale * (q - zero - 1).to(tl.float32)
+
+
+@triton.jit
 def _gptq_gemv_kernel(
     x_ptr,
     qweight_ptr,
@@ -178,14 +190,10 @@ def _gptq_gemv_kernel(
             diff = (q - (zero_row + 1)[None, :]).to(tl.float32)
             acc += scale_row * tl.sum(x.to(tl.float32)[:, None] * diff, axis=0)
         else:
-            zero = _unpack_field(qzeros_ptr, group[:, None] * stride_zg + z_word[None, :],
-                                 stride_zn, z_shift[None, :], kn_mask, BITS)  # fmt: skip
-            scale = tl.load(
-                scales_ptr + group[:, None] * stride_sg + offs_n[None, :] * stride_sn,
-                mask=kn_mask,
-                other=0.0,
-            ).to(tl.float32)
-            w = scale * (q - zero - 1).to(tl.float32)
+            w = _dequantize_rows(
+                q, group, qzeros_ptr, scales_ptr, offs_n, z_word, z_shift, kn_mask,
+                stride_zg, stride_zn, stride_sg, stride_sn, BITS,
+            )  # fmt: skip
             acc += tl.sum(x.to(tl.float32)[:, None] * w, axis=0)
 
     if HAS_BIAS:  # added once: by the first K-split
@@ -229,11 +237,11 @@ def _gptq_dequant_kernel(
                BITS, BLOCK_K, BLOCK_N)  # fmt: skip
     group = tl.load(g_idx_ptr + offs_k, mask=k_mask, other=0)
     z_bit = offs_n * BITS
-    z_offs = group[:, None] * stride_zg + ((z_bit // 32) * stride_zn)[None, :]
-    zero = _unpack_field(qzeros_ptr, z_offs, stride_zn, (z_bit % 32)[None, :], kn_mask, BITS)
-    s_offs = group[:, None] * stride_sg + offs_n[None, :] * stride_sn
-    scale = tl.load(scales_ptr + s_offs, mask=kn_mask, other=0.0).to(tl.float32)
-    w = scale * (q - zero - 1).to(tl.float32)
+    z_word, z_shift = (z_bit // 32) * stride_zn, z_bit % 32
+    w = _dequantize_rows(
+        q, group, qzeros_ptr, scales_ptr, offs_n, z_word, z_shift, kn_mask,
+        stride_zg, stride_zn, stride_sg, stride_sn, BITS,
+    )  # fmt: skip
     w_offs = offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
     tl.store(w_ptr + w_offs, w.to(w_ptr.dtype.element_ty), mask=kn_mask)
 
@@ -255,6 +263,11 @@ def triton_dequantize_gptq(
 ) -> Tensor:  # fmt: skip
     """`memtool.ops.reference.dequantize_gptq` in one Triton pass, returned in `dtype`."""
     out_features = check_gptq_tensors(qweight, qzeros, scales, g_idx, bits, in_features)
+    return _dequantize(qweight, qzeros, scales, g_idx, bits, in_features, out_features, dtype)
+
+
+def _dequantize(qweight, qzeros, scales, g_idx, bits, in_features, out_features, dtype) -> Tensor:
+    """The dequantize launch, the tensors already checked (once per call, by the caller)."""
     w = torch.empty(in_features, out_features, dtype=dtype, device=qweight.device)
     block_k, block_n = 32, 64
     grid = (ceil_div(in_features, block_k), ceil_div(out_features, block_n))
@@ -306,7 +319,7 @@ def triton_gptq_linear(
     x2 = x.reshape(-1, in_features)
     m = x2.shape[0]
     if not use_gemv(m, bits, path):
-        w = triton_dequantize_gptq(qweight, qzeros, scales, g_idx, bits, in_features, x.dtype)
+        w = _dequantize(qweight, qzeros, scales, g_idx, bits, in_features, out_features, x.dtype)
         out = torch.addmm(bias.to(x.dtype), x2, w) if bias is not None else x2 @ w
         return out.reshape(*x.shape[:-1], out_features)
     out = _gemv(x2, qweight, qzeros, scales, g_idx, bits, bias, out_features, tiles)
