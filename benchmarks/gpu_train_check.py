@@ -34,12 +34,14 @@ from memtool.train.config import OptimConfig, TrainConfig
 from memtool.train.loop import causal_lm_loss, train
 
 HERE = Path(__file__).resolve().parent
-MEMTOOL_MODES = {
+MEMTOOL_MODES = {  # in the order they run: the ones the target is about first
     "memtool plain": ({}, None),
+    "memtool MEMO planned": ({}, {"recompute": "tokens", "swap": True}),
+    "memtool MEMO a=0": ({}, {"recompute": "tokens", "swap": True, "swap_fraction": 0.0}),
     "memtool recompute full": ({}, {"recompute": "full"}),
+    "memtool tokens no swap": ({}, {"recompute": "tokens"}),
     "memtool swap all": ({}, {"swap": True}),
     "memtool MEMO a=0.5": ({}, {"recompute": "tokens", "swap": True, "swap_fraction": 0.5}),
-    "memtool MEMO planned": ({}, {"recompute": "tokens", "swap": True}),
     "memtool offload optimizer": ({"offload_optimizer": True}, None),
     "memtool zero 3 + CPU offload": ({"zero": 3, "offload_optimizer": True}, None),
 }
@@ -53,7 +55,7 @@ def _config(args) -> LlamaConfig:
     return LlamaConfig(
         hidden_size=args.hidden, intermediate_size=args.hidden * 4, num_hidden_layers=args.layers,
         num_attention_heads=args.hidden // 128, num_key_value_heads=args.hidden // 512 or 1,
-        vocab_size=32000, max_position_embeddings=args.seq_len,
+        vocab_size=args.vocab, max_position_embeddings=args.seq_len,
     )  # fmt: skip
 
 
@@ -116,7 +118,7 @@ def memtool_step_times(name, changes, activations, config_json, tokens, args, fo
     result = train(
         run, folder / name.replace(" ", "_"), from_config=config_json, device=args.device,
         activations=ActivationConfig(**activations) if activations else None,
-        show_progress=False, on_step=lambda step, loss: stamp(),
+        show_progress=False, on_step=lambda step, loss: stamp(), write_outputs=False,
     )  # fmt: skip
     steps = [b - a for a, b in itertools.pairwise(stamps)][1:]
     rank = result.ranks[0]
@@ -125,6 +127,7 @@ def memtool_step_times(name, changes, activations, config_json, tokens, args, fo
         "step_s": statistics.median(steps),
         "peak_bytes": _peak(device),
         "activation_bytes_peak": rank["activation_bytes_peak"],
+        "swap_fractions": [round(a, 3) for a in rank["activation_swap_fractions"]],
     }
 
 
@@ -135,6 +138,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--skip-kernels", action="store_true")
     parser.add_argument(

@@ -11,8 +11,9 @@ buffers pass through uncounted and unswapped.
 Swapping copies an entry's whole storage to host memory and drops the device copy; the first
 unpack restores it, and every holder of the storage shares the restored copy until the last one
 goes. Host memory comes from a preallocated `HostSlab` (activation_host.py, pinned on CUDA). On
-CUDA the copies run on a side stream ordered by events, so device-to-host copies overlap the forward
-and a layer's restores can start while the next layer runs backward (`prefetch`). On CPU the copies
+CUDA the copies run on two side streams (one each way) ordered by events, so device-to-host copies
+overlap the forward and a layer's restores can start while the next layer runs backward
+(`prefetch`), without queueing behind copies still going out. On CPU the copies
 are synchronous memcpys into the slab, which keeps the device/host accounting exact and testable.
 
 `compress` keeps swapped float storages packed on the host by `memtool.ops.pack_activation`
@@ -51,6 +52,7 @@ KEEP, SWAP = "keep", "swap"
 # Profile categories: MEMO always swaps the layer input and the attention core's outputs; the rest
 # ("fraction") is swapped for a fraction of the tokens and recomputed for the others.
 ALWAYS, FRACTION = "always", "fraction"
+OUT, IN = "out", "in"  # copy directions, each on its own CUDA stream
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +159,7 @@ class SavedTensorStore:
         self._param_storages: set[int] = set()
         self._by_layer: dict[int, list[_Entry]] = {}
         self._pending: list[_Entry] = []
-        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._streams: dict[tuple[torch.device, str], torch.cuda.Stream] = {}
         self._lock = threading.RLock()
         self._recomputing = 0
         self._logged_nonfinite = False
@@ -356,7 +358,7 @@ class SavedTensorStore:
                 layer_clock.stop()
             self._copied_out(entry)
             return
-        stream = self._stream(flat.device)
+        stream = self._stream(flat.device, OUT)
         stream.wait_stream(torch.cuda.current_stream(flat.device))
         with torch.cuda.stream(stream):
             if clock is not None:
@@ -393,15 +395,22 @@ class SavedTensorStore:
         self._set_resident(entry, False)
 
     def _poll(self) -> None:
-        """Finish the device-to-host copies that have ended."""
+        """Finish the device-to-host copies that have ended.
+
+        A device's copies out run in order on one stream, so the first unfinished one there
+        means the later ones are unfinished too: querying each pending copy on every saved
+        tensor cost the host time quadratic in the copies in flight (on an H200, ~0.4 ms a
+        saved tensor with a hundred pending, which left the device idle between kernels)."""
         still = []
+        busy: set[torch.device] = set()
         for entry in self._pending:
             if entry.refs == 0 or entry.out_event is None:
                 continue
-            if entry.out_event.query():
+            if entry.device not in busy and entry.out_event.query():
                 entry.out_event = None
                 self._copied_out(entry)
             else:
+                busy.add(entry.device)
                 still.append(entry)
         self._pending = still
 
@@ -430,7 +439,7 @@ class SavedTensorStore:
             # int8's short last row is padded to a whole row; zeros keep the padding defined.
             padding = padding if padding.numel() else None
         if buffer.is_cuda:
-            stream = self._stream(buffer.device)
+            stream = self._stream(buffer.device, IN)
             # The new block belongs to the compute stream; the copy may only start once it is free.
             stream.wait_stream(torch.cuda.current_stream(buffer.device))
             with torch.cuda.stream(stream):
@@ -484,7 +493,10 @@ class SavedTensorStore:
                 self.host_bytes -= nbytes
                 entry.host = None
 
-    def _stream(self, device: torch.device) -> torch.cuda.Stream:
-        if device not in self._streams:
-            self._streams[device] = torch.cuda.Stream(device=device)
-        return self._streams[device]
+    def _stream(self, device: torch.device, direction: str) -> torch.cuda.Stream:
+        # One stream each way: PCIe copies both ways at once, and a restore must not queue
+        # behind the copies out of the layers before it.
+        key = (device, direction)
+        if key not in self._streams:
+            self._streams[key] = torch.cuda.Stream(device=device)
+        return self._streams[key]

@@ -166,6 +166,7 @@ def train(
     export_dtype: str = "bfloat16",
     show_progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
+    write_outputs: bool = True,
 ) -> TrainResult:
     """Train `model` (a source `load_model` accepts) or a fresh model from `from_config`.
 
@@ -178,6 +179,8 @@ def train(
         export_dtype: dtype of the exported weights ("float32" or "bfloat16").
         on_step: Called on every rank after every step with (step, loss): callers' logging,
             tests that stop a run part-way.
+        write_outputs: False writes neither checkpoints nor the export (benchmarks timing steps
+            of models whose optimizer state would take minutes and many GB to write).
 
     Returns:
         A `TrainResult` (the same on every rank).
@@ -191,12 +194,12 @@ def train(
         config.validate(group.world_size)
         return _run(
             config, output, group, model, from_config, resume, activations, export_dtype,
-            show_progress and group.is_main, on_step,
+            show_progress and group.is_main, on_step, write_outputs,
         )  # fmt: skip
 
 
 def _run(config, output, group, source, from_config, resume, activations, export_dtype, show,
-         on_step) -> TrainResult:  # fmt: skip
+         on_step, write_outputs) -> TrainResult:  # fmt: skip
     resume_dir = latest_checkpoint(resume) if resume is not None else None
     payload = read_state(resume_dir) if resume_dir is not None else None
     text_data = not is_token_file(config.data)
@@ -246,7 +249,7 @@ def _run(config, output, group, source, from_config, resume, activations, export
                 last_step = step + 1 == config.steps
                 periodic = config.save_every and (step + 1) % config.save_every == 0
                 stopping = group.all_reduce_max(float(stop.requested)) > 0
-                if periodic or stopping or last_step:
+                if write_outputs and (periodic or stopping or last_step):
                     shard = engine.shard_state()
                     checkpoint = save_checkpoint(ckpt_root, state(step + 1), shard, group)
             except RuntimeError as exc:
@@ -262,7 +265,7 @@ def _run(config, output, group, source, from_config, resume, activations, export
                 break
     seconds = time.perf_counter() - began
     model_dir = None
-    if not interrupted:
+    if write_outputs and not interrupted:
         model_dir = output / "model"
         steps_meta = {"memtool_train_steps": str(len(losses))}
         export_model(net, engine, tokenizer, model_dir, DTYPES[export_dtype], group, steps_meta)
@@ -299,7 +302,9 @@ def _lost_peer(exc: RuntimeError) -> bool:
 
 
 def _one_step(net, engine, schedule, step, group, config, manager) -> float:
-    total = torch.zeros((), dtype=torch.float64)
+    # The loss stays on the device until the step is queued: reading it after each backward
+    # would make the host wait for the device there, and the device then wait for the host.
+    total = torch.zeros((), dtype=torch.float64, device=group.device)
     micro_batches = schedule.micro_batches(step, group.rank, group.world_size, config.grad_accum)
     for input_ids in micro_batches:
         input_ids = input_ids.to(group.device)
@@ -307,10 +312,9 @@ def _one_step(net, engine, schedule, step, group, config, manager) -> float:
             loss = causal_lm_loss(net, input_ids)
         (loss / config.grad_accum).backward()
         engine.after_backward()
-        total += loss.detach().double().cpu() / config.grad_accum
+        total += loss.detach().double() / config.grad_accum
     if group.world_size > 1:
-        total = total.to(group.device)
         dist.all_reduce(total)
-        total = total.cpu() / group.world_size
+        total /= group.world_size
     engine.step(step + 1)
     return float(total)

@@ -180,6 +180,9 @@ class ZeroOptimizer:
             and not offload
             and ops.train_backend_used(group.device) is ops.KernelBackend.TRITON
         )
+        # Host copies of each bucket's AdamW step count (state["step"] lives on the device, as in
+        # torch's fused AdamW): reading it every step would stall the device once per bucket.
+        self._host_steps: dict[int, int] = {}
         self._hooks = []
         if stage == 2:
             for bucket in self.buckets:
@@ -274,7 +277,8 @@ class ZeroOptimizer:
         grads = self._reduced_grads()
         squares = torch.zeros((), dtype=torch.float32, device=self.group.device)
         for grad in grads:
-            squares += grad.pow(2).sum()
+            # One reduction pass; pow(2).sum() wrote a squared copy of the gradient first.
+            squares += torch.linalg.vector_norm(grad).square()
         if self.stage > 0 and self.group.world_size > 1:
             dist.all_reduce(squares)
         norm = float(squares.sqrt())
@@ -313,20 +317,23 @@ class ZeroOptimizer:
         master shard and moments (kept in torch AdamW's state layout) and, for a low-precision
         compute dtype, writes the owned compute weights rounded from the new masters."""
         beta1, beta2 = self.optim.betas
-        for bucket, grad in zip(self.buckets, grads, strict=True):
+        for index, (bucket, grad) in enumerate(zip(self.buckets, grads, strict=True)):
             master = bucket.master.detach()
             state = self.adamw.state[bucket.master]
             if not state:  # torch AdamW's lazy initialisation, as its fused step keeps it
                 state["step"] = torch.zeros((), dtype=torch.float32, device=master.device)
                 state["exp_avg"] = torch.zeros_like(master)
                 state["exp_avg_sq"] = torch.zeros_like(master)
+            if index not in self._host_steps:
+                self._host_steps[index] = int(state["step"])  # once per run and per load
+            self._host_steps[index] += 1
             state["step"] += 1
             owned = bucket.flat_param[bucket.owned]
             lowp = owned if owned.data_ptr() != master.data_ptr() else None
             ops.adamw_step(
                 master, grad, state["exp_avg"], state["exp_avg_sq"],
                 lr=self.optim.lr_at(step), beta1=beta1, beta2=beta2, eps=self.optim.eps,
-                weight_decay=self.optim.weight_decay, step=int(state["step"]),
+                weight_decay=self.optim.weight_decay, step=self._host_steps[index],
                 clip_coef=coef, out_lowp=lowp,
             )  # fmt: skip
 
@@ -378,6 +385,7 @@ class ZeroOptimizer:
         return out
 
     def load_shard_state(self, tensors: dict[str, torch.Tensor], steps_done: int) -> None:
+        self._host_steps.clear()
         for index, bucket in enumerate(self.buckets):
             bucket.master.data.copy_(tensors[f"master.{index}"])
             if steps_done:

@@ -490,6 +490,31 @@ def test_planned_swap_fraction_and_slab_reuse(llama):
     assert stats.recomputed_tokens == expected
 
 
+def test_probe_repeats_once_when_its_copies_spilled(llama):
+    """Where spilled copies are synchronous (CUDA: pageable memory), the first measured
+    micro-batch, which fills an empty slab, is measured again once the slab has grown."""
+    model, ids, _, plain_grads, _ = llama
+    config = ActivationConfig(recompute="tokens", swap=True, host_budget_bytes=600_000)
+    manager = ActivationManager(model, config)
+    assert not manager._spills_distort  # CPU: copies are synchronous anyway and timed apart
+    manager._spills_distort = True
+    slab = manager._store.slab
+    for _ in range(2):
+        _, _, probe = _step(model, ids, None, manager)
+        assert (probe.mode, probe.swap_fraction) == ("tokens+swap", 1.0)
+    assert slab.buffer.numel() >= slab.high_water > 0  # the second probe fitted the slab
+    _, grads, stats = _step(model, ids, None, manager)
+    assert 0.0 < stats.swap_fraction < 1.0
+    _assert_grads(grads, plain_grads, **EXACT)
+    # Without a spill one probe suffices (the slab is big enough from now on).
+    manager = ActivationManager(model, config)
+    manager._spills_distort = True
+    manager._store.slab = slab
+    _step(model, ids, None, manager)
+    _, _, stats = _step(model, ids, None, manager)
+    assert 0.0 < stats.swap_fraction < 1.0
+
+
 def test_config_validation():
     bad = [
         ActivationConfig(recompute="some"),

@@ -131,6 +131,16 @@ def test_export_holds_the_trained_weights_and_loads(tiny_run, tmp_path, plain):
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
 
 
+def test_benchmark_runs_write_nothing(tiny_run, tmp_path, plain):
+    config_json, tokens = tiny_run
+    config = _config(data=str(tokens), steps=2, save_every=1)
+    result = train(config, tmp_path / "out", from_config=config_json, device="cpu",
+                   show_progress=False, write_outputs=False)  # fmt: skip
+    torch.testing.assert_close(result.losses, plain[0][:2], rtol=RTOL, atol=0)
+    assert (result.checkpoint, result.model_dir) == (None, None)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
 def test_bf16_compute_keeps_fp32_masters(tiny_run, tmp_path, plain):
     result = _train(tiny_run, tmp_path, zero=0, compute_dtype="bfloat16")
     # bf16 forward: the same curve within bf16 noise, and it still learns
