@@ -153,9 +153,11 @@ def main() -> None:
         return
     kernels_ok = True
     if not args.skip_kernels and args.device == "cuda":
+        began = time.perf_counter()
         kernels_ok = (
             subprocess.run([sys.executable, str(HERE / "gpu_train_kernels.py")]).returncode == 0
         )
+        print(f"training kernels: {time.perf_counter() - began:.0f} s", flush=True)
     config = _config(args)
     device = torch.device(args.device)
     peers = ("plain (torch)", "transformers checkpointing", "torch save_on_cpu")
@@ -167,7 +169,9 @@ def main() -> None:
             parser.error(f"unknown modes {sorted(unknown)}; choose from {[*peers, *MEMTOOL_MODES]}")
     rows = []
     for peer in (name for name in peers if name in wanted):
+        began = time.perf_counter()
         rows.append(peer_step_times(peer, config, args, device))
+        rows[-1]["row_s"] = round(time.perf_counter() - began, 1)  # build + steps: plan calls
         print(rows[-1], flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -177,6 +181,7 @@ def main() -> None:
         for name, (changes, activations) in MEMTOOL_MODES.items():
             if name not in wanted:
                 continue
+            began = time.perf_counter()
             rows.append(
                 memtool_step_times(
                     name,
@@ -188,6 +193,7 @@ def main() -> None:
                     folder,
                 )
             )
+            rows[-1]["row_s"] = round(time.perf_counter() - began, 1)
             print(rows[-1], flush=True)
     plain = next(r for r in rows if r["mode"] == "memtool plain")
     print("\n| mode | step time | vs plain | peak device memory | activations resident |")
