@@ -18,14 +18,13 @@ own AWQ path (which needs a GPU kernel package) is never triggered.
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from memtool import __version__
 from memtool.errors import MemtoolError
 from memtool.formats.awq_linear import AWQLinear
 from memtool.formats.awq_pack import AWQ_BITS, pack_awq
-from memtool.formats.checkpoint_io import write_quantized_folder
+from memtool.formats.checkpoint_io import load_quantized_folder, write_quantized_folder
 from memtool.formats.gptq_checkpoint import prepare_output
 from memtool.formats.quantized_weight import QuantizedWeight
 
@@ -91,8 +90,7 @@ def load_awq_model(folder: Path, weight_files: list[Path], dtype: torch.dtype) -
         MemtoolError: a version other than GEMM, bits other than 4, or tensors that do not
             match the config.
     """
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(folder)
     quant = config.quantization_config
@@ -105,44 +103,6 @@ def load_awq_model(folder: Path, weight_files: list[Path], dtype: torch.dtype) -
     if int(quant.get("bits", quant.get("w_bit", AWQ_BITS))) != AWQ_BITS:
         raise MemtoolError(f"{folder} says AWQ with {quant.get('bits')} bits; GEMM is 4-bit")
     del config.quantization_config
-    state: dict[str, torch.Tensor] = {}
-    for file in weight_files:
-        with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                state[key] = handle.get_tensor(key)
-    # Parameters on meta, buffers (rotary tables) computed for real.
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    quantized = sorted({k.rsplit(".", 1)[0] for k in state if k.endswith(".qweight")})
-    if not quantized:
-        raise MemtoolError(f"{folder} says it is AWQ but holds no qweight tensors")
-    for name in quantized:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        linear = getattr(parent, child, None)
-        if not isinstance(linear, nn.Linear):
-            raise MemtoolError(f"{folder}: {name}.qweight does not belong to a linear layer")
-        parts = {key: state.pop(f"{name}.{key}") for key in AWQ_KEYS}
-        if f"{name}.bias" in state:
-            parts["bias"] = state.pop(f"{name}.bias").to(dtype)
-        module = AWQLinear.from_tensors(parts)
-        if (module.in_features, module.out_features) != (linear.in_features, linear.out_features):
-            raise MemtoolError(
-                f"{folder}: {name} is {module.out_features}x{module.in_features} in the "
-                f"checkpoint but {linear.out_features}x{linear.in_features} in its config"
-            )
-        setattr(parent, child, module)
-    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-        missing = [k for k in missing if k != "lm_head.weight"]
-    quantized_set = set(quantized)  # their buffers were set above, not through the state dict
-    missing = [k for k in missing if k.rsplit(".", 1)[0] not in quantized_set]
-    if missing or unexpected:
-        raise MemtoolError(
-            f"{folder}: checkpoint does not match its config (missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]})"
-        )
-    model.eval()
-    return model
+    return load_quantized_folder(
+        folder, config, weight_files, dtype, "AWQ", AWQ_KEYS, AWQLinear.from_tensors
+    )

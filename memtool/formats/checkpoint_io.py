@@ -1,15 +1,19 @@
-"""Writing a quantized Hugging Face folder: what the GPTQ and AWQ writers share.
+"""Writing and reading a quantized Hugging Face folder: what the GPTQ and AWQ formats share.
 
 Tensors that are not quantized are stored in float16 (the dtype GPTQ/AWQ kernels compute in),
 tied tensors once (transformers re-ties them on load); each quantized linear contributes its
 packed tensors instead of its `.weight`; config.json carries `quantization_config`. The folder
-appears through one atomic rename, so an interrupted run leaves no partial output.
+appears through one atomic rename, so an interrupted run leaves no partial output. Reading
+(`load_quantized_folder`) builds the model from its config with parameters on the meta device and
+puts a packed module wherever a linear has a `qweight`.
 """
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -75,3 +79,67 @@ def write_quantized_folder(
             (tmp / filename).write_text(text)
         tokenizer.save_pretrained(tmp)
     return output
+
+
+def load_quantized_folder(
+    folder: Path,
+    config,
+    weight_files: list[Path],
+    dtype: torch.dtype,
+    label: str,
+    keys: tuple[str, ...],
+    build: Callable[[dict[str, torch.Tensor]], nn.Module],
+) -> nn.Module:
+    """The model of `config` (a transformers config whose `quantization_config` the caller has
+    checked and removed) with every linear that has a `qweight` in `weight_files` replaced by
+    `build(parts)`: its `keys` tensors, plus `bias` in `dtype` when stored. The other tensors
+    load in `dtype`; tied embeddings are re-tied.
+
+    Raises:
+        MemtoolError: no quantized tensors, a `qweight` outside a linear, a packed shape that
+            differs from the config's, or tensors missing or left over.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    state: dict[str, torch.Tensor] = {}
+    for file in weight_files:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                state[key] = handle.get_tensor(key)
+    # Parameters on meta, buffers (rotary tables) computed for real.
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    quantized = sorted({k.rsplit(".", 1)[0] for k in state if k.endswith(".qweight")})
+    if not quantized:
+        raise MemtoolError(f"{folder} says it is {label} but holds no qweight tensors")
+    for name in quantized:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, child, None)
+        if not isinstance(linear, nn.Linear):
+            raise MemtoolError(f"{folder}: {name}.qweight does not belong to a linear layer")
+        parts = {key: state.pop(f"{name}.{key}") for key in keys}
+        if f"{name}.bias" in state:
+            parts["bias"] = state.pop(f"{name}.bias").to(dtype)
+        module = build(parts)
+        if (module.in_features, module.out_features) != (linear.in_features, linear.out_features):
+            raise MemtoolError(
+                f"{folder}: {name} is {module.out_features}x{module.in_features} in the "
+                f"checkpoint but {linear.out_features}x{linear.in_features} in its config"
+            )
+        setattr(parent, child, module)
+    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+        missing = [k for k in missing if k != "lm_head.weight"]
+    quantized_set = set(quantized)  # their buffers were set above, not through the state dict
+    missing = [k for k in missing if k.rsplit(".", 1)[0] not in quantized_set]
+    if missing or unexpected:
+        raise MemtoolError(
+            f"{folder}: checkpoint does not match its config (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]})"
+        )
+    model.eval()
+    return model

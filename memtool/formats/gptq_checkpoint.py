@@ -16,13 +16,12 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from memtool import __version__
 from memtool.atomic import clean_stale_temporaries
 from memtool.errors import MemtoolError
-from memtool.formats.checkpoint_io import write_quantized_folder
+from memtool.formats.checkpoint_io import load_quantized_folder, write_quantized_folder
 from memtool.formats.gptq_linear import GPTQLinear
 from memtool.formats.gptq_pack import pack_gptq
 from memtool.formats.quantized_weight import QuantizedWeight
@@ -95,8 +94,7 @@ def is_gptq_config(config: dict) -> bool:
 
 def load_gptq_model(folder: Path, weight_files: list[Path], dtype: torch.dtype) -> nn.Module:
     """Build the model in `folder` with its quantized linears as `GPTQLinear` modules."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(folder)
     quant = config.quantization_config
@@ -108,37 +106,7 @@ def load_gptq_model(folder: Path, weight_files: list[Path], dtype: torch.dtype) 
         )
     bits = int(quant["bits"])
     del config.quantization_config
-    state: dict[str, torch.Tensor] = {}
-    for file in weight_files:
-        with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                state[key] = handle.get_tensor(key)
-    # Parameters on meta, buffers (rotary tables) computed for real.
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    quantized = sorted({k.rsplit(".", 1)[0] for k in state if k.endswith(".qweight")})
-    if not quantized:
-        raise MemtoolError(f"{folder} says it is GPTQ but holds no qweight tensors")
-    for name in quantized:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        if not isinstance(getattr(parent, child, None), nn.Linear):
-            raise MemtoolError(f"{folder}: {name}.qweight does not belong to a linear layer")
-        parts = {key: state.pop(f"{name}.{key}") for key in QUANT_KEYS}
-        if f"{name}.bias" in state:
-            parts["bias"] = state.pop(f"{name}.bias").to(dtype)
-        setattr(parent, child, GPTQLinear.from_tensors(parts, bits))
-    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-        missing = [k for k in missing if k != "lm_head.weight"]
-    quantized_set = set(quantized)  # their buffers were set above, not through the state dict
-    missing = [k for k in missing if k.rsplit(".", 1)[0] not in quantized_set]
-    if missing or unexpected:
-        raise MemtoolError(
-            f"{folder}: checkpoint does not match its config (missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]})"
-        )
-    model.eval()
-    return model
+    return load_quantized_folder(
+        folder, config, weight_files, dtype, "GPTQ", QUANT_KEYS,
+        lambda parts: GPTQLinear.from_tensors(parts, bits),
+    )  # fmt: skip
