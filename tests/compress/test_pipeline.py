@@ -135,9 +135,7 @@ def test_foreign_gptq_checkpoints_are_refused(tiny_llama_dir, tmp_path):
 
 def test_packed_shapes_must_match_the_config(tiny_llama_dir, tmp_path):
     out = tmp_path / "rtn"
-    compress(
-        str(tiny_llama_dir), RTNConfig(bits=4, group_size=32), output=out, show_progress=False
-    )
+    compress(str(tiny_llama_dir), RTNConfig(bits=4, group_size=32), output=out, show_progress=False)
     config = json.loads((out / "config.json").read_text())
     config["intermediate_size"] *= 2
     (out / "config.json").write_text(json.dumps(config))
