@@ -44,10 +44,10 @@ from memtool.compress.awq_search import (
 )
 from memtool.compress.config import AWQConfig
 from memtool.compress.layers import (
+    PhaseClock,
     capture_first_layer_inputs,
     decoder_layers,
     linear_children,
-    run_layer,
 )
 from memtool.compress.quantizer import QuantizedWeight, rtn_quantize
 from memtool.compress.sequential import SequentialResult
@@ -187,17 +187,10 @@ def quantize_awq(
     layers = decoder_layers(model)
     scaling_groups(model, layers[0])  # unsupported architectures fail before any work
     prefix = next(name for name, m in model.named_modules() if m is layers)
+    clock = PhaseClock("capture", "record", "scale_search", "clip_quantize", "propagate")
     inputs = capture_first_layer_inputs(model, windows, batch_size)
     result = AWQResult({})
-    phases = dict.fromkeys(("capture", "record", "scale_search", "clip_quantize", "propagate"), 0.0)
-    phases["capture"] = time.perf_counter() - began
-    mark = time.perf_counter()
-
-    def lap(phase: str) -> None:
-        nonlocal mark
-        now = time.perf_counter()
-        phases[phase] += now - mark
-        mark = now
+    clock.lap("capture")
 
     with step_progress() as progress:
         task = progress.add_task("AWQ", total=len(layers), status="", visible=show_progress)
@@ -207,9 +200,8 @@ def quantize_awq(
             linears = linear_children(layer)
             blocks = sorted({g.inspect for g in groups})
             with _recording(layer, list(linears), blocks) as recorded:
-                for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
-                    run_layer(layer, hidden, kwargs)
-            lap("record")
+                inputs.run(layer)
+            clock.lap("record")
 
             progress.update(task, status=f"layer {index}: searching scales")
             divisors: dict[str, torch.Tensor] = {}
@@ -218,7 +210,7 @@ def quantize_awq(
                 apply_scale(layer, group, scales)
                 divisors.update(dict.fromkeys(group.linears, scales))
                 result.alphas[f"{prefix}.{index}: {group.label}"] = alpha
-            lap("scale_search")
+            clock.lap("scale_search")
 
             progress.update(task, status=f"layer {index}: clipping, quantizing")
             for name, linear in linears.items():
@@ -227,14 +219,10 @@ def quantize_awq(
                 quantized = _clip_and_quantize(linear, x, divisors.get(name), config)
                 result.weights[f"{prefix}.{index}.{name}"] = quantized
             del recorded, divisors
-            lap("clip_quantize")
-            # Next layer's inputs, computed through this layer's quantized weights.
-            inputs.hidden = [
-                run_layer(layer, hidden, kwargs)
-                for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True)
-            ]
-            lap("propagate")
+            clock.lap("clip_quantize")
+            inputs.advance(layer)
+            clock.lap("propagate")
             progress.update(task, advance=1)
     result.seconds = time.perf_counter() - began
-    result.phase_seconds = {name: round(value, 2) for name, value in phases.items()}
+    result.phase_seconds = clock.rounded()
     return result

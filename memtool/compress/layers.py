@@ -6,6 +6,7 @@ embeddings, ...) that reach decoder layer 0, then push them through one layer at
 """
 
 import contextlib
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,36 @@ class LayerInputs:
     @property
     def n_tokens(self) -> int:
         return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+    def run(self, layer: nn.Module) -> None:
+        """Run every batch through `layer` (outputs discarded): hooks on it see the inputs."""
+        for hidden, kwargs in zip(self.hidden, self.kwargs, strict=True):
+            run_layer(layer, hidden, kwargs)
+
+    def advance(self, layer: nn.Module) -> None:
+        """Replace the inputs with `layer`'s outputs: the next layer's inputs, computed through
+        `layer` as it is now (already quantized, in layer-by-layer compression)."""
+        self.hidden = [
+            run_layer(layer, hidden, kwargs)
+            for hidden, kwargs in zip(self.hidden, self.kwargs, strict=True)
+        ]
+
+
+class PhaseClock:
+    """Seconds spent in each named phase of a layer-by-layer pass: `lap(phase)` books the time
+    since the previous lap (or since the clock started) to `phase`."""
+
+    def __init__(self, *phases: str) -> None:
+        self.seconds = dict.fromkeys(phases, 0.0)
+        self._mark = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] += now - self._mark
+        self._mark = now
+
+    def rounded(self) -> dict[str, float]:
+        return {name: round(value, 2) for name, value in self.seconds.items()}
 
 
 def linear_children(layer: nn.Module) -> dict[str, nn.Linear]:

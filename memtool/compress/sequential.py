@@ -19,10 +19,10 @@ from torch import nn
 
 from memtool.compress.hessian import HessianCollector, HessianGroup
 from memtool.compress.layers import (
+    PhaseClock,
     capture_first_layer_inputs,
     decoder_layers,
     linear_children,
-    run_layer,
 )
 from memtool.compress.quantizer import QuantizedWeight
 from memtool.progress import console, step_progress
@@ -62,17 +62,10 @@ def quantize_sequential(
     began = time.perf_counter()
     layers = decoder_layers(model)
     layers_prefix = next(name for name, m in model.named_modules() if m is layers)
+    clock = PhaseClock("capture", "calibrate", "quantize", "propagate")
     inputs = capture_first_layer_inputs(model, windows, batch_size)
     result = SequentialResult({})
-    phases = dict.fromkeys(("capture", "calibrate", "quantize", "propagate"), 0.0)
-    phases["capture"] = time.perf_counter() - began
-    mark = time.perf_counter()
-
-    def lap(phase: str) -> None:
-        nonlocal mark
-        now = time.perf_counter()
-        phases[phase] += now - mark
-        mark = now
+    clock.lap("capture")
 
     with step_progress() as progress:
         task = progress.add_task("Quantizing", total=len(layers), status="", visible=show_progress)
@@ -80,9 +73,8 @@ def quantize_sequential(
             progress.update(task, status=f"layer {index}: calibrating")
             linears = linear_children(layer)
             with HessianCollector(linears) as collector:
-                for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
-                    run_layer(layer, hidden, kwargs)
-            lap("calibrate")
+                inputs.run(layer)
+            clock.lap("calibrate")
             progress.update(task, status=f"layer {index}: quantizing")
             for group in collector.groups:
                 modules = [linears[name] for name in group.names]
@@ -96,14 +88,10 @@ def quantize_sequential(
                     result.warnings.append(message)
                     console.print(f"[yellow]warning:[/] {message}")
             del collector
-            lap("quantize")
-            # Next layer's inputs, computed through this layer's quantized weights.
-            inputs.hidden = [
-                run_layer(layer, hidden, kwargs)
-                for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True)
-            ]
-            lap("propagate")
+            clock.lap("quantize")
+            inputs.advance(layer)
+            clock.lap("propagate")
             progress.update(task, advance=1)
     result.seconds = time.perf_counter() - began
-    result.phase_seconds = {name: round(value, 2) for name, value in phases.items()}
+    result.phase_seconds = clock.rounded()
     return result
