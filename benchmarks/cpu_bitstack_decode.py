@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from memtool.formats.bitstack_pack import pack_signs
+from memtool.formats.synthetic import random_bitstack_layer
 from memtool.ops.cpu import CPU_MAX_ROWS_BITSTACK, cpu_bitstack_linear, cpu_kernel_status
 from memtool.ops.reference import bitstack_linear as reference_linear
 
@@ -29,10 +29,7 @@ SHAPES = ((576, 576, 4), (192, 576, 2), (1536, 576, 7), (576, 1536, 7))
 
 def make_layer(out_features: int, in_features: int, rank: int, blocks: int) -> tuple:
     gen = torch.Generator().manual_seed(out_features * 7 + in_features + rank)
-    signs = pack_signs(torch.randn(blocks, out_features, in_features, generator=gen))
-    u = (torch.randn(blocks, out_features, rank, generator=gen) * 0.1).half()
-    v = (torch.randn(blocks, in_features, rank, generator=gen) * 0.1).half()
-    return signs, u, v, in_features
+    return random_bitstack_layer(out_features, in_features, rank, blocks, gen, decay=False).args()
 
 
 def best_ms(fn, repeats: int) -> float:

@@ -41,8 +41,8 @@ from pathlib import Path
 
 import torch
 
-from memtool.formats.bitstack_pack import pack_signs
 from memtool.formats.gptq_pack import pack_gptq
+from memtool.formats.synthetic import random_bitstack_layer, random_gptq_layer
 from memtool.ops import reference
 from memtool.ops.triton.tiles import Tiles
 
@@ -115,16 +115,8 @@ def check_one(name, kernel, args, x, weight_t, bias, path, rounds_weight, refere
 
 
 def gptq_layer(bits, in_features, out_features, group_size, shuffle, gen, device):
-    n_groups = -(-in_features // group_size)
-    maxq = (1 << bits) - 1
-    q = torch.randint(0, maxq + 1, (in_features, out_features), generator=gen)
-    zeros = torch.randint(1, maxq + 2, (n_groups, out_features), generator=gen)
-    scales = torch.rand(n_groups, out_features, generator=gen) * 0.02 + 1e-3
-    g_idx = torch.arange(in_features) // group_size
-    if shuffle:
-        g_idx = g_idx[torch.randperm(in_features, generator=gen)]
-    packed = pack_gptq(q, zeros, scales, g_idx, bits)
-    return {name: t.to(device) for name, t in packed.items()}
+    layer = random_gptq_layer(bits, in_features, out_features, group_size, gen, shuffle=shuffle)
+    return {name: t.to(device) for name, t in layer.packed.items()}
 
 
 def gptq_args(layer, bits, in_features):
@@ -163,15 +155,9 @@ def check_gptq(device: torch.device) -> None:
 
 
 def bitstack_layer(out_features, in_features, rank, blocks, factor_dtype, gen, device):
-    signs = torch.where(torch.randn(blocks, out_features, in_features, generator=gen) < 0, -1, 1)
-    decay = 1.0 / torch.arange(1, blocks + 1).float()[:, None, None]
-    u = torch.randn(blocks, out_features, rank, generator=gen) * 0.1 * decay
-    v = torch.randn(blocks, in_features, rank, generator=gen) * 0.1
-    return {
-        "signs": pack_signs(signs.float()).to(device),
-        "u": u.to(device, factor_dtype),
-        "v": v.to(device, factor_dtype),
-    }
+    layer = random_bitstack_layer(out_features, in_features, rank, blocks, gen, dtype=factor_dtype)
+    return {"signs": layer.packed_signs.to(device), "u": layer.u.to(device),
+            "v": layer.v.to(device)}  # fmt: skip
 
 
 def bitstack_args(layer, in_features):

@@ -11,23 +11,17 @@ from memtool.formats.gptq_pack import (
     unpack_along_rows,
     unpack_gptq,
 )
+from memtool.formats.synthetic import random_gptq_layer
 
 BITS = (2, 3, 4, 8)
 
 
 def random_layer(bits: int, in_features: int, out_features: int, group_size: int, sym: bool):
     gen = torch.Generator().manual_seed(bits * 1000 + in_features + sym)
-    n_groups = -(-in_features // group_size)
-    maxq = (1 << bits) - 1
-    q = torch.randint(0, maxq + 1, (in_features, out_features), generator=gen)
-    if sym:
-        zeros = torch.full((n_groups, out_features), (maxq + 1) // 2)
-    else:
-        # 0 is not storable in the v1 layout; 2**bits is (stored as 2**bits - 1).
-        zeros = torch.randint(1, maxq + 2, (n_groups, out_features), generator=gen)
-    scales = torch.rand(n_groups, out_features, generator=gen) * 0.05 + 1e-3
-    g_idx = torch.arange(in_features) // group_size
-    return q, zeros, scales, g_idx
+    layer = random_gptq_layer(
+        bits, in_features, out_features, group_size, gen, sym=sym, scale_range=0.05
+    )
+    return layer.q, layer.zeros, layer.scales, layer.g_idx
 
 
 @pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])

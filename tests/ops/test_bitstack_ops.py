@@ -14,6 +14,7 @@ import torch
 import memtool.ops as ops
 from memtool.errors import MemtoolError
 from memtool.formats.bitstack_pack import pack_signs, packed_width, unpack_signs
+from memtool.formats.synthetic import random_bitstack_layer
 from memtool.ops import CPU_MAX_ROWS_BITSTACK, KernelBackend, backend_used, bitstack_linear
 from memtool.ops.cpu import cpu_kernel_status
 from memtool.ops.reference import bitstack_linear as reference_linear
@@ -25,17 +26,9 @@ FP32_RTOL = 1e-4
 def make_layer(out_features, in_features, rank, blocks, seed=0, dtype=torch.float16):
     """Random BitStack layer: `(sign matrices ±1 float32, packed kwargs for the ops)`."""
     gen = torch.Generator().manual_seed(seed)
-    signs = torch.where(torch.randn(blocks, out_features, in_features, generator=gen) < 0, -1, 1)
-    decay = 1.0 / torch.arange(1, blocks + 1).float()[:, None, None]  # later blocks are smaller
-    u = torch.randn(blocks, out_features, rank, generator=gen) * 0.1 * decay
-    v = torch.randn(blocks, in_features, rank, generator=gen) * 0.1
-    packed = {
-        "signs": pack_signs(signs.float()),
-        "u": u.to(dtype),
-        "v": v.to(dtype),
-        "in_features": in_features,
-    }
-    return signs.float(), packed
+    layer = random_bitstack_layer(out_features, in_features, rank, blocks, gen, dtype=dtype)
+    packed = {"signs": layer.packed_signs, "u": layer.u, "v": layer.v, "in_features": in_features}
+    return layer.signs, packed
 
 
 def assert_close_relative(actual, expected, rtol):

@@ -16,7 +16,7 @@ import torch
 import memtool.ops as ops
 from memtool.errors import MemtoolError
 from memtool.formats.bitstack_linear import BitStackLinear
-from memtool.formats.bitstack_pack import pack_signs
+from memtool.formats.synthetic import random_bitstack_layer
 from memtool.ops import (
     CPU_MAX_ROWS_BITSTACK,
     KernelBackend,
@@ -40,11 +40,7 @@ def make_layer(
 ) -> tuple:
     """Random packed BitStack layer: `(signs, u, v, in_features)`, positional for the ops."""
     gen = torch.Generator().manual_seed(seed)
-    signs = pack_signs(torch.randn(blocks, out_features, in_features, generator=gen))
-    decay = 1.0 / torch.arange(1, blocks + 1).float()[:, None, None]  # later blocks are smaller
-    u = torch.randn(blocks, out_features, rank, generator=gen) * 0.1 * decay
-    v = torch.randn(blocks, in_features, rank, generator=gen) * 0.1
-    return signs, u.to(dtype), v.to(dtype), in_features
+    return random_bitstack_layer(out_features, in_features, rank, blocks, gen, dtype=dtype).args()
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

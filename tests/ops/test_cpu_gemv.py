@@ -14,7 +14,7 @@ import torch
 
 import memtool.ops as ops
 from memtool.errors import MemtoolError
-from memtool.formats.gptq_pack import pack_gptq
+from memtool.formats.synthetic import random_gptq_layer
 from memtool.ops import CPU_MAX_ROWS, KernelBackend, backend_used, gptq_backend_used, gptq_linear
 from memtool.ops.cpu import build, cpu_gptq_linear, static_group_size
 from memtool.ops.reference import gptq_linear as reference_linear
@@ -28,15 +28,7 @@ def make_layer(
 ) -> dict[str, torch.Tensor]:
     """Packed random layer `IN x out` with asymmetric zero points in `[1, 2**bits]`."""
     gen = torch.Generator().manual_seed(seed * 100 + bits)
-    n_groups = -(-IN // group_size)
-    maxq = (1 << bits) - 1
-    q = torch.randint(0, maxq + 1, (IN, out), generator=gen)
-    zeros = torch.randint(1, maxq + 2, (n_groups, out), generator=gen)
-    scales = torch.rand(n_groups, out, generator=gen) * 0.02 + 1e-3
-    g_idx = torch.arange(IN) // group_size
-    if shuffle:
-        g_idx = g_idx[torch.randperm(IN, generator=gen)]
-    return pack_gptq(q, zeros, scales, g_idx, bits)
+    return random_gptq_layer(bits, IN, out, group_size, gen, shuffle=shuffle).packed
 
 
 def args(packed: dict[str, torch.Tensor], bits: int) -> tuple:

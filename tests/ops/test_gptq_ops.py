@@ -13,7 +13,7 @@ import torch
 
 import memtool.ops as ops
 from memtool.errors import MemtoolError
-from memtool.formats.gptq_pack import pack_gptq
+from memtool.formats.synthetic import random_gptq_layer
 from memtool.ops import KernelBackend, backend_used, gptq_linear
 from memtool.ops.reference import dequantize_gptq
 from memtool.ops.reference import gptq_linear as reference_linear
@@ -25,19 +25,10 @@ FP32_RTOL = 1e-4
 def make_layer(bits, in_features=576, out_features=96, group_size=128, sym=False, shuffle=False):
     """Random layer; returns `(q, zeros, scales_fp16, g_idx)` and the packed tensors."""
     gen = torch.Generator().manual_seed(bits * 7 + in_features + 2 * sym + shuffle)
-    n_groups = -(-in_features // group_size)
-    maxq = (1 << bits) - 1
-    q = torch.randint(0, maxq + 1, (in_features, out_features), generator=gen)
-    if sym:
-        zeros = torch.full((n_groups, out_features), (maxq + 1) // 2)
-    else:
-        zeros = torch.randint(1, maxq + 2, (n_groups, out_features), generator=gen)
-    scales = torch.rand(n_groups, out_features, generator=gen) * 0.02 + 1e-3
-    g_idx = torch.arange(in_features) // group_size
-    if shuffle:
-        g_idx = g_idx[torch.randperm(in_features, generator=gen)]
-    packed = pack_gptq(q, zeros, scales, g_idx, bits)
-    return (q, zeros, packed["scales"], g_idx), packed
+    layer = random_gptq_layer(
+        bits, in_features, out_features, group_size, gen, sym=sym, shuffle=shuffle
+    )
+    return (layer.q, layer.zeros, layer.packed["scales"], layer.g_idx), layer.packed
 
 
 def packed_args(packed, bits, in_features=576):
