@@ -41,9 +41,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, OPTConfig
+from transformers import AutoConfig, AutoModelForCausalLM, OPTConfig
 
 from memtool.models.layers import decoder_layers
+from memtool.serve.flash.engine import greedy_steps
 
 ALIGN_BYTES = 4096  # page size: O_DIRECT buffers, offsets and lengths all sit on this grid
 DISK_BUDGET_BYTES = 1 << 40  # "unlimited" disk for accelerate's device map
@@ -176,27 +177,13 @@ def _greedy_decode(
     outside the timed span, its seconds reported apart. `counters` returns cumulative numbers
     (bytes a reader read, ...) sampled around each forward like `/proc/self/io`.
     """
-    if new_tokens < 1:
-        raise ValueError("new_tokens must be >= 1")
-    cache = DynamicCache(config=model.config)
-    input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long)
-    token_ids: list[int] = []
-    steps: list[dict[str, float]] = []
-    evict_seconds = 0.0
-    for _ in range(new_tokens):
-        if before_token is not None:
-            began = time.perf_counter()
-            before_token()
-            evict_seconds += time.perf_counter() - began
-        before = {**_io_counters(), **(counters() if counters else {})}
-        began = time.perf_counter()
-        logits = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1).logits
-        token = int(logits[0, -1].argmax())
-        seconds = time.perf_counter() - began
-        after = {**_io_counters(), **(counters() if counters else {})}
-        steps.append({"seconds": seconds, **{k: after[k] - before[k] for k in before}})
-        token_ids.append(token)
-        input_ids = torch.tensor([[token]], dtype=torch.long)
+
+    def sampled() -> dict[str, float]:
+        return {**_io_counters(), **(counters() if counters else {})}
+
+    steps = greedy_steps(model, prompt_ids, new_tokens, before_token, sampled)
+    token_ids = [int(step.pop("token")) for step in steps]
+    evict_seconds = sum(step.pop("before_seconds") for step in steps)
     prefill, decode = steps[0], steps[1:]
     decode_seconds = sum(step["seconds"] for step in decode)
     result = {

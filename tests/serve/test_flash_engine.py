@@ -20,6 +20,7 @@ from memtool.serve.flash.engine import (
     FlashEngine,
     build_selectors,
     greedy_decode,
+    greedy_steps,
     open_flash_model,
     summarize_tokens,
 )
@@ -90,6 +91,19 @@ def test_tokens_equal_the_masked_dense_model(store, sparsity, room, window):
     if window == 0:
         assert counters.neurons_hit == 0
     flash.close()
+
+
+def test_greedy_steps_measure_each_forward(store):
+    _, model_dir = store
+    model = load_model(model_dir).model
+    calls = []
+    tick = iter(range(0, 1000, 10))
+    steps = greedy_steps(model, PROMPT, 3, lambda: calls.append(1), lambda: {"n": next(tick)})
+    ids, _ = greedy_decode(model, PROMPT, 3)
+    assert [s["token"] for s in steps] == ids and len(calls) == 3
+    assert all(s["n"] == 10 and s["seconds"] > 0 and s["before_seconds"] >= 0 for s in steps)
+    with pytest.raises(MemtoolError, match="new_tokens must be at least 1"):
+        greedy_steps(model, PROMPT, 0)
 
 
 def test_sparsity_selects_fewer_neurons_than_dense(store):

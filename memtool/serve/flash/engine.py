@@ -15,6 +15,7 @@ I/O and cache statistics.
 """
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -476,24 +477,48 @@ def summarize_tokens(log: list[dict]) -> dict:
     }
 
 
-def greedy_decode(
-    flash_or_model, prompt_ids: list[int], new_tokens: int
-) -> tuple[list[int], list[float]]:
-    """Greedy ids and per-token seconds with a plain KV-cache loop (benchmarks, tests; also for
-    stores without a tokenizer)."""
+def greedy_steps(
+    flash_or_model,
+    prompt_ids: list[int],
+    new_tokens: int,
+    before_token: Callable[[], None] | None = None,
+    counters: Callable[[], dict[str, float]] | None = None,
+) -> list[dict[str, float]]:
+    """Greedy decoding with a plain KV-cache loop, one forward a token, measured: per forward
+    its `token`, `seconds`, the seconds of `before_token` (run before it, untimed: cache
+    eviction in benchmarks) as `before_seconds`, and the change of every cumulative value
+    `counters()` returns (bytes read, ...). The first forward is the prefill."""
     from transformers import DynamicCache
 
+    if new_tokens < 1:
+        raise MemtoolError(f"new_tokens must be at least 1, not {new_tokens}")
     model = flash_or_model.model if isinstance(flash_or_model, FlashModel) else flash_or_model
     cache = DynamicCache(config=model.config)
     cache_arg = cache_argument(model)
-    inputs = torch.tensor([prompt_ids])
-    ids, seconds = [], []
+    inputs = torch.tensor([list(prompt_ids)], dtype=torch.long)
+    steps = []
     for _ in range(new_tokens):
+        began = time.perf_counter()
+        if before_token is not None:
+            before_token()
+        before_seconds = time.perf_counter() - began
+        before = counters() if counters is not None else {}
         began = time.perf_counter()
         with torch.inference_mode():
             out = model(input_ids=inputs, use_cache=True, logits_to_keep=1, **{cache_arg: cache})
         token = int(out.logits[0, -1].argmax())
-        seconds.append(time.perf_counter() - began)
-        ids.append(token)
-        inputs = torch.tensor([[token]])
-    return ids, seconds
+        seconds = time.perf_counter() - began
+        after = counters() if counters is not None else {}
+        steps.append({"token": token, "seconds": seconds, "before_seconds": before_seconds,
+                      **{key: after[key] - before[key] for key in before}})  # fmt: skip
+        inputs = torch.tensor([[token]], dtype=torch.long)
+    return steps
+
+
+def greedy_decode(
+    flash_or_model, prompt_ids: list[int], new_tokens: int
+) -> tuple[list[int], list[float]]:
+    """Greedy ids and per-token seconds (`greedy_steps`; benchmarks, tests; also for stores
+    without a tokenizer)."""
+    steps = greedy_steps(flash_or_model, prompt_ids, new_tokens)
+    return [int(step["token"]) for step in steps], [step["seconds"] for step in steps]
