@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from memtool.compress.layers import StopLayer
+
 
 @dataclass
 class HessianGroup:
@@ -24,15 +26,33 @@ class HessianGroup:
         self.n_rows = add_second_moment(self.hessian, self.n_rows, x, factor=2.0)
 
 
+# Row blocks of the lower triangle in `add_second_moment`: xᵀx is symmetric and torch has no
+# syrk, so three row blocks (each against the columns up to its own end) do 2/3 of a full
+# product's work; measured on 2 cores with 4096 rows: 576 wide 19 -> 12 ms, 1536 wide 131 ->
+# 93 ms (more blocks: smaller, slower products). Narrow inputs take one product.
+_SYMMETRIC_BLOCKS = 3
+_SYMMETRIC_MIN_WIDTH = 384
+
+
 def add_second_moment(
     matrix: torch.Tensor, n_rows: int, x: torch.Tensor, factor: float = 1.0
 ) -> int:
     """Fold the rows of `x` `[..., d]` into `matrix`, the running mean of `factor * xxᵀ` over
     `n_rows` rows so far, in place; returns the new row count."""
     x = x.reshape(-1, x.shape[-1]).float()
-    # Rescale the old mean and add the new batch in one addmm (no copy of x).
     total = n_rows + x.shape[0]
-    matrix.mul_(n_rows / total).addmm_(x.T, x, alpha=factor / total)
+    alpha = factor / total
+    matrix.mul_(n_rows / total)
+    d = x.shape[1]
+    if d < _SYMMETRIC_MIN_WIDTH:
+        matrix.addmm_(x.T, x, alpha=alpha)  # no copy of x
+        return total
+    step = -(-d // _SYMMETRIC_BLOCKS)
+    for start in range(0, d, step):
+        stop = min(start + step, d)
+        matrix[start:stop, :stop].addmm_(x[:, start:stop].T, x[:, :stop], alpha=alpha)
+        # Mirror the part left of the diagonal block (the block itself is a full product).
+        matrix[:start, start:stop].copy_(matrix[start:stop, :start].T)
     return total
 
 
@@ -56,15 +76,28 @@ class LinearHooks(ABC):
 
 @dataclass
 class HessianCollector(LinearHooks):
-    """Forward hooks on a layer's linears that accumulate their input Hessians."""
+    """Hooks on a layer's linears that accumulate their input Hessians.
+
+    They run before each linear (pre-hooks): once the last linear of the layer has been
+    recorded in a batch, nothing after it is needed, and the hook ends that batch's forward with
+    `StopLayer` (which `LayerInputs.run` expects). On a Llama layer that skips down_proj's
+    product, a quarter of the layer's compute.
+    """
 
     linears: dict[str, nn.Linear]
     groups: list[HessianGroup] = field(default_factory=list)
     _by_name: dict[str, HessianGroup] = field(default_factory=dict)
     _last: tuple[torch.Tensor, HessianGroup] | None = None
+    _seen: set[str] = field(default_factory=set)
+
+    def __enter__(self):
+        self._handles = [
+            m.register_forward_pre_hook(self._hook(n)) for n, m in self.linears.items()
+        ]
+        return self
 
     def _hook(self, name: str):
-        def hook(module, args, output):
+        def hook(module, args):
             x = args[0]
             group = self._by_name.get(name)
             if group is None:
@@ -80,5 +113,12 @@ class HessianCollector(LinearHooks):
             if self._last is None or self._last[0] is not x:
                 group.add(x)
             self._last = (x, group)
+            if name in self._seen:  # a new batch after one that did not reach every linear
+                self._seen.clear()
+            self._seen.add(name)
+            if len(self._seen) == len(self.linears):
+                self._seen.clear()
+                self._last = None
+                raise StopLayer
 
         return hook

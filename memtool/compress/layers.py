@@ -16,6 +16,11 @@ from torch import nn
 from memtool.models.layers import decoder_layers
 
 
+class StopLayer(Exception):
+    """Raised by a hook once a layer's forward has recorded everything asked of it: the rest of
+    that batch's forward is skipped (`LayerInputs.run`)."""
+
+
 class _StopForward(Exception):
     """Raised by the capture hook once layer 0's inputs are recorded: nothing after it runs."""
 
@@ -32,9 +37,11 @@ class LayerInputs:
         return sum(h.shape[0] * h.shape[1] for h in self.hidden)
 
     def run(self, layer: nn.Module) -> None:
-        """Run every batch through `layer` (outputs discarded): hooks on it see the inputs."""
+        """Run every batch through `layer` (outputs discarded): hooks on it see the inputs, and
+        may end a batch early by raising `StopLayer`."""
         for hidden, kwargs in zip(self.hidden, self.kwargs, strict=True):
-            run_layer(layer, hidden, kwargs)
+            with contextlib.suppress(StopLayer):
+                run_layer(layer, hidden, kwargs)
 
     def advance(self, layer: nn.Module) -> None:
         """Replace the inputs with `layer`'s outputs: the next layer's inputs, computed through

@@ -3,8 +3,12 @@
 import pytest
 import torch
 
+from memtool import load_model
 from memtool.compress.gptq import gptq_quantize
+from memtool.compress.hessian import HessianCollector, add_second_moment
+from memtool.compress.layers import LayerInputs, linear_children
 from memtool.compress.quantizer import rtn_quantize
+from memtool.models.layers import decoder_layers
 
 
 def _problem(seed=0, n=2048, d_in=256, d_out=96):
@@ -63,3 +67,42 @@ def test_indefinite_hessian_increases_damping_then_falls_back():
     result = gptq_quantize(w, broken, 4, 128, True, max_damp_percent=0.1)
     assert result.fallback_reason and "positive definite" in result.fallback_reason
     assert torch.equal(result.weight.codes, rtn_quantize(w, 4, 128, True).codes)
+
+
+@pytest.mark.parametrize("width", [64, 576, 1000])
+def test_second_moment_is_the_symmetric_mean_of_xxt(width):
+    gen = torch.Generator().manual_seed(width)
+    batches = [torch.randn(2, 37, width, generator=gen) for _ in range(3)]
+    matrix, rows = torch.zeros(width, width), 0
+    for x in batches:
+        rows = add_second_moment(matrix, rows, x, factor=2.0)
+    flat = torch.cat([x.reshape(-1, width) for x in batches]).double()
+    torch.testing.assert_close(matrix.double(), 2 * flat.T @ flat / rows, rtol=1e-5, atol=1e-5)
+    assert rows == 3 * 2 * 37
+
+
+def test_hessian_pass_stops_at_the_last_linear(tiny_llama_dir):
+    model = load_model(tiny_llama_dir).model
+    layer = decoder_layers(model)[0]
+    linears = linear_children(layer)
+    last_name, last = list(linears.items())[-1]
+    gen = torch.Generator().manual_seed(0)
+    hidden = [torch.randn(2, 8, model.config.hidden_size, generator=gen) for _ in range(2)]
+    position = model.model.rotary_emb(hidden[0], torch.arange(8)[None])
+    inputs = LayerInputs(hidden, [{"position_embeddings": position}] * 2)
+    seen = []  # the last linear's inputs in full forwards, and whether its product ran
+    handle = last.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    inputs.run(layer)
+    handle.remove()
+    ran = []
+    handle = last.register_forward_hook(lambda *_: ran.append(1))
+    with torch.no_grad(), HessianCollector(linears) as collector:
+        inputs.run(layer)
+    handle.remove()
+    assert not ran  # the pass ended before the last linear's product
+    group = next(g for g in collector.groups if last_name in g.names)
+    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in seen]).double()
+    assert group.n_rows == x.shape[0] == 2 * 2 * 8
+    torch.testing.assert_close(
+        group.hessian.double(), 2 * x.T @ x / x.shape[0], rtol=1e-5, atol=1e-6
+    )
