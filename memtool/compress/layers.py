@@ -46,10 +46,10 @@ class LayerInputs:
     def advance(self, layer: nn.Module) -> None:
         """Replace the inputs with `layer`'s outputs: the next layer's inputs, computed through
         `layer` as it is now (already quantized, in layer-by-layer compression)."""
-        self.hidden = [
-            run_layer(layer, hidden, kwargs)
-            for hidden, kwargs in zip(self.hidden, self.kwargs, strict=True)
-        ]
+        # In place, batch by batch: each input goes as its output arrives, so the pass holds
+        # one batch more than the inputs rather than a second copy of them all.
+        for index, (hidden, kwargs) in enumerate(zip(self.hidden, self.kwargs, strict=True)):
+            self.hidden[index] = run_layer(layer, hidden, kwargs)
 
 
 class PhaseClock:

@@ -25,6 +25,7 @@ from memtool.compress.layers import (
     linear_children,
 )
 from memtool.compress.quantizer import QuantizedWeight
+from memtool.metrics.memory import release_freed_memory
 from memtool.progress import console, step_progress
 
 # A method quantizes one Hessian group (linears sharing one input) and returns per-linear
@@ -90,6 +91,7 @@ def quantize_sequential(
             del collector
             clock.lap("quantize")
             inputs.advance(layer)
+            release_freed_memory()
             clock.lap("propagate")
             progress.update(task, advance=1)
     result.seconds = time.perf_counter() - began
