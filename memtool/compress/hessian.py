@@ -7,6 +7,7 @@ stacked rows in one call, since rows are independent given H.
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -57,16 +58,23 @@ def add_second_moment(
 
 
 class LinearHooks(ABC):
-    """Context manager: `self._hook(name)`'s forward hook on each of `self.linears` while open."""
+    """Context manager: `self._hook(name)` on each of `self.linears` while open, as a forward
+    hook `(module, args, output)`, or as a pre-hook `(module, args)` where `PRE_HOOKS`."""
 
     linears: dict[str, nn.Linear]
+    PRE_HOOKS: ClassVar[bool] = False
 
     @abstractmethod
     def _hook(self, name: str):
-        """The forward hook that records linear `name`'s input."""
+        """The hook that records linear `name`'s input."""
 
     def __enter__(self):
-        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in self.linears.items()]
+        self._handles = [
+            (m.register_forward_pre_hook if self.PRE_HOOKS else m.register_forward_hook)(
+                self._hook(n)
+            )
+            for n, m in self.linears.items()
+        ]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -89,12 +97,7 @@ class HessianCollector(LinearHooks):
     _by_name: dict[str, HessianGroup] = field(default_factory=dict)
     _last: tuple[torch.Tensor, HessianGroup] | None = None
     _seen: set[str] = field(default_factory=set)
-
-    def __enter__(self):
-        self._handles = [
-            m.register_forward_pre_hook(self._hook(n)) for n, m in self.linears.items()
-        ]
-        return self
+    PRE_HOOKS: ClassVar[bool] = True
 
     def _hook(self, name: str):
         def hook(module, args):

@@ -35,11 +35,6 @@ class SyntheticGPTQ:
     g_idx: Tensor
     packed: dict[str, Tensor]
 
-    def args(self, device: torch.device | str = "cpu") -> tuple:
-        """Positional arguments of `memtool.ops.gptq_linear` after the input."""
-        p = {name: t.to(device) for name, t in self.packed.items()}
-        return p["qweight"], p["qzeros"], p["scales"], p["g_idx"], self.bits, self.q.shape[0]
-
 
 def random_gptq_layer(
     bits: int,
@@ -98,10 +93,9 @@ def random_bitstack_layer(
 ) -> SyntheticBitStack:
     """A random BitStack layer with factors in `dtype`."""
     draws = torch.randn(blocks, out_features, in_features, generator=generator)
-    signs = torch.where(draws < 0, -1, 1)
+    signs = torch.where(draws < 0, -1.0, 1.0)
     u = torch.randn(blocks, out_features, rank, generator=generator) * 0.1
     if decay:
         u = u * (1.0 / torch.arange(1, blocks + 1).float()[:, None, None])
     v = torch.randn(blocks, in_features, rank, generator=generator) * 0.1
-    signs = signs.float()
     return SyntheticBitStack(signs, pack_signs(signs), u.to(dtype), v.to(dtype))

@@ -1,6 +1,7 @@
 """Process memory readings (Linux)."""
 
 import ctypes
+import functools
 import resource
 import sys
 from pathlib import Path
@@ -30,14 +31,14 @@ def release_freed_memory() -> None:
     size grows its resident set layer after layer without holding more; trimming between layers
     keeps the peak at what is live. A no-op where glibc is not the allocator.
     """
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
-_malloc_trim = None
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None

@@ -199,12 +199,8 @@ class ActivationManager:
         self._layer_clock: Stopwatch | None = None
         self._layer_clocks: dict[int, Stopwatch] = {}
         self._warned = False  # swap_warning, once per run
-        # On CUDA a copy into pageable memory blocks the host until it ends, so a measured
-        # micro-batch whose copies spilled out of the (then still small) pinned slab times the
-        # copies as layer compute: the plan would think they hide (measured on an H200: alpha
-        # 1.0 and a 2.2x step). The slab grows between micro-batches; measure once more then.
-        self._spills_distort = any(p.is_cuda for p in itertools.islice(model.parameters(), 1))
-        self._reprobed = False
+        self._cuda = any(p.is_cuda for p in itertools.islice(model.parameters(), 1))
+        self._reprobed = False  # see _probe_again
 
     @contextlib.contextmanager
     def forward_context(self) -> Iterator[None]:
@@ -247,9 +243,14 @@ class ActivationManager:
             self._probing = False
 
     def _probe_again(self) -> bool:
+        """On CUDA a copy into pageable memory blocks the host until it ends, so a measured
+        micro-batch whose copies spilled out of the (then still small) pinned slab times the
+        copies as layer compute: the plan would think they hide (measured on an H200: alpha 1.0
+        and a 2.2x step). The slab grows between micro-batches: measure once more then. (On CPU
+        every copy is synchronous and timed apart from the layers.)"""
         slab = self._store.slab
         spilled = slab.high_water > slab.buffer.numel()
-        return self._spills_distort and spilled and not self._reprobed
+        return self._cuda and spilled and not self._reprobed
 
     def stats(self) -> ActivationStats:
         """Saved-activation memory since the last `reset_peak`."""
@@ -302,7 +303,7 @@ class ActivationManager:
         copy_s = store.copy_clock.seconds() if store.copy_clock is not None else 0.0
         times = [self._layer_clocks[i].seconds() if i in self._layer_clocks else 0.0
                  for i in range(n)]  # fmt: skip
-        if not any(p.is_cuda for p in itertools.islice(self.model.parameters(), 1)):
+        if not self._cuda:
             # Synchronous copies ran inside the layers: take them out of the compute time.
             layer_s = max(layer_s - copy_s, 0.0)
             clocks = store.layer_copy_clocks

@@ -496,8 +496,8 @@ def test_probe_repeats_once_when_its_copies_spilled(llama):
     model, ids, _, plain_grads, _ = llama
     config = ActivationConfig(recompute="tokens", swap=True, host_budget_bytes=600_000)
     manager = ActivationManager(model, config)
-    assert not manager._spills_distort  # CPU: copies are synchronous anyway and timed apart
-    manager._spills_distort = True
+    assert not manager._cuda  # CPU: copies are synchronous anyway and timed apart
+    manager._cuda = True
     slab = manager._store.slab
     for _ in range(2):
         _, _, probe = _step(model, ids, None, manager)
@@ -508,7 +508,7 @@ def test_probe_repeats_once_when_its_copies_spilled(llama):
     _assert_grads(grads, plain_grads, **EXACT)
     # Without a spill one probe suffices (the slab is big enough from now on).
     manager = ActivationManager(model, config)
-    manager._spills_distort = True
+    manager._cuda = True
     manager._store.slab = slab
     _step(model, ids, None, manager)
     _, _, stats = _step(model, ids, None, manager)
