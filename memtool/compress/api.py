@@ -90,7 +90,14 @@ def compress(
     if output is not None:
         prepare_output(Path(output), overwrite)  # fail before hours of work, not after
     began = time.perf_counter()
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype="float32")
+    # GPTQ upcasts one layer at a time (`quantize_sequential`): a 16-bit checkpoint is never
+    # held whole in float32. The other methods work on a float32 model.
+    stored = isinstance(config, GPTQConfig)
+    loaded = (
+        model
+        if isinstance(model, LoadedModel)
+        else load_model(model, dtype="stored" if stored else "float32")
+    )
     if isinstance(config, BitStackConfig):
         return _compress_bitstack(loaded, config, calibration, Path(output), show_progress, began)
     if isinstance(config, BnbConfig):
@@ -103,6 +110,7 @@ def compress(
     warnings: list[str] = list(awq_plan.warnings) if awq_plan else []
     phases: dict[str, float] = {}
     calib_info = None
+    restore_weights = _nothing
     if awq_plan is not None and awq_plan.rtn_fallback:
         weights = _rtn_all(loaded.model, config)
     elif isinstance(config, (GPTQConfig, AWQConfig)):
@@ -128,13 +136,17 @@ def compress(
                 show_progress=show_progress,
             )
         else:
+            # The layers done give up their float weights (their codes stand for them) until
+            # the checkpoint is written: the job's peak memory (issue 4).
             result = quantize_sequential(
                 loaded.model,
                 windows.input_ids,
                 gptq_group_quantizer(config),
                 batch_size=calibration.batch_size,
                 show_progress=show_progress,
+                keep_weights=False,
             )
+            restore_weights = result.restore_weights
         weights, phases = result.weights, result.phase_seconds
         warnings += result.warnings
     elif isinstance(config, RTNConfig):
@@ -142,6 +154,37 @@ def compress(
     else:
         raise MemtoolError(f"unknown compression config {type(config).__name__}")
     settings = {"method": config.method, **asdict(config)}
+    try:
+        _save(loaded, config, weights, calib_info, awq_plan, output, overwrite)
+    finally:
+        restore_weights()
+    summary = CompressResult(
+        output=str(output) if output is not None else None,
+        method=config.method,
+        settings=settings,
+        calibration=calib_info,
+        quantized_layers=len(weights),
+        seconds=time.perf_counter() - began,
+        warnings=warnings,
+        phase_seconds=phases,
+    )
+    return summary, weights, loaded
+
+
+def _nothing() -> None:
+    pass
+
+
+def _save(
+    loaded: LoadedModel,
+    config: RTNConfig | GPTQConfig | AWQConfig,
+    weights: dict[str, QuantizedWeight],
+    calib_info: dict | None,
+    awq_plan,
+    output: str | Path | None,
+    overwrite: bool,
+) -> None:
+    """Write the result in its format (nothing when `output` is None)."""
     if output is not None and awq_plan is not None:
         meta = {"method": config.method, "calibration": calib_info, **asdict(config)}
         save_awq(
@@ -165,17 +208,6 @@ def compress(
         save_gptq_checkpoint(
             loaded.model, loaded.tokenizer, weights, quant_config, Path(output), overwrite
         )
-    summary = CompressResult(
-        output=str(output) if output is not None else None,
-        method=config.method,
-        settings=settings,
-        calibration=calib_info,
-        quantized_layers=len(weights),
-        seconds=time.perf_counter() - began,
-        warnings=warnings,
-        phase_seconds=phases,
-    )
-    return summary, weights, loaded
 
 
 def _compress_bnb(

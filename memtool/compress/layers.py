@@ -69,6 +69,33 @@ class PhaseClock:
         return {name: round(value, 2) for name, value in self.seconds.items()}
 
 
+def upcast(module: nn.Module) -> None:
+    """Cast `module`'s floating parameters and buffers to float32 in place (parameters keep
+    their identity, so tied weights stay tied). Exact for 16-bit values."""
+    with torch.inference_mode(False):  # normal tensors: the model may be trained afterwards
+        for sub in module.modules():
+            _upcast_own(sub)
+
+
+def upcast_outside_layers(model: nn.Module) -> None:
+    """`upcast` everything of `model` except its decoder layers (embeddings, final norm, head,
+    rotary tables): what runs before layer 0 and after the last one."""
+    inside = {id(m) for m in decoder_layers(model).modules()}
+    with torch.inference_mode(False):
+        for module in model.modules():
+            if id(module) not in inside:
+                _upcast_own(module)
+
+
+def _upcast_own(module: nn.Module) -> None:
+    for param in module.parameters(recurse=False):
+        if param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()
+    for name, buffer in module.named_buffers(recurse=False):
+        if buffer.is_floating_point() and buffer.dtype != torch.float32:
+            setattr(module, name, buffer.float())
+
+
 def linear_children(layer: nn.Module) -> dict[str, nn.Linear]:
     """The layer's nn.Linear modules by dotted name, in forward (registration) order."""
     return {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}

@@ -7,7 +7,11 @@ For each decoder layer in turn:
    quantized weights, are the next layer's inputs, so every layer is calibrated on what the
    quantized model before it really produces.
 Only one layer's activations (inputs and outputs, [n_samples, seq_len, hidden]) are held at a
-time, so memory stays bounded by one layer's work.
+time, so memory stays bounded by one layer's work. With `keep_weights=False` a layer's float
+linear weights are dropped once its outputs are computed (its `QuantizedWeight`s, a byte per
+weight, stand for them) and put back, dequantized, by `SequentialResult.restore_weights`: the
+float32 weights of the layers already done (most of a model by the end of the pass) are then
+not held while the pass and the checkpoint writing run (issue 4's peak-memory target).
 """
 
 import time
@@ -23,6 +27,8 @@ from memtool.compress.layers import (
     capture_first_layer_inputs,
     decoder_layers,
     linear_children,
+    upcast,
+    upcast_outside_layers,
 )
 from memtool.compress.quantizer import QuantizedWeight
 from memtool.metrics.memory import release_freed_memory
@@ -41,6 +47,23 @@ class SequentialResult:
     # Wall time per phase: capture (embeddings), calibrate (forward + Hessians), quantize,
     # propagate (forward through the quantized layer): where to look before optimising.
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    # Linears whose float weights were dropped (`keep_weights=False`): name -> (module, dtype).
+    released: dict[str, tuple[nn.Linear, torch.dtype]] = field(default_factory=dict, repr=False)
+
+    def release(self, name: str, module: nn.Linear) -> None:
+        """Drop `module`'s float weight; `weights[name]` stands for it until restored."""
+        self.released[name] = (module, module.weight.dtype)
+        module.weight = nn.Parameter(torch.empty(0, dtype=module.weight.dtype), False)
+
+    def restore_weights(self) -> None:
+        """Give every released linear its dequantized weight back (a trainable parameter, as
+        loaded): the model is the fake-quantized one again."""
+        # Normal tensors, not inference ones (the pass runs in inference mode): the parameters
+        # may be trained later.
+        with torch.inference_mode(False), torch.no_grad():
+            for name, (module, dtype) in self.released.items():
+                module.weight = nn.Parameter(self.weights[name].dequantize().to(dtype))
+        self.released.clear()
 
 
 @torch.inference_mode()
@@ -50,50 +73,66 @@ def quantize_sequential(
     quantize_group: GroupQuantizer,
     batch_size: int = 8,
     show_progress: bool = True,
+    keep_weights: bool = True,
 ) -> SequentialResult:
     """Quantize every linear inside the decoder layers of `model`, in place (fake-quantized).
 
     Args:
-        model: a float causal LM (float32 recommended: Hessians and errors are float32).
+        model: a float causal LM. Everything runs in float32: a model stored in 16 bits is
+            upcast (exactly) outside the decoder layers first and then one layer at a time, as
+            its turn comes, so no whole float32 copy of it is ever held.
         windows: calibration token windows [n_samples, seq_len].
         quantize_group: the method, applied to each group of linears sharing an input.
         batch_size: calibration windows per forward call.
         show_progress: draw a per-layer progress bar on stderr.
+        keep_weights: False drops each layer's float linear weights once the next layer's
+            inputs are computed; call `restore_weights()` on the result to put them back
+            (dequantized). If the pass fails, those already dropped are put back first.
     """
     began = time.perf_counter()
     layers = decoder_layers(model)
     layers_prefix = next(name for name, m in model.named_modules() if m is layers)
     clock = PhaseClock("capture", "calibrate", "quantize", "propagate")
+    upcast_outside_layers(model)
     inputs = capture_first_layer_inputs(model, windows, batch_size)
     result = SequentialResult({})
     clock.lap("capture")
-
-    with step_progress() as progress:
-        task = progress.add_task("Quantizing", total=len(layers), status="", visible=show_progress)
-        for index, layer in enumerate(layers):
-            progress.update(task, status=f"layer {index}: calibrating")
-            linears = linear_children(layer)
-            with HessianCollector(linears) as collector:
-                inputs.run(layer)
-            clock.lap("calibrate")
-            progress.update(task, status=f"layer {index}: quantizing")
-            for group in collector.groups:
-                modules = [linears[name] for name in group.names]
-                quantized, warnings = quantize_group(modules, group)
-                for name, module, weight in zip(group.names, modules, quantized, strict=True):
-                    full_name = f"{layers_prefix}.{index}.{name}"
-                    result.weights[full_name] = weight
-                    module.weight.copy_(weight.dequantize().to(module.weight.dtype))
-                for warning in warnings:
-                    message = f"layer {index} ({', '.join(group.names)}): {warning}"
-                    result.warnings.append(message)
-                    console.print(f"[yellow]warning:[/] {message}")
-            del collector
-            clock.lap("quantize")
-            inputs.advance(layer)
-            release_freed_memory()
-            clock.lap("propagate")
-            progress.update(task, advance=1)
+    try:
+        with step_progress() as progress:
+            task = progress.add_task(
+                "Quantizing", total=len(layers), status="", visible=show_progress
+            )
+            for index, layer in enumerate(layers):
+                prefix = f"{layers_prefix}.{index}"
+                progress.update(task, status=f"layer {index}: calibrating")
+                upcast(layer)
+                linears = linear_children(layer)
+                with HessianCollector(linears) as collector:
+                    inputs.run(layer)
+                clock.lap("calibrate")
+                progress.update(task, status=f"layer {index}: quantizing")
+                for group in collector.groups:
+                    modules = [linears[name] for name in group.names]
+                    quantized, warnings = quantize_group(modules, group)
+                    for name, module, weight in zip(group.names, modules, quantized, strict=True):
+                        result.weights[f"{prefix}.{name}"] = weight
+                        module.weight.copy_(weight.dequantize().to(module.weight.dtype))
+                    for warning in warnings:
+                        message = f"layer {index} ({', '.join(group.names)}): {warning}"
+                        result.warnings.append(message)
+                        console.print(f"[yellow]warning:[/] {message}")
+                del collector
+                clock.lap("quantize")
+                inputs.advance(layer)
+                if not keep_weights:
+                    for name, module in linears.items():
+                        result.release(f"{prefix}.{name}", module)
+                release_freed_memory()
+                clock.lap("propagate")
+                progress.update(task, advance=1)
+    except BaseException:
+        result.restore_weights()  # the caller's model stays usable, as documented
+        raise
     result.seconds = time.perf_counter() - began
     result.phase_seconds = clock.rounded()
     return result

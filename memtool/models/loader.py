@@ -80,7 +80,9 @@ def load_model(
     Args:
         source: built-in name, local folder, `.gguf` file or hub id; None means the default
             built-in model (`smollm2-135m`).
-        dtype: compute dtype of the loaded weights (`float32`, `bfloat16`, `float16`).
+        dtype: compute dtype of the loaded weights (`float32`, `bfloat16`, `float16`), or
+            `stored`: the dtype the checkpoint's safetensors hold when they all hold one of
+            those (float32 otherwise, and for GGUF and hub sources).
         allow_pickle: permit `pytorch_model.bin` checkpoints (unsafe: pickle runs code).
         budget: for a BitStack stack, the weight bytes to load (int or "300MB"); None loads
             the whole stack. The result's `set_budget` resizes it in place later.
@@ -88,7 +90,7 @@ def load_model(
     Raises:
         MemtoolError: the source does not exist, is not a model, or is damaged.
     """
-    torch_dtype = resolve_dtype(dtype)
+    torch_dtype = None if dtype == "stored" else resolve_dtype(dtype)
     text = str(source) if source is not None else DEFAULT_MODEL
     if budget is not None and not is_bitstack_folder(Path(text).expanduser()):
         raise MemtoolError(
@@ -103,14 +105,14 @@ def load_model(
     path = Path(text).expanduser()
     if path.exists():
         if path.is_file() and path.suffix == ".gguf":
-            return _load_gguf(path, torch_dtype)
+            return _load_gguf(path, torch_dtype or torch.float32)
         if path.is_dir():
             loaded = _load_folder(path, torch_dtype, allow_pickle, budget)
             loaded.source = text
             return loaded
         raise MemtoolError(f"{path} is neither a model folder (with config.json) nor a .gguf file")
     if _HUB_ID.match(text) and not text.startswith((".", "~")):
-        return _load_hub(text, torch_dtype, allow_pickle)
+        return _load_hub(text, torch_dtype or torch.float32, allow_pickle)
     names = ", ".join(BUILTIN_MODELS)
     raise MemtoolError(
         f"model {text!r} not found: no such file or folder, and not a built-in name ({names}) "
@@ -148,8 +150,24 @@ def _weight_files(folder: Path, allow_pickle: bool) -> list[Path]:
     raise MemtoolError(f"{folder} has config.json but no weights (*.safetensors)")
 
 
+def stored_dtype(files: list[Path]) -> torch.dtype:
+    """The one floating dtype of `files`' tensors (safetensors headers), or float32 when they
+    mix dtypes, hold another one, or are not safetensors."""
+    found = set()
+    for file in files:
+        if file.suffix != ".safetensors":
+            return torch.float32
+        header = check_safetensors(file)
+        found |= {e["dtype"] for k, e in header.items() if k != "__metadata__"}
+    floating = found & {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+    named = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    if len(floating) == 1 and floating <= named.keys():
+        return named[floating.pop()]
+    return torch.float32
+
+
 def _load_folder(
-    folder: Path, dtype: torch.dtype, allow_pickle: bool, budget: int | str | None = None
+    folder: Path, dtype: torch.dtype | None, allow_pickle: bool, budget: int | str | None = None
 ) -> LoadedModel:
     from transformers import AutoModelForCausalLM
 
@@ -159,6 +177,7 @@ def _load_folder(
             "folder with config.json and *.safetensors)"
         )
     files = _weight_files(folder, allow_pickle)
+    dtype = dtype or stored_dtype(files)
     tokenizer = _load_tokenizer(str(folder))
     try:
         config = json.loads((folder / "config.json").read_text())

@@ -141,3 +141,78 @@ def test_packed_shapes_must_match_the_config(tiny_llama_dir, tmp_path):
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(MemtoolError, match=r"mlp\.\w+_proj is \d+x\d+ in the checkpoint but"):
         load_model(out)
+
+
+@pytest.fixture
+def tiny_llama_bf16_dir(tiny_llama_dir, tmp_path):
+    """The tiny Llama saved in bfloat16, as most published checkpoints are."""
+    loaded = load_model(tiny_llama_dir, dtype="bfloat16")
+    loaded.model.save_pretrained(tmp_path / "bf16")
+    loaded.tokenizer.save_pretrained(tmp_path / "bf16")
+    return tmp_path / "bf16"
+
+
+def test_gptq_on_a_16_bit_checkpoint_equals_the_float32_run(
+    tiny_llama_bf16_dir, tiny_llama_dir, text_file
+):
+    """GPTQ loads a bf16 checkpoint as it is stored and upcasts layer by layer: every code,
+    scale and weight of the result equals the run on the model loaded whole in float32."""
+    assert load_model(tiny_llama_bf16_dir, dtype="stored").model.dtype == torch.bfloat16
+    assert load_model(tiny_llama_dir, dtype="stored").model.dtype == torch.float32
+    config = GPTQConfig(bits=3, group_size=32, act_order=True)
+    whole = load_model(tiny_llama_bf16_dir, dtype="float32")
+    _, want, want_model = compress(whole, config, _calib(text_file), show_progress=False)
+    _, got, got_model = compress(
+        str(tiny_llama_bf16_dir), config, _calib(text_file), show_progress=False
+    )
+    assert set(got) == set(want)
+    for name, weight in got.items():
+        assert torch.equal(weight.codes, want[name].codes), name
+        assert torch.equal(weight.scales, want[name].scales), name
+    want_state, got_state = want_model.model.state_dict(), got_model.model.state_dict()
+    assert set(got_state) == set(want_state)
+    for key, tensor in got_state.items():
+        assert tensor.dtype == want_state[key].dtype and torch.equal(tensor, want_state[key]), key
+    # The restored weights are ordinary trainable parameters, not inference tensors.
+    weight = got_model.model.model.layers[0].mlp.down_proj.weight
+    assert weight.requires_grad and not weight.is_inference()
+
+
+def test_released_weights_come_back_and_a_failed_pass_leaves_the_model_whole(
+    tiny_llama_dir, text_file
+):
+    from memtool.compress.methods import gptq_group_quantizer
+    from memtool.compress.sequential import quantize_sequential
+
+    windows = torch.randint(2, 300, (4, 32), generator=torch.Generator().manual_seed(5))
+    config = GPTQConfig(bits=4, group_size=32)
+    model = load_model(tiny_llama_dir).model
+    result = quantize_sequential(model, windows, gptq_group_quantizer(config), 2, False, False)
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    released = [n for n in linears if model.get_submodule(n).weight.numel() == 0]
+    assert sorted(released) == sorted(result.weights)  # every decoder linear, not the head
+    result.restore_weights()
+    for name, weight in result.weights.items():
+        assert torch.equal(model.get_submodule(name).weight, weight.dequantize()), name
+
+    model = load_model(tiny_llama_dir).model
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    quantize = gptq_group_quantizer(config)
+    calls = []
+
+    def failing(modules, group):
+        calls.append(group.names)
+        if len(calls) > 4:  # layer 0 has 4 groups (q/k/v, o, gate/up, down): fail in layer 1
+            raise KeyboardInterrupt
+        return quantize(modules, group)
+
+    with pytest.raises(KeyboardInterrupt):
+        quantize_sequential(model, windows, failing, 2, False, False)
+    state = model.state_dict()
+    assert all(state[k].shape == v.shape for k, v in original.items())  # nothing left empty
+    layer1 = [k for k in original if ".layers.1." in k]
+    assert layer1 and all(torch.equal(state[k], original[k]) for k in layer1)
+    assert not torch.equal(
+        state["model.layers.0.mlp.down_proj.weight"],
+        original["model.layers.0.mlp.down_proj.weight"],
+    )
