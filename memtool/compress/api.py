@@ -67,8 +67,10 @@ def compress(
     """Quantize the decoder linears of `model` and (if `output` is given) save the result.
 
     Args:
-        model: a source to load in float32 (None = the default model) or a loaded model, which
-            is modified in place (its linears hold the dequantized weights afterwards).
+        model: a source to load (None = the default model) or a loaded model, which is
+            modified in place (its linears hold the dequantized weights afterwards). Every
+            method computes in float32: GPTQ loads a source in its stored dtype and upcasts it
+            layer by layer (`quantize_sequential`), the others load it in float32.
         config: `RTNConfig`, `GPTQConfig`, `AWQConfig`, `BnbConfig` or `BitStackConfig`.
         calibration: calibration windows for calibrated methods (default: 128 x 512 of wiki).
         output: folder to write (GPTQ layout; AWQ writes the AWQ GEMM layout when it can hold
