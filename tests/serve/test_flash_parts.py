@@ -1,5 +1,6 @@
 """The flash engine's parts: span planning, the O_DIRECT reader and the neuron window."""
 
+import itertools
 import random
 
 import pytest
@@ -21,6 +22,35 @@ def test_plan_spans_merges_small_gaps_and_caps_reads():
     assert [(s.first, s.count) for s in capped] == [(0, 3), (5, 2), (20, 4), (24, 2)]
     assert sum(s.wanted for s in capped) == len(ids)
     assert plan_spans([], 3, 10) == []
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_planned_spans_cover_the_ids_within_the_rules(seed):
+    """Random ids: every id in exactly one span; spans start and end on wanted ids, hold at
+    most max_bundles, cross only gaps of at most gap_bundles, and a run is cut no more often
+    than the cap needs."""
+    rng = random.Random(seed)
+    ids = sorted(rng.sample(range(3000), rng.randint(1, 900)))
+    gap, cap = rng.choice([0, 1, 3, 18]), rng.choice([1, 5, 73, 5000])
+    spans = plan_spans(ids, gap_bundles=gap, max_bundles=cap)
+    wanted = set(ids)
+    covered = []
+    for span in spans:
+        inside = [i for i in range(span.first, span.first + span.count) if i in wanted]
+        assert inside[0] == span.first and inside[-1] == span.first + span.count - 1
+        assert span.count <= cap and span.wanted == len(inside)
+        assert all(b - a - 1 <= gap for a, b in itertools.pairwise(inside))
+        covered += inside
+    assert covered == ids
+    # Spans split only by a wider gap or by the cap: a run (ids joined by gaps <= gap) of
+    # extent E takes at most ceil(E / cap) reads.
+    runs = [[spans[0]]]
+    for left, right in itertools.pairwise(spans):
+        same_run = right.first - (left.first + left.count) <= gap
+        runs[-1].append(right) if same_run else runs.append([right])
+    for run in runs:
+        extent = run[-1].first + run[-1].count - run[0].first
+        assert len(run) <= -(-extent // cap)
 
 
 @pytest.fixture(scope="module")
