@@ -62,15 +62,22 @@ def store(tmp_path_factory, tiny_llama_dir):
     return folder
 
 
+@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("direct", [True, False])
 @pytest.mark.parametrize("gap_bytes", [0, 4096, 1 << 20])
-def test_reader_returns_the_bundles_the_plain_reader_does(store, direct, gap_bytes):
+def test_reader_returns_the_bundles_the_plain_reader_does(store, direct, gap_bytes, native):
     plain = open_flash_store(store)
     layer = plain.layers[1]
     # A staging buffer of two spans' worth forces several parallel rounds.
     reader = NeuronReader(
-        store / FFN_FILE, threads=3, direct=direct, gap_bytes=gap_bytes, staging_bytes=8192
+        store / FFN_FILE,
+        threads=3,
+        direct=direct,
+        gap_bytes=gap_bytes,
+        staging_bytes=8192,
+        native=native,
     )
+    assert reader.native == native  # the native reader builds on this machine
     rng = random.Random(0)
     for _ in range(5):
         ids = sorted(rng.sample(range(layer["n_neurons"]), rng.randint(1, 40)))
@@ -98,13 +105,14 @@ def test_reader_uses_o_direct_here_and_counts_reads(store):
     reader.close()
 
 
-def test_reader_reports_a_store_truncated_underneath(store, tmp_path):
+@pytest.mark.parametrize("native", [True, False])
+def test_reader_reports_a_store_truncated_underneath(store, tmp_path, native):
     import shutil
 
     copy = tmp_path / "ffn.bin"
     shutil.copy(store / FFN_FILE, copy)
     layer = open_flash_store(store, verify=False).layers[1]
-    reader = NeuronReader(copy, threads=1, direct=False)
+    reader = NeuronReader(copy, threads=1, direct=False, native=native)
     with open(copy, "r+b") as handle:
         handle.truncate(layer["offset"] + 2 * layer["stride_bytes"])
     with pytest.raises(MemtoolError, match="short read"):

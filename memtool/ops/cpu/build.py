@@ -1,7 +1,7 @@
 """Compiling the native CPU kernels on first use, once per process, into memtool's cache.
 
 One extension holds every kernel (`SOURCES`: GPTQ's `gptq_gemm.cpp`, BitStack's
-`bitstack_gemv.cpp`), registered as ops of one TORCH_LIBRARY namespace. They are built with
+`bitstack_gemv.cpp`, the flash reader's batched `pread_spans.cpp`), registered as ops of one TORCH_LIBRARY namespace. They are built with
 `-march=native`, so a build is only valid on the machine (CPU features), torch and Python that
 made it: all three name the build folder, which also lets a shared home directory serve several
 machines. torch's `cpp_extension.load` rebuilds only when a source or the flags change and
@@ -25,7 +25,10 @@ from memtool.paths import memtool_home
 
 log = logging.getLogger("memtool.ops")
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("gptq_gemm.cpp", "bitstack_gemv.cpp"))
+SOURCES = tuple(
+    Path(__file__).with_name(name)
+    for name in ("gptq_gemm.cpp", "bitstack_gemv.cpp", "pread_spans.cpp")
+)
 SOURCE = SOURCES[0]  # the GPTQ kernel, which holds the namespace's TORCH_LIBRARY block
 LIBRARY = "memtool_cpu"  # the TORCH_LIBRARY namespace the sources register
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]

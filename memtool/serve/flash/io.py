@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -114,6 +114,9 @@ class NeuronReader:
             new read; 0 reads only wanted bundles (the "no coalescing" ablation).
         staging_bytes: size of the aligned staging buffer (counted in the memory budget); larger
             calls are read in several rounds.
+        native: issue each load's reads in one call of the native `pread_spans` op (an OpenMP
+            team, the GIL released) where memtool's CPU kernels build; False, or where they do
+            not, Python threads issue them (each thread a share of the load).
     """
 
     def __init__(
@@ -123,6 +126,7 @@ class NeuronReader:
         direct: bool = True,
         gap_bytes: int = DEFAULT_GAP_BYTES,
         staging_bytes: int = 4 << 20,
+        native: bool = True,
     ) -> None:
         if threads < 1:
             raise MemtoolError(f"--io-threads must be at least 1, not {threads}")
@@ -147,7 +151,10 @@ class NeuronReader:
         self._view = memoryview(self._staging)
         self.align = self._probe_alignment() if self.direct else 1
         self._staging_u8 = torch.frombuffer(self._staging, dtype=torch.uint8)
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="memtool-io")
+        self.native = native and native_reads_available()
+        # Native: one worker thread runs each load's op while the caller computes on the last.
+        workers = 1 if self.native else threads
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="memtool-io")
 
     def _probe_alignment(self) -> int:
         """The smallest O_DIRECT alignment this file's device takes (512 or 4096)."""
@@ -194,7 +201,7 @@ class NeuronReader:
         gaps. Each view is valid until the next item is taken.
 
         Raises:
-            MemtoolError: a short read (the store shrank underneath us).
+            MemtoolError: a short read (the store shrank underneath us) or a failed one.
         """
         half = self._staging_bytes // 2 // 4096 * 4096
         gap = self.gap_bytes // stride_bytes
@@ -202,17 +209,16 @@ class NeuronReader:
         first, count, wanted = span_arrays(torch.as_tensor(ids), gap, max_bundles)
         start = offset + first * stride_bytes
         aligned = start - start % self.align
-        aligned_len = -(-(start + count * stride_bytes - aligned) // self.align) * self.align
-        loads = _pack(
-            half, aligned.tolist(), aligned_len.tolist(), (start - aligned).tolist(),
-            first.tolist(), count.tolist(), wanted.tolist(),
-        )  # fmt: skip
-        pending = self._submit(loads[0], 0, stride_bytes) if loads else None
+        length = -(-(start + count * stride_bytes - aligned) // self.align) * self.align
+        cursor, bounds = _pack(half, length.tolist())
+        spans = _Spans(first, count, wanted, aligned, length, start - aligned, cursor)
+        loads = [spans.part(i, j) for i, j in bounds]
+        pending = self._submit(loads[0], 0) if loads else None
         for index, load in enumerate(loads):
             base = (index % 2) * half
             self._wait(pending, load, stride_bytes)
             if index + 1 < len(loads):
-                pending = self._submit(loads[index + 1], ((index + 1) % 2) * half, stride_bytes)
+                pending = self._submit(loads[index + 1], ((index + 1) % 2) * half)
             yield from self._views(load, base, stride_bytes)
 
     def read_bundles(self, offset: int, stride_bytes: int, ids: list[int]) -> Tensor:
@@ -227,76 +233,128 @@ class NeuronReader:
             row = end
         return picked
 
-    def _submit(self, load: list[tuple], base: int, stride_bytes: int) -> list:
-        """One task per thread, each a share of the load's reads (dealt round-robin, so the
-        shares are alike): a future per read cost more Python time than the read itself."""
-        shares = [load[k :: self.threads] for k in range(min(self.threads, len(load)))]
-        return [self._pool.submit(self._read_share, share, base, stride_bytes) for share in shares]
+    def _submit(self, load: "_Spans", base: int) -> list:
+        if self.native:
+            args = (self._fd, self._staging_u8, load.aligned, load.length, load.cursor + base)
+            return [self._pool.submit(torch.ops.memtool_cpu.pread_spans, *args, self.threads)]
+        # One task per thread, each a share of the reads (dealt round-robin, so the shares are
+        # alike): a future per read cost more Python time than the read itself.
+        columns = (load.cursor, load.aligned, load.length)
+        jobs = list(zip(*(c.tolist() for c in columns), strict=True))
+        shares = [jobs[k :: self.threads] for k in range(min(self.threads, len(jobs)))]
+        return [self._pool.submit(self._read_share, share, base) for share in shares]
 
-    def _wait(self, futures: list, load: list[tuple], stride_bytes: int) -> None:
-        """Waits for one load's reads; the wait is what the I/O time counts."""
+    def _wait(self, futures: list, load: "_Spans", stride_bytes: int) -> None:
+        """Waits for one load's reads (the wait is what the I/O time counts) and checks that
+        each read got its bundles (a short aligned read at the file's end is fine if so)."""
         began = time.perf_counter()
-        got = sum(future.result() for future in futures)
+        results = [future.result() for future in futures]
+        seconds = time.perf_counter() - began
+        if self.native:
+            got = results[0]
+        else:  # share k holds reads k, k + threads, ...
+            got = torch.empty(load.first.numel(), dtype=torch.long)
+            for k, share in enumerate(results):
+                got[k :: self.threads] = torch.tensor(share, dtype=torch.long)
+        failed = got < 0
+        if bool(failed.any()):
+            reason = os.strerror(-int(got[failed][0]))
+            raise MemtoolError(f"reading {self.path} failed: {reason}")
+        if bool((got < load.skip + load.count * stride_bytes).any()):
+            raise MemtoolError(f"short read from {self.path}: the store is truncated; rebuild it")
         with self.stats._lock:
-            self.stats.bytes_read += got
-            self.stats.bytes_wanted += sum(job[6] for job in load) * stride_bytes
-            self.stats.reads += len(load)
-            self.stats.seconds += time.perf_counter() - began
+            self.stats.bytes_read += int(got.sum())
+            self.stats.bytes_wanted += int(load.wanted.sum()) * stride_bytes
+            self.stats.reads += load.first.numel()
+            self.stats.seconds += seconds
 
     def _views(
-        self, load: list[tuple], base: int, stride_bytes: int
+        self, load: "_Spans", base: int, stride_bytes: int
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """One load's bundles: packed as one view, or span by span around alignment padding."""
-        if all(skip == 0 and n == c * stride_bytes for _, _, n, skip, _, c, _ in load):
-            firsts = torch.tensor([job[4] for job in load])
-            counts = torch.tensor([job[5] for job in load])
-            total = int(counts.sum())
-            # first[k] + (position within span k), for every bundle of the load, in order.
-            shift = torch.repeat_interleave(firsts - (torch.cumsum(counts, 0) - counts), counts)
+        total = int(load.count.sum())
+        packed = int(load.skip.abs().sum()) == 0 and int(load.length.sum()) == total * stride_bytes
+        if packed:
+            # Bundle ids in load order: steps of 1 within a span, a jump to the next span's
+            # first id at each span's start (a cumulative sum; repeat_interleave was slower).
+            steps = torch.ones(total, dtype=torch.long)
+            starts = torch.cumsum(load.count, 0) - load.count
+            steps[starts[1:]] = load.first[1:] - (load.first[:-1] + load.count[:-1] - 1)
+            steps[0] = load.first[0]
             end = base + total * stride_bytes
-            yield shift + torch.arange(total), self._staging_u8[base:end].view(-1, stride_bytes)
+            yield torch.cumsum(steps, 0), self._staging_u8[base:end].view(-1, stride_bytes)
             return
-        for cursor, _, _, skip, first, count, _ in load:
+        columns = (
+            load.cursor.tolist(),
+            load.skip.tolist(),
+            load.first.tolist(),
+            load.count.tolist(),
+        )
+        for cursor, skip, first, count in zip(*columns, strict=True):
             start = base + cursor + skip
             block = self._staging_u8[start : start + count * stride_bytes]
             yield torch.arange(first, first + count), block.view(count, stride_bytes)
 
-    def _read_share(self, share: list[tuple], base: int, stride_bytes: int) -> int:
-        return sum(self._read_one(job, base, stride_bytes) for job in share)
+    def _read_share(self, share: list[tuple], base: int) -> list[int]:
+        return [self._read_one(job, base) for job in share]
 
-    def _read_one(self, job: tuple, base: int, stride_bytes: int) -> int:
-        cursor, offset, length, skip, _, count, _ = job
+    def _read_one(self, job: tuple, base: int) -> int:
+        """Bytes read into the staging buffer (fewer at the file's end), or -errno."""
+        cursor, offset, length = job
         cursor += base
-        needed = skip + count * stride_bytes
         done = 0
         while done < length:
-            got = os.preadv(self._fd, [self._view[cursor + done : cursor + length]], offset + done)
+            try:
+                got = os.preadv(
+                    self._fd, [self._view[cursor + done : cursor + length]], offset + done
+                )
+            except OSError as exc:
+                return -(exc.errno or errno.EIO)
             if got <= 0:
                 break
             done += got
-        # The tail of the file is not a multiple of 4 KiB: a short aligned read is fine as long
-        # as it covers the bundles asked for.
-        if done < needed:
-            raise MemtoolError(f"short read from {self.path}: the store is truncated; rebuild it")
         return done
 
 
-def _pack(half: int, *columns: list[int]) -> list[list[tuple]]:
-    """Reads (aligned offset, aligned length, skip, first, count, wanted) packed in order into
-    loads of at most `half` bytes; each becomes (cursor in the half, *read)."""
-    loads: list[list[tuple]] = []
-    batch: list[tuple] = []
-    cursor = 0
-    for read in zip(*columns, strict=True):
-        length = read[1]
-        if cursor + length > half and batch:  # this half is full: start the next load
-            loads.append(batch)
-            batch, cursor = [], 0
-        batch.append((cursor, *read))
+@dataclass(frozen=True)
+class _Spans:
+    """Reads as columns: bundle span (first, count, wanted), file range (aligned offset,
+    length), bytes of alignment before the span (skip), and where in its half it lands."""
+
+    first: Tensor
+    count: Tensor
+    wanted: Tensor
+    aligned: Tensor
+    length: Tensor
+    skip: Tensor
+    cursor: Tensor
+
+    def part(self, begin: int, end: int) -> "_Spans":
+        return _Spans(*(getattr(self, f.name)[begin:end] for f in fields(self)))
+
+
+def _pack(half: int, lengths: list[int]) -> tuple[Tensor, list[tuple[int, int]]]:
+    """Reads of `lengths` bytes packed in order into loads of at most `half` bytes: each read's
+    offset within its load, and each load's [begin, end) range of reads."""
+    cursors: list[int] = []
+    bounds: list[tuple[int, int]] = []
+    begin, cursor = 0, 0
+    for index, length in enumerate(lengths):
+        if cursor + length > half and index > begin:  # this half is full: start the next load
+            bounds.append((begin, index))
+            begin, cursor = index, 0
+        cursors.append(cursor)
         cursor += length
-    if batch:
-        loads.append(batch)
-    return loads
+    if lengths:
+        bounds.append((begin, len(lengths)))
+    return torch.tensor(cursors, dtype=torch.long), bounds
+
+
+def native_reads_available() -> bool:
+    """Whether the native batched reader (`pread_spans`, memtool's CPU kernels) runs here."""
+    from memtool.ops.cpu.build import load_kernel
+
+    return load_kernel()[0]
 
 
 def _round_up(n: int, multiple: int) -> int:
