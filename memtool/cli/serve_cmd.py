@@ -79,7 +79,7 @@ def serve_local_command(
         None, "--window", help="With --memory-budget: keep neurons of the last K tokens (4)."
     ),
     io_threads: int = typer.Option(
-        None, "--io-threads", help="With --memory-budget: parallel reads (8)."
+        None, "--io-threads", help="With --memory-budget: parallel reads (16)."
     ),
     sparsity: str = typer.Option(
         None,

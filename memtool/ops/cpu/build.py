@@ -1,7 +1,8 @@
 """Compiling the native CPU kernels on first use, once per process, into memtool's cache.
 
 One extension holds every kernel (`SOURCES`: GPTQ's `gptq_gemm.cpp`, BitStack's
-`bitstack_gemv.cpp`, the flash reader's batched `pread_spans.cpp`), registered as ops of one TORCH_LIBRARY namespace. They are built with
+`bitstack_gemv.cpp`, the flash reader's batched `pread_spans.cpp`), registered as ops of one
+TORCH_LIBRARY namespace. They are built with
 `-march=native`, so a build is only valid on the machine (CPU features), torch and Python that
 made it: all three name the build folder, which also lets a shared home directory serve several
 machines. torch's `cpp_extension.load` rebuilds only when a source or the flags change and
