@@ -1,7 +1,8 @@
 """Child process: memtool GPTQ on given calibration windows; prints JSON with time and peak RSS.
 
 Uses the library's layer-by-layer driver directly so both tools see the very same token windows
-(`memtool compress` draws them itself from a data spec).
+(`memtool compress` draws them itself from a data spec), set up as `compress` sets it up: the
+checkpoint loaded in its stored dtype, finished layers' float weights dropped until the save.
 """
 
 import json
@@ -19,10 +20,14 @@ from memtool.metrics import peak_rss_bytes
 
 out, calib, bits, group, damp = sys.argv[1:6]
 began = time.perf_counter()
-loaded = load_model("smollm2-135m")
+loaded = load_model("smollm2-135m", dtype="stored")
 config = GPTQConfig(bits=int(bits), group_size=int(group), damp_percent=float(damp))
 result = quantize_sequential(
-    loaded.model, torch.load(calib), gptq_group_quantizer(config), show_progress=False
+    loaded.model,
+    torch.load(calib),
+    gptq_group_quantizer(config),
+    show_progress=False,
+    keep_weights=False,
 )
 quant_config = gptq_quantization_config(config.bits, config.group_size, True, config.act_order)
 save_gptq_checkpoint(loaded.model, loaded.tokenizer, result.weights, quant_config, out)
