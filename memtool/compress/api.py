@@ -112,7 +112,7 @@ def compress(
     warnings: list[str] = list(awq_plan.warnings) if awq_plan else []
     phases: dict[str, float] = {}
     calib_info = None
-    restore_weights = _nothing
+    sequential = None  # GPTQ's pass, whose dropped float weights come back after the save
     if awq_plan is not None and awq_plan.rtn_fallback:
         weights = _rtn_all(loaded.model, config)
     elif isinstance(config, (GPTQConfig, AWQConfig)):
@@ -148,7 +148,7 @@ def compress(
                 show_progress=show_progress,
                 keep_weights=False,
             )
-            restore_weights = result.restore_weights
+            sequential = result
         weights, phases = result.weights, result.phase_seconds
         warnings += result.warnings
     elif isinstance(config, RTNConfig):
@@ -159,7 +159,8 @@ def compress(
     try:
         _save(loaded, config, weights, calib_info, awq_plan, output, overwrite)
     finally:
-        restore_weights()
+        if sequential is not None:
+            sequential.restore_weights()
     summary = CompressResult(
         output=str(output) if output is not None else None,
         method=config.method,
@@ -171,10 +172,6 @@ def compress(
         phase_seconds=phases,
     )
     return summary, weights, loaded
-
-
-def _nothing() -> None:
-    pass
 
 
 def _save(

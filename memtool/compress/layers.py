@@ -7,6 +7,7 @@ embeddings, ...) that reach decoder layer 0, then push them through one layer at
 
 import contextlib
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,31 +70,25 @@ class PhaseClock:
         return {name: round(value, 2) for name, value in self.seconds.items()}
 
 
-def upcast(module: nn.Module) -> None:
-    """Cast `module`'s floating parameters and buffers to float32 in place (parameters keep
-    their identity, so tied weights stay tied). Exact for 16-bit values."""
+def upcast(modules: Iterable[nn.Module]) -> None:
+    """Cast the floating parameters and buffers `modules` own (not their children's) to
+    float32 in place; parameters keep their identity, so tied weights stay tied. Exact for
+    16-bit values. `upcast(layer.modules())` takes a whole layer."""
     with torch.inference_mode(False):  # normal tensors: the model may be trained afterwards
-        for sub in module.modules():
-            _upcast_own(sub)
+        for module in modules:
+            for param in module.parameters(recurse=False):
+                if param.is_floating_point() and param.dtype != torch.float32:
+                    param.data = param.data.float()
+            for name, buffer in module.named_buffers(recurse=False):
+                if buffer.is_floating_point() and buffer.dtype != torch.float32:
+                    setattr(module, name, buffer.float())
 
 
-def upcast_outside_layers(model: nn.Module) -> None:
-    """`upcast` everything of `model` except its decoder layers (embeddings, final norm, head,
-    rotary tables): what runs before layer 0 and after the last one."""
+def outside_layers(model: nn.Module) -> list[nn.Module]:
+    """The modules of `model` outside its decoder layers (embeddings, final norm, head, rotary
+    tables): what runs before layer 0 and after the last one."""
     inside = {id(m) for m in decoder_layers(model).modules()}
-    with torch.inference_mode(False):
-        for module in model.modules():
-            if id(module) not in inside:
-                _upcast_own(module)
-
-
-def _upcast_own(module: nn.Module) -> None:
-    for param in module.parameters(recurse=False):
-        if param.is_floating_point() and param.dtype != torch.float32:
-            param.data = param.data.float()
-    for name, buffer in module.named_buffers(recurse=False):
-        if buffer.is_floating_point() and buffer.dtype != torch.float32:
-            setattr(module, name, buffer.float())
+    return [m for m in model.modules() if id(m) not in inside]
 
 
 def linear_children(layer: nn.Module) -> dict[str, nn.Linear]:

@@ -27,8 +27,8 @@ from memtool.compress.layers import (
     capture_first_layer_inputs,
     decoder_layers,
     linear_children,
+    outside_layers,
     upcast,
-    upcast_outside_layers,
 )
 from memtool.compress.quantizer import QuantizedWeight
 from memtool.metrics.memory import release_freed_memory
@@ -93,7 +93,7 @@ def quantize_sequential(
     layers = decoder_layers(model)
     layers_prefix = next(name for name, m in model.named_modules() if m is layers)
     clock = PhaseClock("capture", "calibrate", "quantize", "propagate")
-    upcast_outside_layers(model)
+    upcast(outside_layers(model))
     inputs = capture_first_layer_inputs(model, windows, batch_size)
     result = SequentialResult({})
     clock.lap("capture")
@@ -105,7 +105,7 @@ def quantize_sequential(
             for index, layer in enumerate(layers):
                 prefix = f"{layers_prefix}.{index}"
                 progress.update(task, status=f"layer {index}: calibrating")
-                upcast(layer)
+                upcast(layer.modules())
                 linears = linear_children(layer)
                 with HessianCollector(linears) as collector:
                     inputs.run(layer)

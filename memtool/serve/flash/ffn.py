@@ -85,7 +85,7 @@ class FlashFFN(nn.Module):
         self.recorded: list[Tensor] | None = None
         self._applied: Tensor | None = None
 
-    def _read(self, ids: list[int]) -> Tensor:
+    def _read(self, ids: Tensor) -> Tensor:
         return self.reader.read_bundles(self._offset, self._stride, ids)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -106,7 +106,7 @@ class FlashFFN(nn.Module):
         counters.neurons_loaded += misses.numel()
         fits = window.make_room(misses.numel(), position)
         if fits and misses.numel():
-            window.insert(misses, self._read(misses.tolist()), position)
+            window.insert(misses, self._read(misses), position)
         counters.memory_seconds += self._since(began, io_before)
         out = self._compute(x, mask, gate_all, window.buffer[: window.n_used], window.neurons())
         if not fits:
@@ -133,7 +133,7 @@ class FlashFFN(nn.Module):
         missing = torch.zeros(mask.shape[1], dtype=torch.bool)
         missing[misses] = True
         only_misses = mask & missing
-        for neurons, block in self.reader.stream(self._offset, self._stride, misses.tolist()):
+        for neurons, block in self.reader.stream(self._offset, self._stride, misses):
             began, io_before = time.perf_counter(), self.reader.stats.seconds
             bundles = block.view(dtype)
             free = window.capacity - window.n_used

@@ -72,7 +72,9 @@ class Span:
     wanted: int
 
 
-def span_arrays(ids: Tensor, gap_bundles: int, max_bundles: int) -> tuple[Tensor, Tensor, Tensor]:
+def span_arrays(
+    ids: list[int] | Tensor, gap_bundles: int, max_bundles: int
+) -> tuple[Tensor, Tensor, Tensor]:
     """`plan_spans` as three long tensors (first, count, wanted), computed without a loop over
     ids or spans: the engine plans thousands of reads a token (per-read Python work was a third
     of a token's time on the OPT-1.3B shape)."""
@@ -96,10 +98,10 @@ def span_arrays(ids: Tensor, gap_bundles: int, max_bundles: int) -> tuple[Tensor
     return first, ids[ends - 1] - first + 1, ends - starts
 
 
-def plan_spans(ids: list[int], gap_bundles: int, max_bundles: int) -> list[Span]:
+def plan_spans(ids: list[int] | Tensor, gap_bundles: int, max_bundles: int) -> list[Span]:
     """Cover sorted, distinct bundle ids with reads: runs merge across gaps of at most
     `gap_bundles` unwanted bundles, and no read holds more than `max_bundles` bundles."""
-    arrays = span_arrays(torch.as_tensor(ids, dtype=torch.long), gap_bundles, max_bundles)
+    arrays = span_arrays(ids, gap_bundles, max_bundles)
     return [Span(*values) for values in zip(*(a.tolist() for a in arrays), strict=True)]
 
 
@@ -206,7 +208,7 @@ class NeuronReader:
         half = self._staging_bytes // 2 // 4096 * 4096
         gap = self.gap_bytes // stride_bytes
         max_bundles = max(1, min(MAX_READ_BYTES, half - self.align) // stride_bytes)
-        first, count, wanted = span_arrays(torch.as_tensor(ids), gap, max_bundles)
+        first, count, wanted = span_arrays(ids, gap, max_bundles)
         start = offset + first * stride_bytes
         aligned = start - start % self.align
         length = -(-(start + count * stride_bytes - aligned) // self.align) * self.align
@@ -221,7 +223,7 @@ class NeuronReader:
                 pending = self._submit(loads[index + 1], ((index + 1) % 2) * half)
             yield from self._views(load, base, stride_bytes)
 
-    def read_bundles(self, offset: int, stride_bytes: int, ids: list[int]) -> Tensor:
+    def read_bundles(self, offset: int, stride_bytes: int, ids: list[int] | Tensor) -> Tensor:
         """Bundles `ids` (sorted, distinct) as a new uint8 tensor [len(ids), stride_bytes]."""
         picked = torch.empty(len(ids), stride_bytes, dtype=torch.uint8)
         wanted = torch.as_tensor(ids, dtype=torch.long)
