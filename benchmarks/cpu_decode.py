@@ -7,8 +7,10 @@ its linear-weight bytes. Both generate the same number of new tokens from the sa
 interleaved (fp32, quantized, fp32, quantized, ...) after a warm-up, so drift in the machine's
 load hits both alike. `--crossover` instead times one `gptq_linear` call per row count on the
 model's own layer shapes, native kernel vs reference: the numbers behind `CPU_MAX_ROWS`.
+`--also DIR` (repeatable) decodes other quantized checkpoints of the model in the same rounds
+(for example a GPTQ act-order one with dynamic groups, whose rows are sorted at load).
 
-    python benchmarks/cpu_decode.py [--new-tokens 32] [--rounds 2] [--threads N]
+    python benchmarks/cpu_decode.py [--new-tokens 32] [--rounds 2] [--threads N] [--also DIR]
     python benchmarks/cpu_decode.py --crossover [--rows 1,8,16,32,64,128,256,512] [--threads N]
 """
 
@@ -73,7 +75,7 @@ def linear_weight_bytes(model: nn.Module) -> dict[str, int]:
     return {"gptq_bytes": gptq, "dense_bytes": fp, "total": gptq + fp}
 
 
-def compare_decoding(new_tokens: int, rounds: int) -> dict:
+def compare_decoding(new_tokens: int, rounds: int, also: list[str]) -> dict:
     log = _BackendLog()
     logging.getLogger("memtool.ops").addHandler(log)
     logging.getLogger("memtool.ops").setLevel(logging.INFO)
@@ -82,14 +84,15 @@ def compare_decoding(new_tokens: int, rounds: int) -> dict:
         folder = Path(tmp) / "rtn-4bit-g128"
         compress(None, RTNConfig(bits=4, group_size=128), output=folder, show_progress=False)
         quant = memtool.load_model(folder)
+    models = {"fp32": fp32, "q4": quant, **{path: memtool.load_model(path) for path in also}}
     input_ids = fp32.tokenizer(PROMPT, return_tensors="pt").input_ids
 
-    decode(fp32, input_ids, 4)  # warm-up: allocator, kernel build/load, first-use logs
-    decode(quant, input_ids, 4)
-    seconds: dict[str, list[float]] = {"fp32": [], "q4": []}
+    for loaded in models.values():  # warm-up: allocator, kernel build/load, first-use logs
+        decode(loaded, input_ids, 4)
+    seconds: dict[str, list[float]] = {name: [] for name in models}
     tokens = {}
     for _ in range(rounds):
-        for name, loaded in (("fp32", fp32), ("q4", quant)):
+        for name, loaded in models.items():
             elapsed, tokens[name] = decode(loaded, input_ids, new_tokens)
             seconds[name].append(elapsed)
     tokens_per_s = {k: new_tokens / statistics.median(v) for k, v in seconds.items()}
@@ -119,8 +122,22 @@ def compare_decoding(new_tokens: int, rounds: int) -> dict:
         "same_new_tokens": int((tokens["fp32"] == tokens["q4"]).sum()),
         "target_met": tokens_per_s["q4"] >= 0.5 * tokens_per_s["fp32"]
         and q_bytes["total"] <= fp32_bytes / 4,
+        "also": {path: _also_row(models[path], tokens_per_s, seconds, path) for path in also},
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "torch": torch.__version__,
+    }
+
+
+def _also_row(loaded, tokens_per_s: dict, seconds: dict, name: str) -> dict:
+    first = next(m for m in loaded.model.modules() if isinstance(m, GPTQLinear))
+    one_row = torch.zeros(1, first.in_features)
+    return {
+        "tokens_per_s": round(tokens_per_s[name], 2),
+        "speed_ratio_over_fp32": round(tokens_per_s[name] / tokens_per_s["fp32"], 3),
+        "seconds": [round(s, 3) for s in seconds[name]],
+        "linear_weight_bytes": linear_weight_bytes(loaded.model)["total"],
+        "rows_sorted_at_load": first.in_order is not None,
+        "decode_backend": gptq_backend_used(one_row, first.g_idx, first.bits, first.in_features),
     }
 
 
@@ -166,13 +183,14 @@ def main() -> None:
     parser.add_argument("--crossover", action="store_true")
     parser.add_argument("--rows", default="1,4,8,16,32,64,128,256,512")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument("--also", action="append", default=[], help="another quantized folder")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.crossover:
         result = crossover([int(r) for r in args.rows.split(",")])
     else:
-        result = compare_decoding(args.new_tokens, args.rounds)
+        result = compare_decoding(args.new_tokens, args.rounds, args.also)
     print(json.dumps(result, default=str))
 
 

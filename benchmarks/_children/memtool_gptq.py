@@ -29,7 +29,9 @@ result = quantize_sequential(
     show_progress=False,
     keep_weights=False,
 )
-quant_config = gptq_quantization_config(config.bits, config.group_size, True, config.act_order)
+quant_config = gptq_quantization_config(
+    config.bits, config.group_size, True, config.act_order, static_groups=config.static_groups
+)
 save_gptq_checkpoint(loaded.model, loaded.tokenizer, result.weights, quant_config, out)
 print(
     json.dumps(

@@ -56,7 +56,20 @@ def compress_command(
     act_order: bool = typer.Option(
         True,
         "--act-order/--no-act-order",
-        help="GPTQ: quantize columns by decreasing Hessian diagonal (static groups).",
+        help="GPTQ: quantize columns by decreasing Hessian diagonal.",
+    ),
+    static_groups: bool = typer.Option(
+        False,
+        "--static-groups/--dynamic-groups",
+        help="GPTQ act-order: groups fitted in act order (shuffled g_idx, GPTQModel's default; "
+        "more accurate) or on the original column order (g_idx = i // group: no reordering "
+        "at inference).",
+    ),
+    true_sequential: bool = typer.Option(
+        False,
+        "--true-sequential/--one-pass",
+        help="GPTQ: calibrate each group of a layer's linears through the groups already "
+        "quantized (one partial forward per group), or all of a layer's from one forward.",
     ),
     damp_percent: float = typer.Option(0.01, "--damp-percent", help="GPTQ: initial dampening."),
     calib: str = typer.Option("wiki", "--calib", help="Calibration data spec (see measure)."),
@@ -130,7 +143,12 @@ def compress_command(
             if sym is not None:
                 options["sym"] = sym
             if config_type is GPTQConfig:
-                options.update(act_order=act_order, damp_percent=damp_percent)
+                options.update(
+                    act_order=act_order,
+                    static_groups=static_groups,
+                    true_sequential=true_sequential,
+                    damp_percent=damp_percent,
+                )
             config = config_type(**options)
         samples = calib_samples
         if samples is None:

@@ -147,6 +147,7 @@ def compress(
                 batch_size=calibration.batch_size,
                 show_progress=show_progress,
                 keep_weights=False,
+                true_sequential=config.true_sequential,
             )
             sequential = result
         weights, phases = result.weights, result.phase_seconds
@@ -203,6 +204,8 @@ def _save(
             config.sym,
             getattr(config, "act_order", False),
             extra={"method": config.method, "calibration": calib_info, **asdict(config)},
+            static_groups=getattr(config, "static_groups", False),
+            true_sequential=getattr(config, "true_sequential", False),
         )
         save_gptq_checkpoint(
             loaded.model, loaded.tokenizer, weights, quant_config, Path(output), overwrite

@@ -10,9 +10,12 @@ What we do differently from the reference code:
 - dampening starts at `damp_percent` of the mean diagonal and is multiplied by 10 whenever the
   Cholesky factorisation fails (up to `max_damp_percent`); if it still fails the layer falls
   back to round-to-nearest and the caller gets the reason to warn with;
-- act-order always uses static groups: group parameters are fitted on the original column order
-  before the permutation, so g_idx stays i // group_size and inference needs no reordering
-  (without act-order, groups are fitted when reached, as in the reference);
+- act-order fits each group when reached in act order, on the weights as updated so far (the
+  reference's and GPTQModel's `desc_act` without `static_groups`), so g_idx is shuffled
+  (`GPTQLinear` sorts such rows at load); `static_groups=True` fits group parameters on the
+  original column order before the permutation instead, so g_idx stays i // group_size and
+  inference needs no reordering at all, at some cost in accuracy (see `GPTQConfig`). Without
+  act-order, groups are always fitted when reached, as in the reference;
 - group parameters are fitted with float16-rounded scales (see `quantizer.fit_params`).
 """
 
@@ -64,6 +67,7 @@ def gptq_quantize(
     damp_percent: float = 0.01,
     max_damp_percent: float = 1.0,
     block_size: int = 128,
+    static_groups: bool = False,
 ) -> GPTQResult:
     """Quantize `weight` [out, in] given the Hessian [in, in] of its inputs.
 
@@ -77,6 +81,8 @@ def gptq_quantize(
         damp_percent: initial dampening, a fraction of the mean diagonal.
         max_damp_percent: give up (RTN fallback) past this dampening.
         block_size: columns per lazy batch update.
+        static_groups: with act-order, fit groups on the original column order up front
+            (g_idx = i // group_size); False: fit them in act order when reached.
     """
     check_bits(bits)
     w = weight.detach().float().clone()
@@ -90,7 +96,8 @@ def gptq_quantize(
     n_groups = -(-in_features // group_size)
     scales = torch.empty(out_features, n_groups, dtype=torch.float32)
     zeros = torch.empty(out_features, n_groups, dtype=torch.float32)
-    if act_order:
+    static = act_order and static_groups
+    if static:
         # Static groups: fitted on the original columns up front, so the permutation cannot
         # scramble them and g_idx stays i // group_size.
         for g in range(n_groups):
@@ -100,7 +107,9 @@ def gptq_quantize(
 
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else None
     if perm is not None:
-        w, h, group_of = w[:, perm], h[perm][:, perm], group_of[perm]
+        w, h = w[:, perm], h[perm][:, perm]
+        if static:  # a column keeps its original group; dynamic groups follow act order
+            group_of = group_of[perm]
 
     hinv, damp = _inverse_hessian_factor(h, damp_percent, max_damp_percent)
     if hinv is None:
@@ -121,9 +130,10 @@ def gptq_quantize(
         for j in range(stop - start):
             col = start + j
             g = groups[col]
-            if not act_order and col % group_size == 0:
-                # Without act-order, fit each group when reached, on the weights as updated by
-                # the errors of earlier columns (the reference GPTQ behaviour).
+            if not static and col % group_size == 0:
+                # Fit each group when reached, on the weights as updated by the errors of
+                # earlier columns (the reference GPTQ behaviour); with act-order and dynamic
+                # groups, a group is the next `group_size` columns in act order.
                 rows = wt[col : min(col + group_size, in_features)]
                 scales_t[g], zeros_t[g] = fit_params(rows.T, bits, sym)
             row = wt[col]
@@ -138,7 +148,10 @@ def gptq_quantize(
 
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
-    g_idx = (torch.arange(in_features) // group_size).to(torch.int32)
+    g_idx = torch.arange(in_features) // group_size
+    if perm is not None and not static:
+        g_idx = g_idx[torch.argsort(perm)]  # column perm[i] was quantized i-th
+    g_idx = g_idx.to(torch.int32)
     quantized = QuantizedWeight(
         codes.to(torch.uint8), scales, zeros.to(torch.int32), g_idx, bits, group_size, sym
     )

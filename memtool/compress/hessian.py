@@ -90,24 +90,48 @@ class HessianCollector(LinearHooks):
     recorded in a batch, nothing after it is needed, and the hook ends that batch's forward with
     `StopLayer` (which `LayerInputs.run` expects). On a Llama layer that skips down_proj's
     product, a quarter of the layer's compute.
+
+    With `max_groups=1` only the first group reached is recorded (true-sequential GPTQ: the
+    next group is calibrated only once this one is quantized): the forward ends at the first
+    linear outside it, and in later batches as soon as the group's last linear is reached.
     """
 
     linears: dict[str, nn.Linear]
+    max_groups: int | None = None
     groups: list[HessianGroup] = field(default_factory=list)
     _by_name: dict[str, HessianGroup] = field(default_factory=dict)
     _last: tuple[torch.Tensor, HessianGroup] | None = None
     _seen: set[str] = field(default_factory=set)
+    # Linears recorded per batch before it can end: all of them, or with `max_groups`, those of
+    # the groups found, once the first batch has shown where they end.
+    _per_batch: int | None = None
     PRE_HOOKS: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if self.max_groups is None:
+            self._per_batch = len(self.linears)
+
+    def _end_batch(self):
+        self._seen.clear()
+        self._last = None
+        return StopLayer()
 
     def _hook(self, name: str):
         def hook(module, args):
             x = args[0]
+            if name in self._seen:  # a new batch after one that did not end early
+                self._seen.clear()
+                if self.max_groups is not None:
+                    self._per_batch = len(self._by_name)
             group = self._by_name.get(name)
             if group is None:
                 # First batch: join the previous linear's group if it saw this same tensor.
                 if self._last is not None and self._last[0] is x:
                     group = self._last[1]
                     group.names.append(name)
+                elif self.max_groups is not None and len(self.groups) == self.max_groups:
+                    self._per_batch = len(self._by_name)  # the groups wanted are complete
+                    raise self._end_batch()
                 else:
                     dim = x.shape[-1]
                     group = HessianGroup([name], torch.zeros(dim, dim, dtype=torch.float32))
@@ -116,12 +140,8 @@ class HessianCollector(LinearHooks):
             if self._last is None or self._last[0] is not x:
                 group.add(x)
             self._last = (x, group)
-            if name in self._seen:  # a new batch after one that did not reach every linear
-                self._seen.clear()
             self._seen.add(name)
-            if len(self._seen) == len(self.linears):
-                self._seen.clear()
-                self._last = None
-                raise StopLayer
+            if len(self._seen) == self._per_batch:
+                raise self._end_batch()
 
         return hook

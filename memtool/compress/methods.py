@@ -43,6 +43,7 @@ def gptq_group_quantizer(config: GPTQConfig):
             group_size=config.group_size,
             sym=config.sym,
             act_order=config.act_order,
+            static_groups=config.static_groups,
             damp_percent=config.damp_percent,
             block_size=config.block_size,
         )

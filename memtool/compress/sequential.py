@@ -74,6 +74,7 @@ def quantize_sequential(
     batch_size: int = 8,
     show_progress: bool = True,
     keep_weights: bool = True,
+    true_sequential: bool = False,
 ) -> SequentialResult:
     """Quantize every linear inside the decoder layers of `model`, in place (fake-quantized).
 
@@ -88,6 +89,10 @@ def quantize_sequential(
         keep_weights: False drops each layer's float linear weights once the next layer's
             inputs are computed; call `restore_weights()` on the result to put them back
             (dequantized). If the pass fails, those already dropped are put back first.
+        true_sequential: calibrate each group of linears sharing an input (q/k/v, o, gate/up,
+            down) on inputs computed through the groups of the layer already quantized, one
+            partial forward per group, as GPTQModel and the GPTQ reference do; False takes
+            every Hessian of a layer from one forward through the unquantized layer.
     """
     began = time.perf_counter()
     layers = decoder_layers(model)
@@ -107,22 +112,23 @@ def quantize_sequential(
                 progress.update(task, status=f"layer {index}: calibrating")
                 upcast(layer.modules())
                 linears = linear_children(layer)
-                with HessianCollector(linears) as collector:
-                    inputs.run(layer)
-                clock.lap("calibrate")
-                progress.update(task, status=f"layer {index}: quantizing")
-                for group in collector.groups:
-                    modules = [linears[name] for name in group.names]
-                    quantized, warnings = quantize_group(modules, group)
-                    for name, module, weight in zip(group.names, modules, quantized, strict=True):
-                        result.weights[f"{prefix}.{name}"] = weight
-                        module.weight.copy_(weight.dequantize().to(module.weight.dtype))
-                    for warning in warnings:
-                        message = f"layer {index} ({', '.join(group.names)}): {warning}"
-                        result.warnings.append(message)
-                        console.print(f"[yellow]warning:[/] {message}")
-                del collector
-                clock.lap("quantize")
+                remaining = dict(linears)
+                while remaining:
+                    # One pass for all the layer's Hessians, or (true sequential) one per group
+                    # of linears, each through the groups already quantized before it.
+                    max_groups = 1 if true_sequential else None
+                    with HessianCollector(remaining, max_groups) as collector:
+                        inputs.run(layer)
+                    clock.lap("calibrate")
+                    if not collector.groups:
+                        break  # linears the forward never reaches: left as they are
+                    progress.update(task, status=f"layer {index}: quantizing")
+                    for group in collector.groups:
+                        modules = [remaining.pop(name) for name in group.names]
+                        _quantize_group(result, prefix, modules, group, quantize_group)
+                    del collector
+                    clock.lap("quantize")
+                    progress.update(task, status=f"layer {index}: calibrating")
                 inputs.advance(layer)
                 if not keep_weights:
                     for name, module in linears.items():
@@ -136,3 +142,22 @@ def quantize_sequential(
     result.seconds = time.perf_counter() - began
     result.phase_seconds = clock.rounded()
     return result
+
+
+def _quantize_group(
+    result: SequentialResult,
+    prefix: str,
+    modules: list[nn.Linear],
+    group: HessianGroup,
+    quantize_group: GroupQuantizer,
+) -> None:
+    """Quantize one group of a layer's linears, write the dequantized weights back (the rest
+    of the pass runs through them) and record the codes and any warnings."""
+    quantized, warnings = quantize_group(modules, group)
+    for name, module, weight in zip(group.names, modules, quantized, strict=True):
+        result.weights[f"{prefix}.{name}"] = weight
+        module.weight.copy_(weight.dequantize().to(module.weight.dtype))
+    for warning in warnings:
+        message = f"layer {prefix.rsplit('.', 1)[-1]} ({', '.join(group.names)}): {warning}"
+        result.warnings.append(message)
+        console.print(f"[yellow]warning:[/] {message}")

@@ -30,7 +30,13 @@ QUANT_KEYS = ("qweight", "qzeros", "scales", "g_idx")
 
 
 def gptq_quantization_config(
-    bits: int, group_size: int, sym: bool, act_order: bool, extra: dict | None = None
+    bits: int,
+    group_size: int,
+    sym: bool,
+    act_order: bool,
+    extra: dict | None = None,
+    static_groups: bool = False,
+    true_sequential: bool = False,
 ) -> dict:
     """The `quantization_config` block transformers, GPTQModel and AutoGPTQ read."""
     return {
@@ -39,9 +45,10 @@ def gptq_quantization_config(
         "bits": bits,
         "group_size": group_size,
         "desc_act": act_order,
-        "static_groups": act_order,  # memtool's act-order keeps g_idx = i // group_size
+        # Static act-order groups keep g_idx = i // group_size (no reordering at inference).
+        "static_groups": act_order and static_groups,
         "sym": sym,
-        "true_sequential": False,
+        "true_sequential": true_sequential,
         "pack_dtype": "int32",
         "damp_percent": (extra or {}).get("damp_percent", 0.01),
         "meta": {"quantizer": [f"memtool:{__version__}"], **(extra or {})},

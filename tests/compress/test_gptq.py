@@ -41,10 +41,23 @@ def test_gptq_beats_rtn(bits, group_size, sym):
 def test_act_order_keeps_static_groups_and_helps():
     x, w, hessian = _problem(seed=1)
     plain = gptq_quantize(w, hessian, 3, 64, True)
-    ordered = gptq_quantize(w, hessian, 3, 64, True, act_order=True)
+    ordered = gptq_quantize(w, hessian, 3, 64, True, act_order=True, static_groups=True)
     assert torch.equal(ordered.weight.g_idx, torch.arange(256, dtype=torch.int32) // 64)
     assert _output_error(x, w, ordered.weight.dequantize()) <= 1.05 * _output_error(
         x, w, plain.weight.dequantize()
+    )
+
+
+@pytest.mark.parametrize("group_size", [64, 96])  # 96: a ragged last group of 64
+def test_dynamic_act_order_groups_follow_the_quantization_order(group_size):
+    x, w, hessian = _problem(seed=1)
+    result = gptq_quantize(w, hessian, 3, group_size, True, act_order=True, static_groups=False)
+    order = torch.argsort(torch.diag(hessian), descending=True)
+    # The i-th column quantized belongs to group i // group_size.
+    assert torch.equal(result.weight.g_idx[order].long(), torch.arange(256) // group_size)
+    rtn = rtn_quantize(w, 3, group_size, True)
+    assert _output_error(x, w, result.weight.dequantize()) < 0.8 * _output_error(
+        x, w, rtn.dequantize()
     )
 
 

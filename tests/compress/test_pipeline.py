@@ -27,19 +27,25 @@ def test_gptq_beats_rtn_on_tiny_models(model_dir, request, text_file):
     folder = request.getfixturevalue(model_dir)
     windows = torch.randint(2, 300, (4, 32), generator=torch.Generator().manual_seed(3))
     errors = {}
+    # 32 windows: with 8 (256 tokens) GPTQ fits the calibration text too closely to beat RTN
+    # reliably on these random-token windows.
+    calib = _calib(text_file, n=32)
     for config in (RTNConfig(bits=3, group_size=32), GPTQConfig(bits=3, group_size=32)):
-        _, weights, loaded = compress(str(folder), config, _calib(text_file), show_progress=False)
+        _, weights, loaded = compress(str(folder), config, calib, show_progress=False)
         n_linears = sum(isinstance(m, torch.nn.Linear) for m in loaded.model.modules()) - 1
         assert len(weights) == n_linears  # every decoder linear, not the head
         errors[config.method] = _logit_error(folder, loaded.model, windows)
     assert errors["gptq"] < errors["rtn"]
 
 
-def test_saved_checkpoint_round_trips_bit_exactly(tiny_llama_dir, text_file, tmp_path):
+@pytest.mark.parametrize("static_groups", [True, False])
+def test_saved_checkpoint_round_trips_bit_exactly(
+    tiny_llama_dir, text_file, tmp_path, static_groups
+):
     out = tmp_path / "q"
     result, weights, _ = compress(
         str(tiny_llama_dir),
-        GPTQConfig(bits=4, group_size=32, act_order=True),
+        GPTQConfig(bits=4, group_size=32, act_order=True, static_groups=static_groups),
         _calib(text_file),
         output=out,
         show_progress=False,
@@ -49,15 +55,21 @@ def test_saved_checkpoint_round_trips_bit_exactly(tiny_llama_dir, text_file, tmp
     quant = config["quantization_config"]
     assert quant["quant_method"] == "gptq" and quant["bits"] == 4 and quant["group_size"] == 32
     assert quant["desc_act"] is True and quant["meta"]["calibration"]["data"].startswith("text:")
+    assert quant["static_groups"] is static_groups and quant["true_sequential"] is False
     assert json.loads((out / "quantize_config.json").read_text())["bits"] == 4
     loaded = load_model(out)
     modules = {n: m for n, m in loaded.model.named_modules() if isinstance(m, GPTQLinear)}
     assert set(modules) == set(weights)
+    static = []
     for name, module in modules.items():
-        dense = dequantize_gptq(
-            module.qweight, module.qzeros, module.scales, module.g_idx, 4, module.in_features
-        )
+        state = module.state_dict()  # the checkpoint's layout (rows may be held sorted)
+        args = [state[k] for k in ("qweight", "qzeros", "scales", "g_idx")]
+        dense = dequantize_gptq(*args, 4, module.in_features)
         assert torch.equal(dense.T, weights[name].dequantize()), name
+        static.append(torch.equal(state["g_idx"].long(), torch.arange(module.in_features) // 32))
+    # Dynamic act-order groups shuffle g_idx (and are held sorted); static ones keep i // 32.
+    assert all(static) if static_groups else not any(static)
+    assert all((m.in_order is None) == static_groups for m in modules.values())
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.no_grad():
         assert torch.isfinite(loaded.model(ids).logits).all()

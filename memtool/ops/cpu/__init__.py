@@ -100,7 +100,7 @@ def cpu_kernel_status() -> tuple[bool, str]:
     return usable, reason
 
 
-def _find_static_group_size(g_idx: Tensor) -> int | None:
+def find_static_group_size(g_idx: Tensor) -> int | None:
     """The group size if `g_idx[i] == i // group_size` for all i, else None."""
     in_features = g_idx.numel()
     first_group = int((g_idx == 0).sum())
@@ -111,7 +111,7 @@ def _find_static_group_size(g_idx: Tensor) -> int | None:
 
 
 def static_group_size(g_idx: Tensor) -> int | None:
-    """`_find_static_group_size`, computed once per g_idx tensor (so once per layer).
+    """`find_static_group_size`, computed once per g_idx tensor (so once per layer).
 
     Keyed on the tensor object and its version counter, so an in-place change (loading a state
     dict into the buffer) is noticed. Inference tensors have no version counter: never cached.
@@ -121,7 +121,7 @@ def static_group_size(g_idx: Tensor) -> int | None:
     hit = _group_sizes.get(key)
     if hit is not None and hit[0]() is g_idx and version is not None and hit[1] == version:
         return hit[2]
-    size = _find_static_group_size(g_idx)
+    size = find_static_group_size(g_idx)
     if hit is None or hit[0]() is not g_idx:
         # Drop the entry when the tensor dies, before its id can be reused.
         weakref.finalize(g_idx, _group_sizes.pop, key, None)
