@@ -38,6 +38,12 @@ def main() -> None:
         help="also calibrate mixed on this many windows (twice --samples gives each domain as "
         "many windows as its matched set)",
     )
+    parser.add_argument(
+        "--static-groups",
+        action="store_true",
+        help="GPTQ act-order groups fitted on the original column order (the default before "
+        "2026-11-28; the table in BENCHMARKS.md's first runs)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -69,14 +75,15 @@ def main() -> None:
         if args.mixed_samples:
             runs.append(("mixed", args.mixed_samples, f" ({args.mixed_samples} samples)"))
         for calib, samples, suffix in runs:
-            key = f"{bits}-bit GPTQ, {calib} calibration{suffix}"
+            groups = ", static groups" if args.static_groups else ""
+            key = f"{bits}-bit GPTQ, {calib} calibration{suffix}{groups}"
             if key in results:
                 print(key, results[key], flush=True)
                 continue
             began = time.perf_counter()
             _, _, fake = compress(
                 None,
-                GPTQConfig(bits, 128, True),
+                GPTQConfig(bits, 128, True, static_groups=args.static_groups),
                 CalibrationConfig(data=calib, n_samples=samples, seq_len=512),
                 show_progress=False,
             )

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from memtool.metrics.memory import drop_file_pages
 from memtool.models.layers import decoder_layers
 
 
@@ -74,14 +75,19 @@ def upcast(modules: Iterable[nn.Module]) -> None:
     """Cast the floating parameters and buffers `modules` own (not their children's) to
     float32 in place; parameters keep their identity, so tied weights stay tied. Exact for
     16-bit values. `upcast(layer.modules())` takes a whole layer."""
+    replaced = []
     with torch.inference_mode(False):  # normal tensors: the model may be trained afterwards
         for module in modules:
             for param in module.parameters(recurse=False):
                 if param.is_floating_point() and param.dtype != torch.float32:
-                    param.data = param.data.float()
+                    replaced.append(param.data)
+                    param.data = replaced[-1].float()
             for name, buffer in module.named_buffers(recurse=False):
                 if buffer.is_floating_point() and buffer.dtype != torch.float32:
+                    replaced.append(buffer)
                     setattr(module, name, buffer.float())
+    # A checkpoint read by mmap keeps the 16-bit pages just read resident: give them back.
+    drop_file_pages(replaced)
 
 
 def outside_layers(model: nn.Module) -> list[nn.Module]:

@@ -6,6 +6,8 @@ import resource
 import sys
 from pathlib import Path
 
+import torch
+
 
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far (loading included).
@@ -40,5 +42,62 @@ def release_freed_memory() -> None:
 def _malloc_trim():
     try:
         return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MADV_DONTNEED = 4  # Linux
+
+
+def drop_file_pages(tensors) -> int:
+    """Give back the resident pages under `tensors` that come from a file mapping; returns the
+    bytes dropped.
+
+    A checkpoint loaded in its stored dtype keeps its tensors in a private mapping of the
+    safetensors file, and a page read once stays counted in the resident set for as long as the
+    mapping lives (so for as long as any tensor of the file does). Layer-by-layer work that
+    replaces each layer's tensors with float32 copies would otherwise end with the whole file
+    resident beside them. Only whole pages inside each tensor are dropped, and only for tensors
+    nothing else holds (their storage referenced by this call alone): the bytes are not needed
+    again, and a later read would fault them back in from the file anyway.
+    """
+    libc = _libc()
+    if libc is None or not Path("/proc/self/maps").exists():
+        return 0
+    page = resource.getpagesize()
+    mappings = _file_mappings()
+    dropped = 0
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        # 2: the tensor's own reference and the `storage` object just made.
+        if torch._C._storage_Use_Count(storage._cdata) > 2:
+            continue
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        low, high = -(-start // page) * page, end // page * page
+        if high <= low or not any(a <= low and high <= b for a, b in mappings):
+            continue
+        if libc.madvise(ctypes.c_void_p(low), ctypes.c_size_t(high - low), _MADV_DONTNEED) == 0:
+            dropped += high - low
+    return dropped
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """Address ranges of this process's mappings of regular files (/proc/self/maps)."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/") and fields[4] != "0":
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((low, high))
+    return ranges
+
+
+@functools.cache
+def _libc():
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return libc
     except (OSError, AttributeError):
         return None

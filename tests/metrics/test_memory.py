@@ -2,6 +2,9 @@
 
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from memtool.metrics.memory import peak_rss_bytes, release_freed_memory
 
@@ -41,3 +44,37 @@ def test_release_freed_memory_returns_freed_heap_pages():
     release_freed_memory()
     assert rss() < min(held, freed) - 100 * 2**20
     del above
+
+
+def _rss_file_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux /proc only")
+def test_file_pages_under_a_tensor_are_given_back_and_read_again(tmp_path):
+    """A tensor over a private file mapping (how a safetensors checkpoint loads): its pages,
+    once read, leave the resident set when dropped, and reading it again gives the same bytes.
+    A tensor something else still holds is left alone."""
+    import mmap
+
+    import torch
+
+    from memtool.metrics.memory import drop_file_pages
+
+    values = torch.arange(8 * 2**20, dtype=torch.int32)  # 32 MiB
+    path = tmp_path / "weights.bin"
+    path.write_bytes(values.numpy().tobytes())
+    with path.open("rb") as file:
+        mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+    tensor = torch.frombuffer(mapped, dtype=torch.int32)
+    held = tensor.view(-1)  # a second holder of the same storage
+    assert int(tensor.sum()) == int(values.sum())  # every page read
+    assert drop_file_pages([tensor]) == 0
+    del held
+    before = _rss_file_bytes()
+    assert drop_file_pages([tensor]) == 32 * 2**20
+    assert before - _rss_file_bytes() > 24 * 2**20
+    assert torch.equal(tensor, values)
