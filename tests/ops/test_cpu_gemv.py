@@ -8,6 +8,7 @@ sum x)`), so float32 results must agree to 1e-5 relative to the output's largest
 """
 
 import logging
+import threading
 
 import pytest
 import torch
@@ -170,3 +171,18 @@ def test_a_kernel_that_fails_to_build_warns_once_under_auto(monkeypatch, caplog)
 def test_a_missing_compiler_is_named(monkeypatch):
     monkeypatch.setenv("CXX", "memtool-no-such-compiler")
     assert build._missing_tool().startswith("no C++ compiler ('memtool-no-such-compiler'")
+
+
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_load(kernel):
+    # torch waits forever for its `lock` file; a build killed mid-compile leaves one behind.
+    stale = build.build_dir() / "lock"
+    stale.touch()
+    result = []
+    loader = threading.Thread(target=lambda: result.append(build.load_kernel.__wrapped__()))
+    loader.daemon = True  # torch would poll forever without the fix; do not hold pytest back
+    loader.start()
+    loader.join(timeout=120)
+    assert result, "loading the kernel waited on a stale lock file"
+    usable, reason = result[0]
+    assert usable, reason
+    assert not stale.exists()

@@ -7,9 +7,12 @@ TORCH_LIBRARY namespace. They are built with
 made it: all three name the build folder, which also lets a shared home directory serve several
 machines. torch's `cpp_extension.load` rebuilds only when a source or the flags change and
 serialises concurrent builds with a lock file, so a second process (or a later run) just loads
-the library.
+the library. That lock file outlives a build that was killed (Ctrl-C during the first compile),
+and torch then waits for it forever; memtool therefore builds under an `flock` of its own, which
+the kernel releases when a process dies, and clears torch's file while holding it.
 """
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -18,6 +21,7 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -85,6 +89,30 @@ def _with_venv_on_path() -> None:
         os.environ["PATH"] = os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")])
 
 
+@contextlib.contextmanager
+def _build_lock(folder: Path) -> Iterator[None]:
+    """Hold this build folder exclusively, clearing torch's lock file if a dead build left it.
+
+    Every memtool process takes this `flock` before `cpp_extension.load`, so whoever holds it
+    knows no other build is running here: a `lock` file found then is a killed build's.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's own lock file is all there is
+        yield
+        return
+    with open(folder / "memtool.flock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            stale = folder / "lock"
+            if stale.exists():
+                log.info("removing %s, left by a build that did not finish", stale)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 @functools.cache
 def load_kernel() -> tuple[bool, str]:
     """Build (or load the cached build of) the kernels once per process.
@@ -104,15 +132,16 @@ def load_kernel() -> tuple[bool, str]:
     folder.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
     try:
-        cpp_extension.load(
-            name="memtool_cpu_kernels",
-            sources=[str(source) for source in SOURCES],
-            extra_cflags=_CFLAGS,
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(folder),
-            is_python_module=False,
-            verbose=False,
-        )
+        with _build_lock(folder):
+            cpp_extension.load(
+                name="memtool_cpu_kernels",
+                sources=[str(source) for source in SOURCES],
+                extra_cflags=_CFLAGS,
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(folder),
+                is_python_module=False,
+                verbose=False,
+            )
     # torch reports build failures as RuntimeError and a broken library as OSError; both mean
     # "not usable here", which the caller reports or turns into an error.
     except (RuntimeError, OSError, ImportError) as error:
