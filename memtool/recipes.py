@@ -200,7 +200,12 @@ def run_recipe(
 
     target = output or recipe.output
     result, _, _ = compress(
-        recipe.model, recipe.compress, recipe.calibration, output=target, overwrite=overwrite
+        recipe.model,
+        recipe.compress,
+        recipe.calibration,
+        output=target,
+        overwrite=overwrite,
+        keep_model=False,
     )
     summary = {"recipe": str(recipe.path), "compress": result.to_dict(), "measure": {}}
     failures: list[str] = []

@@ -154,7 +154,9 @@ def compress_command(
         if samples is None:
             samples = DEFAULT_CALIB_SAMPLES.get(method, 128)
         calibration = CalibrationConfig(data=calib, n_samples=samples, seq_len=seq_len, seed=seed)
-        result, _, _ = compress(model, config, calibration, output=output, overwrite=overwrite)
+        result, _, _ = compress(
+            model, config, calibration, output=output, overwrite=overwrite, keep_model=False
+        )
         return result.to_dict(), []
 
     run_command(action, json_out=json_out, debug=debug, render=_render)

@@ -63,7 +63,8 @@ def compress(
     output: str | Path | None = None,
     overwrite: bool = False,
     show_progress: bool = True,
-) -> tuple[CompressResult, dict[str, QuantizedWeight], LoadedModel]:
+    keep_model: bool = True,
+) -> tuple[CompressResult, dict[str, QuantizedWeight], LoadedModel | None]:
     """Quantize the decoder linears of `model` and (if `output` is given) save the result.
 
     Args:
@@ -78,13 +79,19 @@ def compress(
             `memtool.formats.bitstack_stack`); None to keep it in memory only (not BitStack).
         overwrite: replace an existing output folder.
         show_progress: progress bars on stderr.
+        keep_model: False (with `output`) when only the written folder matters, as for the
+            CLI: GPTQ then does not put back the float weights its pass dropped (a float32
+            copy of every decoder linear, the job's largest allocation after the pass) and the
+            third element returned is None (a `LoadedModel` passed in is left without them).
 
     Returns:
         (result summary, quantized weights by module name, the model with fake-quantized
-        weights, usable to measure the quantization's effect without reloading; for BitStack,
-        no weights and the written stack loaded whole).
+        weights, usable to measure the quantization's effect without reloading, or None with
+        `keep_model=False`; for BitStack, no weights and the written stack loaded whole).
     """
     config.validate()
+    if not keep_model and output is None:
+        raise MemtoolError("compress(keep_model=False) needs an output folder to write")
     calibration = calibration or CalibrationConfig()
     calibration.validate()
     if isinstance(config, BitStackConfig) and output is None:
@@ -101,9 +108,11 @@ def compress(
         else load_model(model, dtype="stored" if stored else "float32")
     )
     if isinstance(config, BitStackConfig):
-        return _compress_bitstack(loaded, config, calibration, Path(output), show_progress, began)
+        done = _compress_bitstack(loaded, config, calibration, Path(output), show_progress, began)
+        return done[0], done[1], load_model(output) if keep_model else None
     if isinstance(config, BnbConfig):
-        return _compress_bnb(loaded, config, output, overwrite, began)
+        summary, weights, quantized = _compress_bnb(loaded, config, output, overwrite, began)
+        return summary, weights, quantized if keep_model else None
     awq_plan = None
     if isinstance(config, AWQConfig):
         awq_plan = plan_awq(loaded.model, config, writing=output is not None)
@@ -159,9 +168,12 @@ def compress(
     settings = {"method": config.method, **asdict(config)}
     try:
         _save(loaded, config, weights, calib_info, awq_plan, output, overwrite)
-    finally:
+    except BaseException:
         if sequential is not None:
-            sequential.restore_weights()
+            sequential.restore_weights()  # a caller's model stays usable when the save fails
+        raise
+    if sequential is not None and keep_model:
+        sequential.restore_weights()
     summary = CompressResult(
         output=str(output) if output is not None else None,
         method=config.method,
@@ -172,7 +184,7 @@ def compress(
         warnings=warnings,
         phase_seconds=phases,
     )
-    return summary, weights, loaded
+    return summary, weights, loaded if keep_model else None
 
 
 def _save(
@@ -237,7 +249,7 @@ def _compress_bitstack(
     output: Path,
     show_progress: bool,
     began: float,
-) -> tuple[CompressResult, dict[str, QuantizedWeight], LoadedModel]:
+) -> tuple[CompressResult, dict[str, QuantizedWeight]]:
     done = compress_bitstack(loaded, config, calibration, output, show_progress)
     result = CompressResult(
         output=str(output),
@@ -250,7 +262,7 @@ def _compress_bitstack(
         phase_seconds=done.pop("phase_seconds"),
         details=done,
     )
-    return result, {}, load_model(output)
+    return result, {}
 
 
 def _check_packable(model: torch.nn.Module) -> None:

@@ -106,7 +106,9 @@ def linear_children(layer: nn.Module) -> dict[str, nn.Linear]:
 def capture_first_layer_inputs(
     model: nn.Module, windows: torch.Tensor, batch_size: int
 ) -> LayerInputs:
-    """Run the embedding part of `model` on `windows` [n, L] and record layer 0's inputs."""
+    """Run the embedding part of `model` on `windows` [n, L] and record layer 0's inputs,
+    in float32: an input embedding left in 16 bits has its output cast (exactly) before
+    anything else (rotary tables, positional embeddings) sees it."""
     layers = decoder_layers(model)
     captured = LayerInputs([], [])
 
@@ -116,13 +118,17 @@ def capture_first_layer_inputs(
         captured.kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
         raise _StopForward
 
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [
+        layers[0].register_forward_pre_hook(hook, with_kwargs=True),
+        model.get_input_embeddings().register_forward_hook(lambda m, args, out: out.float()),
+    ]
     try:
         for start in range(0, windows.shape[0], batch_size):
             with contextlib.suppress(_StopForward):
                 model(input_ids=windows[start : start + batch_size], use_cache=False)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     return captured
 
 

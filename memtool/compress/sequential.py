@@ -49,6 +49,9 @@ class SequentialResult:
     phase_seconds: dict[str, float] = field(default_factory=dict)
     # Linears whose float weights were dropped (`keep_weights=False`): name -> (module, dtype).
     released: dict[str, tuple[nn.Linear, torch.dtype]] = field(default_factory=dict, repr=False)
+    # Modules left in their stored 16-bit dtype during the pass (`keep_weights=False`: the
+    # input embedding, which only the capture reads): upcast by `restore_weights`.
+    not_upcast: list[nn.Module] = field(default_factory=list, repr=False)
 
     def release(self, name: str, module: nn.Linear) -> None:
         """Drop `module`'s float weight; `weights[name]` stands for it until restored."""
@@ -64,6 +67,8 @@ class SequentialResult:
             for name, (module, dtype) in self.released.items():
                 module.weight = nn.Parameter(self.weights[name].dequantize().to(dtype))
         self.released.clear()
+        upcast(self.not_upcast)
+        self.not_upcast.clear()
 
 
 @torch.inference_mode()
@@ -87,8 +92,10 @@ def quantize_sequential(
         batch_size: calibration windows per forward call.
         show_progress: draw a per-layer progress bar on stderr.
         keep_weights: False drops each layer's float linear weights once the next layer's
-            inputs are computed; call `restore_weights()` on the result to put them back
-            (dequantized). If the pass fails, those already dropped are put back first.
+            inputs are computed, and leaves a 16-bit input embedding (which only the capture
+            of layer 0's inputs reads; its outputs are cast to float32, exactly) in its stored
+            dtype; call `restore_weights()` on the result to put them back (dequantized,
+            upcast). If the pass fails, this is done before the error propagates.
         true_sequential: calibrate each group of linears sharing an input (q/k/v, o, gate/up,
             down) on inputs computed through the groups of the layer already quantized, one
             partial forward per group, as GPTQModel and the GPTQ reference do; False takes
@@ -98,9 +105,22 @@ def quantize_sequential(
     layers = decoder_layers(model)
     layers_prefix = next(name for name, m in model.named_modules() if m is layers)
     clock = PhaseClock("capture", "calibrate", "quantize", "propagate")
-    upcast(outside_layers(model))
-    inputs = capture_first_layer_inputs(model, windows, batch_size)
     result = SequentialResult({})
+    outside = outside_layers(model)
+    if not keep_weights:
+        # A float32 copy of a (tied) embedding would be the pass's largest single tensor.
+        # The embedding and a head tied to it: neither runs in the pass.
+        shared = model.get_input_embeddings().weight
+        result.not_upcast = [
+            m for m in outside if any(p is shared for p in m.parameters(recurse=False))
+        ]
+        outside = [m for m in outside if m not in result.not_upcast]
+    upcast(outside)
+    try:
+        inputs = capture_first_layer_inputs(model, windows, batch_size)
+    except BaseException:
+        result.restore_weights()
+        raise
     clock.lap("capture")
     try:
         with step_progress() as progress:

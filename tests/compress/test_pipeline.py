@@ -75,6 +75,33 @@ def test_saved_checkpoint_round_trips_bit_exactly(
         assert torch.isfinite(loaded.model(ids).logits).all()
 
 
+def test_without_keeping_the_model_the_same_checkpoint_is_written(
+    tiny_llama_dir, text_file, tmp_path
+):
+    """keep_model=False (the CLI) skips putting the dropped float weights back after the save:
+    the folder written is the same, byte for byte, and no model is returned."""
+    config = GPTQConfig(bits=3, group_size=32)
+    folders = {}
+    for keep in (True, False):
+        folders[keep] = tmp_path / f"keep-{keep}"
+        _, weights, model = compress(
+            str(tiny_llama_dir),
+            config,
+            _calib(text_file),
+            output=folders[keep],
+            show_progress=False,
+            keep_model=keep,
+        )
+        assert (model is None) is not keep and weights
+    files = sorted(p.name for p in folders[True].iterdir())
+    assert files == sorted(p.name for p in folders[False].iterdir())
+    for name in files:
+        same = (folders[True] / name).read_bytes() == (folders[False] / name).read_bytes()
+        assert same, name
+    with pytest.raises(MemtoolError, match="needs an output"):
+        compress(str(tiny_llama_dir), config, _calib(text_file), keep_model=False)
+
+
 def test_existing_output_is_refused_before_work(tiny_llama_dir, tmp_path):
     out = tmp_path / "exists"
     out.mkdir()
@@ -188,6 +215,28 @@ def test_gptq_on_a_16_bit_checkpoint_equals_the_float32_run(
     # The restored weights are ordinary trainable parameters, not inference tensors.
     weight = got_model.model.model.layers[0].mlp.down_proj.weight
     assert weight.requires_grad and not weight.is_inference()
+
+
+def test_a_16_bit_embedding_stays_16_bit_until_restored(tiny_llama_bf16_dir):
+    """keep_weights=False leaves the input embedding in its stored dtype for the pass (the
+    capture casts its output) and `restore_weights` upcasts it, tied head included."""
+    from memtool.compress.methods import gptq_group_quantizer
+    from memtool.compress.sequential import quantize_sequential
+
+    windows = torch.randint(2, 300, (4, 32), generator=torch.Generator().manual_seed(5))
+    quantize = gptq_group_quantizer(GPTQConfig(bits=4, group_size=32))
+    model = load_model(tiny_llama_bf16_dir, dtype="stored").model
+    kept = quantize_sequential(model, windows, quantize, 2, False, keep_weights=True)
+    model = load_model(tiny_llama_bf16_dir, dtype="stored").model
+    result = quantize_sequential(model, windows, quantize, 2, False, keep_weights=False)
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert model.model.norm.weight.dtype == torch.float32  # the rest outside layers upcast
+    for name, weight in result.weights.items():  # the pass saw the same float32 inputs
+        assert torch.equal(weight.codes, kept.weights[name].codes), name
+    result.restore_weights()
+    assert model.get_input_embeddings().weight.dtype == torch.float32
+    if model.config.tie_word_embeddings:
+        assert model.lm_head.weight is model.get_input_embeddings().weight
 
 
 def test_released_weights_come_back_and_a_failed_pass_leaves_the_model_whole(
