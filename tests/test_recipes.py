@@ -43,6 +43,10 @@ def test_shipped_gptq_recipe_contents():
         ),
         ("output = [\n", "not valid TOML"),
         (
+            'output = "x"\n[compress]\nmethod = "gptq"\ntrue_sequential = "yes"\n',
+            "true_sequential must be true or false",
+        ),
+        (
             'output = "x"\n[compress]\nmethod = "gptq"\n[measure]\nbudget = "1MB"\n',
             "budget applies to method",
         ),

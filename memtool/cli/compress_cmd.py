@@ -65,11 +65,14 @@ def compress_command(
         "more accurate) or on the original column order (g_idx = i // group: no reordering "
         "at inference).",
     ),
-    true_sequential: bool = typer.Option(
-        False,
+    true_sequential: bool | None = typer.Option(
+        None,
         "--true-sequential/--one-pass",
         help="GPTQ: calibrate each group of a layer's linears through the groups already "
-        "quantized (one partial forward per group), or all of a layer's from one forward.",
+        "quantized (one partial forward per group), or all of a layer's from one forward. "
+        "Default: true sequential at 3 bits and below (more accurate there), one pass above "
+        "(as accurate, faster).",
+        show_default=False,
     ),
     damp_percent: float = typer.Option(0.01, "--damp-percent", help="GPTQ: initial dampening."),
     calib: str = typer.Option("wiki", "--calib", help="Calibration data spec (see measure)."),

@@ -277,3 +277,20 @@ def test_released_weights_come_back_and_a_failed_pass_leaves_the_model_whole(
         state["model.layers.0.mlp.down_proj.weight"],
         original["model.layers.0.mlp.down_proj.weight"],
     )
+
+
+@pytest.mark.parametrize(
+    ("bits", "asked", "expected"),
+    [
+        (2, None, True),
+        (3, None, True),
+        (4, None, False),
+        (8, None, False),
+        (3, False, False),
+        (4, True, True),
+    ],
+)
+def test_true_sequential_defaults_on_at_three_bits_and_below(bits, asked, expected):
+    """Measured on the default model: true sequential is what beats GPTQModel at 3 bits and
+    buys nothing at 4; an explicit choice always wins."""
+    assert GPTQConfig(bits=bits, true_sequential=asked).true_sequential is expected
