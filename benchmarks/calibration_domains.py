@@ -75,7 +75,11 @@ def main() -> None:
         if args.mixed_samples:
             runs.append(("mixed", args.mixed_samples, f" ({args.mixed_samples} samples)"))
         for calib, samples, suffix in runs:
+            config = GPTQConfig(bits, 128, True, static_groups=args.static_groups)
             groups = ", static groups" if args.static_groups else ""
+            # True sequential is the default at 3 bits and below since 2026-11-29; earlier
+            # rows (no suffix) were calibrated in one pass.
+            groups += ", true sequential" if config.true_sequential else ""
             key = f"{bits}-bit GPTQ, {calib} calibration{suffix}{groups}"
             if key in results:
                 print(key, results[key], flush=True)
@@ -83,7 +87,7 @@ def main() -> None:
             began = time.perf_counter()
             _, _, fake = compress(
                 None,
-                GPTQConfig(bits, 128, True, static_groups=args.static_groups),
+                config,
                 CalibrationConfig(data=calib, n_samples=samples, seq_len=512),
                 show_progress=False,
             )

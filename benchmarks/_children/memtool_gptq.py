@@ -28,9 +28,15 @@ result = quantize_sequential(
     gptq_group_quantizer(config),
     show_progress=False,
     keep_weights=False,
+    true_sequential=config.true_sequential,
 )
 quant_config = gptq_quantization_config(
-    config.bits, config.group_size, True, config.act_order, static_groups=config.static_groups
+    config.bits,
+    config.group_size,
+    True,
+    config.act_order,
+    static_groups=config.static_groups,
+    true_sequential=config.true_sequential,
 )
 save_gptq_checkpoint(loaded.model, loaded.tokenizer, result.weights, quant_config, out)
 print(

@@ -31,7 +31,7 @@ from memtool.compress.layers import (
     upcast,
 )
 from memtool.compress.quantizer import QuantizedWeight
-from memtool.metrics.memory import release_freed_memory
+from memtool.metrics.memory import large_allocations_mapped, release_freed_memory
 from memtool.progress import console, step_progress
 
 # A method quantizes one Hessian group (linears sharing one input) and returns per-linear
@@ -123,7 +123,7 @@ def quantize_sequential(
         raise
     clock.lap("capture")
     try:
-        with step_progress() as progress:
+        with large_allocations_mapped(), step_progress() as progress:
             task = progress.add_task(
                 "Quantizing", total=len(layers), status="", visible=show_progress
             )

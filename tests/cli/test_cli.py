@@ -272,7 +272,8 @@ def test_bitstack_cli_compresses_and_measures_budgets(tiny_llama_dir, text_file,
     sweep = _run("measure", out, *common, "--budgets", f"{low},{high}", "--plot", plot)
     assert sweep.exit_code == 0, sweep.stderr
     # The title wraps at the console's width wherever a long temporary path puts the break.
-    assert "2 budgets" in " ".join(sweep.stdout.split()) and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "2 budgets" in " ".join(sweep.stdout.split())
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     gate = _run("measure", out, *common, "--budgets", f"{low},{high}", "--max-weight-bytes", low)
     assert gate.exit_code == 1
     for args, match in (
