@@ -106,6 +106,12 @@ def compress_command(
     score_samples: int = typer.Option(
         8, "--score-samples", help="BitStack: windows back-propagated to score blocks."
     ),
+    stats_dtype: str = typer.Option(
+        "auto",
+        "--stats-dtype",
+        help="BitStack: matmul dtype of the statistics pass: auto (bfloat16 where the "
+        "hardware has it natively), float32 or bfloat16.",
+    ),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration window."),
     seed: int = typer.Option(0, "--seed", help="Seed for drawing calibration windows."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
@@ -135,6 +141,7 @@ def compress_command(
                 block_bits=block_bits,
                 order=order,
                 score_samples=score_samples,
+                stats_dtype=stats_dtype,
                 seed=seed,
             )
         elif config_type is BnbConfig:

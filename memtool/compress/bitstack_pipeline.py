@@ -20,6 +20,7 @@ from memtool.compress.bitstack_scaling import (
     collect_stats,
     fold_scales,
     loss_estimator,
+    statistics_dtype,
 )
 from memtool.compress.config import BitStackConfig, CalibrationConfig
 from memtool.data import calibration_windows
@@ -64,10 +65,17 @@ def compress_bitstack(
     )
     phases: dict[str, float] = {}
     mark = time.perf_counter()
+    compute_dtype = statistics_dtype(config.stats_dtype, next(model.parameters()).device)
     stats, fisher = collect_stats(
-        model, windows.input_ids, calibration.batch_size, config.score_samples, show_progress
+        model,
+        windows.input_ids,
+        calibration.batch_size,
+        config.score_samples,
+        show_progress,
+        compute_dtype,
     )
     phases["statistics"] = time.perf_counter() - mark
+    used_dtype = str(compute_dtype or torch.float32).removeprefix("torch.")
     mark = time.perf_counter()
     if config.scale:
         scalings, warnings = fold_scales(model, stats)
@@ -120,6 +128,7 @@ def compress_bitstack(
     model_config["dtype"] = str(storage).removeprefix("torch.")
     extra = {
         "settings": {"method": config.method, **vars(config)},
+        "statistics_dtype": used_dtype,
         "calibration": windows.to_dict(),
         "scaling": {
             "folded": sorted(n for n, s in scalings.items() if config.scale and not s.explicit),
@@ -133,6 +142,7 @@ def compress_bitstack(
         "calibration": windows.to_dict(),
         "warnings": warnings,
         "phase_seconds": phases,
+        "statistics_dtype": used_dtype,
         "quantized_layers": len(specs),
         "min_bytes": meta["weight_bytes"][0],
         "max_bytes": meta["weight_bytes"][-1],

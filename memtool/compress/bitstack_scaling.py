@@ -105,16 +105,42 @@ def body_linears(model: nn.Module) -> dict[str, nn.Linear]:
     }
 
 
+def statistics_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of the statistics pass for `BitStackConfig.stats_dtype` (None: the
+    model's own float32). bfloat16 matmuls without native support (AVX2-only CPUs) are emulated
+    and slower than float32, so "auto" asks the hardware."""
+    if setting == "float32":
+        return None
+    if setting == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu":
+        native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+        native = native or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+        return torch.bfloat16 if native else None
+    return None
+
+
 def collect_stats(
     model: nn.Module,
     windows: Tensor,
     batch_size: int,
     fisher_windows: int,
     show_progress: bool = True,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[dict[str, LinearStats], dict[str, Tensor]]:
     """Input statistics of every decoder linear (linears reading the same input share one
     entry): scales over all `windows` `[n, L]`, and Hessians plus output Fisher diagonals from
-    the first `fisher_windows` of them (none when 0)."""
+    the first `fisher_windows` of them (none when 0). `compute_dtype` (say bfloat16) runs the
+    model's matmuls under autocast; the statistics are accumulated in float32 regardless."""
+    device_type = next(model.parameters()).device.type
+
+    def precision():
+        return torch.autocast(
+            device_type, compute_dtype or torch.float32, compute_dtype is not None
+        )
+
     linears = body_linears(model)
     recorder = _InputRecorder(linears)
     n_fisher = min(fisher_windows, windows.shape[0])
@@ -126,14 +152,14 @@ def collect_stats(
         recorder.hessian = True
         with recorder:
             for index in range(n_fisher):
-                _accumulate_fisher(model, linears, fisher, windows[index : index + 1])
+                _accumulate_fisher(model, linears, fisher, windows[index : index + 1], precision)
                 recorder._last = None
                 bar.advance(task)
         recorder.hessian = False
         # The decoder body only: the output head's logits (49152 wide on smollm2) would cost a
         # fifth of the compute and 800 MB per batch of 8 windows, and no linear reads them.
         body = getattr(model, getattr(model, "base_model_prefix", ""), model)
-        with recorder, torch.inference_mode():
+        with recorder, torch.inference_mode(), precision():
             for start in batches:
                 body(input_ids=windows[start : start + batch_size], use_cache=False)
                 recorder._last = None
@@ -145,7 +171,11 @@ def collect_stats(
 
 
 def _accumulate_fisher(
-    model: nn.Module, linears: dict[str, nn.Linear], fisher: dict[str, Tensor], ids: Tensor
+    model: nn.Module,
+    linears: dict[str, nn.Linear],
+    fisher: dict[str, Tensor],
+    ids: Tensor,
+    precision,
 ) -> None:
     """Add one window's mean squared output gradients to each linear's `fisher`.
 
@@ -175,7 +205,9 @@ def _accumulate_fisher(
         handles.append(model.get_input_embeddings().register_forward_hook(embedding_hook))
         handles += [m.register_forward_hook(output_hook(n)) for n, m in linears.items()]
         with torch.enable_grad():
-            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+            with precision():  # the backward runs in the forward's dtypes, outside autocast
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
     finally:
         for handle in handles:
             handle.remove()
@@ -253,4 +285,5 @@ __all__ = [
     "collect_stats",
     "fold_scales",
     "loss_estimator",
+    "statistics_dtype",
 ]

@@ -137,6 +137,10 @@ class BitStackConfig:
     residual: str = "fp16"  # subtract the stored fp16 factors ("fp32": the unrounded ones)
     exact_svd: bool = False
     score_samples: int = 8  # calibration windows back-propagated for the importance estimate
+    # The statistics pass's matmuls: "auto" runs them in bfloat16 where the hardware does so
+    # natively (CUDA, or a CPU with AVX512-BF16/AMX), as the official code's half-precision
+    # model does; "float32" everywhere else. Sums and norms stay float32 either way.
+    stats_dtype: str = "auto"
     seed: int = 0
 
     method = "bitstack"
@@ -154,3 +158,7 @@ class BitStackConfig:
             raise MemtoolError(f"residual {self.residual!r} must be fp16 or fp32")
         if self.score_samples < 0:
             raise MemtoolError(f"--score-samples {self.score_samples} must be 0 or more")
+        if self.stats_dtype not in ("auto", "float32", "bfloat16"):
+            raise MemtoolError(
+                f"--stats-dtype {self.stats_dtype!r} must be auto, float32 or bfloat16"
+            )

@@ -1,5 +1,7 @@
 """BitStack mechanics: decomposition, rank choice, exact scale folding, stack ordering."""
 
+import json
+
 import pytest
 import torch
 
@@ -11,7 +13,12 @@ from memtool.compress.bitstack import (
     decompose,
 )
 from memtool.compress.bitstack_order import LinearBlocks, order_stack
-from memtool.compress.bitstack_scaling import body_linears, collect_stats, fold_scales
+from memtool.compress.bitstack_scaling import (
+    body_linears,
+    collect_stats,
+    fold_scales,
+    statistics_dtype,
+)
 from memtool.data import calibration_windows
 from memtool.errors import MemtoolError
 from memtool.formats.bitstack_pack import pack_signs
@@ -266,3 +273,55 @@ def test_scale_is_the_mean_window_l2_norm_over_every_window(tiny_llama_dir, text
         torch.testing.assert_close(
             entry.hessian, tokens.T @ tokens / len(tokens), rtol=1e-4, atol=1e-6
         )
+
+
+def test_statistics_dtype_follows_the_setting_and_the_hardware(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert statistics_dtype("float32", cpu) is None
+    assert statistics_dtype("bfloat16", cpu) is torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert statistics_dtype("auto", cpu) is None  # emulated bfloat16 is slower than float32
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert statistics_dtype("auto", cpu) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert statistics_dtype("auto", cuda) is None
+    with pytest.raises(MemtoolError, match="--stats-dtype 'fp8' must be auto, float32"):
+        BitStackConfig(stats_dtype="fp8").validate()
+
+
+def test_bfloat16_statistics_run_the_matmuls_in_bfloat16_and_stay_close(tiny_llama_dir, text_file):
+    loaded = load_model(tiny_llama_dir)
+    model = loaded.model
+    windows = calibration_windows(str(text_file), loaded.tokenizer, n_samples=6, seq_len=32)
+    seen = []
+    handle = model.get_submodule("model.layers.1.mlp.down_proj").register_forward_hook(
+        lambda module, args, out: seen.append(out.dtype)
+    )
+    exact, exact_fisher = collect_stats(model, windows.input_ids, 4, 2, show_progress=False)
+    assert set(seen) == {torch.float32}
+    seen.clear()
+    half, half_fisher = collect_stats(
+        model, windows.input_ids, 4, 2, show_progress=False, compute_dtype=torch.bfloat16
+    )
+    handle.remove()
+    assert set(seen) == {torch.bfloat16}  # the scored windows and the scale pass alike
+    drifts = []
+    for name, entry in exact.items():
+        assert half[name].scale.dtype == torch.float32 and half[name].windows == entry.windows
+        torch.testing.assert_close(half[name].scale, entry.scale, rtol=0.03, atol=1e-4)
+        drifts.append((half[name].hessian - entry.hessian).norm() / entry.hessian.norm())
+    # Inputs after a bfloat16 matmul moved, a little (layer 0's norm output did not).
+    assert 0 < max(drifts) < 0.02
+    for name, values in exact_fisher.items():
+        drift = (half_fisher[name] - values).norm() / values.norm()
+        assert half_fisher[name].dtype == torch.float32 and drift < 0.1
+
+
+def test_the_stack_records_the_statistics_dtype_it_used(tiny_llama_dir, text_file, tmp_path):
+    config = BitStackConfig(niter=2, score_samples=2, stats_dtype="bfloat16")
+    result, _, _ = compress(tiny_llama_dir, config, _calib(text_file), output=tmp_path / "s")
+    assert result.details["statistics_dtype"] == "bfloat16"
+    meta = json.loads((tmp_path / "s" / "bitstack.json").read_text())
+    assert meta["statistics_dtype"] == "bfloat16"
+    assert meta["settings"]["stats_dtype"] == "bfloat16"
