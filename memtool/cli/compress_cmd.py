@@ -109,8 +109,8 @@ def compress_command(
     stats_dtype: str = typer.Option(
         "auto",
         "--stats-dtype",
-        help="BitStack: matmul dtype of the statistics pass: auto (bfloat16 where the "
-        "hardware has it natively), float32 or bfloat16.",
+        help="BitStack, GPTQ: matmul dtype of the calibration forwards: auto (bfloat16 where "
+        "the hardware has it natively), float32 or bfloat16. Statistics stay float32.",
     ),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration window."),
     seed: int = typer.Option(0, "--seed", help="Seed for drawing calibration windows."),
@@ -158,6 +158,7 @@ def compress_command(
                     static_groups=static_groups,
                     true_sequential=true_sequential,
                     damp_percent=damp_percent,
+                    stats_dtype=stats_dtype,
                 )
             config = config_type(**options)
         samples = calib_samples

@@ -7,7 +7,7 @@ recorded in its `quantization_config.meta`.
 """
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ from memtool.compress.config import (
 )
 from memtool.compress.layers import decoder_layers, linear_children
 from memtool.compress.methods import gptq_group_quantizer, rtn_linear
+from memtool.compress.precision import dtype_name, resolve_compute_dtype
 from memtool.compress.quantizer import QuantizedWeight
 from memtool.compress.sequential import quantize_sequential
 from memtool.data import calibration_windows
@@ -147,6 +148,9 @@ def compress(
                 show_progress=show_progress,
             )
         else:
+            device = next(loaded.model.parameters()).device
+            compute_dtype = resolve_compute_dtype(config.stats_dtype, device)
+            config = replace(config, stats_dtype=dtype_name(compute_dtype))  # what is recorded
             # The layers done give up their float weights (their codes stand for them) until
             # the checkpoint is written: the job's peak memory (issue 4).
             result = quantize_sequential(
@@ -157,6 +161,7 @@ def compress(
                 show_progress=show_progress,
                 keep_weights=False,
                 true_sequential=config.true_sequential,
+                compute_dtype=compute_dtype,
             )
             sequential = result
         weights, phases = result.weights, result.phase_seconds

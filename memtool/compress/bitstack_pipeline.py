@@ -20,9 +20,9 @@ from memtool.compress.bitstack_scaling import (
     collect_stats,
     fold_scales,
     loss_estimator,
-    statistics_dtype,
 )
 from memtool.compress.config import BitStackConfig, CalibrationConfig
+from memtool.compress.precision import dtype_name, resolve_compute_dtype
 from memtool.data import calibration_windows
 from memtool.errors import MemtoolError
 from memtool.formats.bitstack_stack import INPUT_SCALE, LinearSpec, encode_block, write_stack
@@ -65,7 +65,7 @@ def compress_bitstack(
     )
     phases: dict[str, float] = {}
     mark = time.perf_counter()
-    compute_dtype = statistics_dtype(config.stats_dtype, next(model.parameters()).device)
+    compute_dtype = resolve_compute_dtype(config.stats_dtype, next(model.parameters()).device)
     stats, fisher = collect_stats(
         model,
         windows.input_ids,
@@ -75,7 +75,7 @@ def compress_bitstack(
         compute_dtype,
     )
     phases["statistics"] = time.perf_counter() - mark
-    used_dtype = str(compute_dtype or torch.float32).removeprefix("torch.")
+    used_dtype = dtype_name(compute_dtype)
     mark = time.perf_counter()
     if config.scale:
         scalings, warnings = fold_scales(model, stats)

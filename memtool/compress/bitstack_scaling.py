@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from memtool.compress.awq_groups import apply_scale, check_supported, scaling_groups
 from memtool.compress.hessian import LinearHooks, add_second_moment
 from memtool.compress.layers import decoder_layers, linear_children
+from memtool.compress.precision import autocast_to
 from memtool.errors import MemtoolError
 from memtool.progress import counted_steps
 
@@ -105,23 +106,6 @@ def body_linears(model: nn.Module) -> dict[str, nn.Linear]:
     }
 
 
-def statistics_dtype(setting: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of the statistics pass for `BitStackConfig.stats_dtype` (None: the
-    model's own float32). bfloat16 matmuls without native support (AVX2-only CPUs) are emulated
-    and slower than float32, so "auto" asks the hardware."""
-    if setting == "float32":
-        return None
-    if setting == "bfloat16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    if device.type == "cpu":
-        native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-        native = native or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-        return torch.bfloat16 if native else None
-    return None
-
-
 def collect_stats(
     model: nn.Module,
     windows: Tensor,
@@ -135,14 +119,6 @@ def collect_stats(
     the first `fisher_windows` of them (none when 0). `compute_dtype` (say bfloat16) runs the
     model's matmuls under autocast; the statistics are accumulated in float32 regardless."""
     device_type = next(model.parameters()).device.type
-
-    def precision():
-        # No weight-cast cache: it would hold a bfloat16 copy of every weight (+270 MB peak on
-        # smollm2-135m) to save a cast that costs little beside the matmul it feeds.
-        enabled = compute_dtype is not None
-        dtype = compute_dtype or torch.float32
-        return torch.autocast(device_type, dtype, enabled=enabled, cache_enabled=False)
-
     linears = body_linears(model)
     recorder = _InputRecorder(linears)
     n_fisher = min(fisher_windows, windows.shape[0])
@@ -154,14 +130,16 @@ def collect_stats(
         recorder.hessian = True
         with recorder:
             for index in range(n_fisher):
-                _accumulate_fisher(model, linears, fisher, windows[index : index + 1], precision)
+                _accumulate_fisher(
+                    model, linears, fisher, windows[index : index + 1], compute_dtype
+                )
                 recorder._last = None
                 bar.advance(task)
         recorder.hessian = False
         # The decoder body only: the output head's logits (49152 wide on smollm2) would cost a
         # fifth of the compute and 800 MB per batch of 8 windows, and no linear reads them.
         body = getattr(model, getattr(model, "base_model_prefix", ""), model)
-        with recorder, torch.inference_mode(), precision():
+        with recorder, torch.inference_mode(), autocast_to(device_type, compute_dtype):
             for start in batches:
                 body(input_ids=windows[start : start + batch_size], use_cache=False)
                 recorder._last = None
@@ -177,9 +155,10 @@ def _accumulate_fisher(
     linears: dict[str, nn.Linear],
     fisher: dict[str, Tensor],
     ids: Tensor,
-    precision,
+    compute_dtype: torch.dtype | None,
 ) -> None:
-    """Add one window's mean squared output gradients to each linear's `fisher`.
+    """Add one window's mean squared output gradients to each linear's `fisher` (the forward's
+    matmuls under autocast to `compute_dtype`, if given).
 
     Parameters stop requiring gradients for the pass: only activation gradients are needed,
     and weight gradients would double the backward's cost and hold a model-sized buffer.
@@ -207,7 +186,8 @@ def _accumulate_fisher(
         handles.append(model.get_input_embeddings().register_forward_hook(embedding_hook))
         handles += [m.register_forward_hook(output_hook(n)) for n, m in linears.items()]
         with torch.enable_grad():
-            with precision():  # the backward runs in the forward's dtypes, outside autocast
+            # The backward runs in the forward's dtypes, outside autocast.
+            with autocast_to(ids.device.type, compute_dtype):
                 loss = model(input_ids=ids, labels=ids, use_cache=False).loss
             loss.backward()
     finally:
@@ -287,5 +267,4 @@ __all__ = [
     "collect_stats",
     "fold_scales",
     "loss_estimator",
-    "statistics_dtype",
 ]

@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass
 
+from memtool.compress.precision import check_compute_dtype
 from memtool.compress.quantizer import check_bits
 from memtool.errors import MemtoolError
 
@@ -44,6 +45,10 @@ class GPTQConfig(RTNConfig):
     true_sequential: bool | None = None
     damp_percent: float = 0.01
     block_size: int = 128
+    # Matmul dtype of the calibration forwards (`memtool.compress.precision`): "auto" is
+    # bfloat16 where the hardware has it natively, with the hidden states kept in it between
+    # layers; Hessians and the quantization stay float32. `compress` records the dtype used.
+    stats_dtype: str = "auto"
 
     method = "gptq"
 
@@ -62,6 +67,7 @@ class GPTQConfig(RTNConfig):
             raise MemtoolError(f"--damp-percent {self.damp_percent} must be in (0, 1]")
         if self.block_size <= 0:
             raise MemtoolError(f"--block-size {self.block_size} must be positive")
+        check_compute_dtype("--stats-dtype", self.stats_dtype)
 
 
 @dataclass(frozen=True)
@@ -158,7 +164,4 @@ class BitStackConfig:
             raise MemtoolError(f"residual {self.residual!r} must be fp16 or fp32")
         if self.score_samples < 0:
             raise MemtoolError(f"--score-samples {self.score_samples} must be 0 or more")
-        if self.stats_dtype not in ("auto", "float32", "bfloat16"):
-            raise MemtoolError(
-                f"--stats-dtype {self.stats_dtype!r} must be auto, float32 or bfloat16"
-            )
+        check_compute_dtype("--stats-dtype", self.stats_dtype)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from memtool.compress.precision import autocast_to
 from memtool.metrics.memory import drop_file_pages
 from memtool.models.layers import decoder_layers
 
@@ -29,21 +30,33 @@ class _StopForward(Exception):
 
 @dataclass
 class LayerInputs:
-    """Hidden states entering a decoder layer, in batches, with each batch's other arguments."""
+    """Hidden states entering a decoder layer, in batches, with each batch's other arguments.
+
+    With a `compute_dtype` (say bfloat16, see `memtool.compress.precision`) the layer forwards
+    run their matmuls under autocast to it, and the hidden states are kept in it between layers
+    (half the pass's largest holding); each batch enters a layer in float32, so the layer's own
+    arithmetic outside the matmuls (norms, residual sums) is float32 as without it.
+    """
 
     hidden: list[torch.Tensor]  # one [B, L, D] tensor per batch
     kwargs: list[dict[str, Any]]  # the layer's keyword arguments for that batch
+    compute_dtype: torch.dtype | None = None
 
     @property
     def n_tokens(self) -> int:
         return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+    def set_compute_dtype(self, dtype: torch.dtype | None) -> None:
+        """Run later forwards under autocast to `dtype` and keep the hidden states in it."""
+        self.compute_dtype = dtype
+        self.hidden = [self._kept(h) for h in self.hidden]
 
     def run(self, layer: nn.Module) -> None:
         """Run every batch through `layer` (outputs discarded): hooks on it see the inputs, and
         may end a batch early by raising `StopLayer`."""
         for hidden, kwargs in zip(self.hidden, self.kwargs, strict=True):
             with contextlib.suppress(StopLayer):
-                run_layer(layer, hidden, kwargs)
+                self._forward(layer, hidden, kwargs)
 
     def advance(self, layer: nn.Module) -> None:
         """Replace the inputs with `layer`'s outputs: the next layer's inputs, computed through
@@ -51,7 +64,14 @@ class LayerInputs:
         # In place, batch by batch: each input goes as its output arrives, so the pass holds
         # one batch more than the inputs rather than a second copy of them all.
         for index, (hidden, kwargs) in enumerate(zip(self.hidden, self.kwargs, strict=True)):
-            self.hidden[index] = run_layer(layer, hidden, kwargs)
+            self.hidden[index] = self._kept(self._forward(layer, hidden, kwargs))
+
+    def _forward(self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        with autocast_to(hidden.device.type, self.compute_dtype):
+            return run_layer(layer, hidden.float(), kwargs)
+
+    def _kept(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.to(self.compute_dtype or torch.float32)
 
 
 class PhaseClock:

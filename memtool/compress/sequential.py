@@ -80,6 +80,7 @@ def quantize_sequential(
     show_progress: bool = True,
     keep_weights: bool = True,
     true_sequential: bool = False,
+    compute_dtype: torch.dtype | None = None,
 ) -> SequentialResult:
     """Quantize every linear inside the decoder layers of `model`, in place (fake-quantized).
 
@@ -100,6 +101,10 @@ def quantize_sequential(
             down) on inputs computed through the groups of the layer already quantized, one
             partial forward per group, as GPTQModel and the GPTQ reference do; False takes
             every Hessian of a layer from one forward through the unquantized layer.
+        compute_dtype: run the layer forwards' matmuls under autocast to this dtype (bfloat16
+            where it is native, `memtool.compress.precision`) and keep the hidden states
+            between layers in it; the Hessians are accumulated in float32 regardless, and the
+            quantization itself always runs in float32.
     """
     began = time.perf_counter()
     layers = decoder_layers(model)
@@ -118,6 +123,7 @@ def quantize_sequential(
     upcast(outside)
     try:
         inputs = capture_first_layer_inputs(model, windows, batch_size)
+        inputs.set_compute_dtype(compute_dtype)
     except BaseException:
         result.restore_weights()
         raise

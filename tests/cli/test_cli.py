@@ -223,6 +223,7 @@ def test_compress_cli_writes_and_measure_reads(tiny_llama_dir, text_file, tmp_pa
         (["--method", "bitstack", "--niter", 0], "--niter 0"),
         (["--method", "bitstack", "--order", "random"], "--order 'random'"),
         (["--method", "bitstack", "--stats-dtype", "fp8"], "--stats-dtype 'fp8'"),
+        (["--method", "gptq", "--stats-dtype", "fp8"], "--stats-dtype 'fp8'"),
     ],
 )
 def test_compress_bad_input(tiny_llama_dir, tmp_path, args, match):

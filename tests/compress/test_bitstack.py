@@ -17,7 +17,6 @@ from memtool.compress.bitstack_scaling import (
     body_linears,
     collect_stats,
     fold_scales,
-    statistics_dtype,
 )
 from memtool.data import calibration_windows
 from memtool.errors import MemtoolError
@@ -273,21 +272,6 @@ def test_scale_is_the_mean_window_l2_norm_over_every_window(tiny_llama_dir, text
         torch.testing.assert_close(
             entry.hessian, tokens.T @ tokens / len(tokens), rtol=1e-4, atol=1e-6
         )
-
-
-def test_statistics_dtype_follows_the_setting_and_the_hardware(monkeypatch):
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert statistics_dtype("float32", cpu) is None
-    assert statistics_dtype("bfloat16", cpu) is torch.bfloat16
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert statistics_dtype("auto", cpu) is None  # emulated bfloat16 is slower than float32
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert statistics_dtype("auto", cpu) is torch.bfloat16
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
-    assert statistics_dtype("auto", cuda) is None
-    with pytest.raises(MemtoolError, match="--stats-dtype 'fp8' must be auto, float32"):
-        BitStackConfig(stats_dtype="fp8").validate()
 
 
 def test_bfloat16_statistics_run_the_matmuls_in_bfloat16_and_stay_close(tiny_llama_dir, text_file):

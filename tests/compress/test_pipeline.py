@@ -294,3 +294,23 @@ def test_true_sequential_defaults_on_at_three_bits_and_below(bits, asked, expect
     """Measured on the default model: true sequential is what beats GPTQModel at 3 bits and
     buys nothing at 4; an explicit choice always wins."""
     assert GPTQConfig(bits=bits, true_sequential=asked).true_sequential is expected
+
+
+@pytest.mark.parametrize(
+    ("native", "asked", "used"),
+    [(True, "auto", "bfloat16"), (False, "auto", "float32"), (True, "float32", "float32")],
+)
+def test_gptq_records_the_forward_dtype_it_used(
+    tiny_llama_dir, text_file, tmp_path, monkeypatch, native, asked, used
+):
+    import memtool.compress.precision as precision
+
+    monkeypatch.setattr(precision, "native_bfloat16", lambda device: native)
+    out = tmp_path / "q"
+    config = GPTQConfig(bits=4, group_size=32, stats_dtype=asked)
+    result, _, _ = compress(
+        str(tiny_llama_dir), config, _calib(text_file), output=out, show_progress=False
+    )
+    assert result.settings["stats_dtype"] == used
+    quant = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert quant["meta"]["stats_dtype"] == used

@@ -118,3 +118,61 @@ def test_the_pass_runs_with_large_allocations_mapped(tiny_llama_dir, monkeypatch
     quantize_sequential(load_model(tiny_llama_dir).model, windows, quantize, 2, False)
     assert states[0] == "entered" and states[-1] == "left"
     assert states.count("entered") == 1 and "quantized" in states[1:-1]
+
+
+def test_bfloat16_forwards_keep_hidden_states_in_bfloat16_and_float32_hessians_close(
+    tiny_llama_dir,
+):
+    """compute_dtype=bfloat16: the layer matmuls run in bfloat16, the hidden states are kept in
+    it between layers but enter each layer in float32, and the Hessians stay float32, close to
+    the float32 pass's."""
+    windows = torch.randint(2, 300, (4, 16), generator=torch.Generator().manual_seed(2))
+    hessians, seen = {}, []
+    for dtype in (None, torch.bfloat16):
+        model = load_model(tiny_llama_dir).model
+        layer1 = decoder_layers(model)[1]
+        handles = [
+            layer1.mlp.down_proj.register_forward_hook(
+                lambda m, args, out, dtype=dtype: seen.append(("matmul", dtype, out.dtype))
+            ),
+            layer1.register_forward_pre_hook(
+                lambda m, args, dtype=dtype: seen.append(("enters", dtype, args[0].dtype))
+            ),
+        ]
+        hessians[dtype] = []
+        result = quantize_sequential(
+            model, windows, _recording_rtn(hessians[dtype]), 2, False, compute_dtype=dtype
+        )
+        for handle in handles:
+            handle.remove()
+        assert len(result.weights) == 2 * 7
+    assert {s for s in seen if s[1] is None} == {
+        ("matmul", None, torch.float32),
+        ("enters", None, torch.float32),
+    }
+    assert {s for s in seen if s[1] is torch.bfloat16} == {
+        ("matmul", torch.bfloat16, torch.bfloat16),
+        ("enters", torch.bfloat16, torch.float32),
+    }
+    assert len(hessians[None]) == len(hessians[torch.bfloat16]) == 2 * 4
+    for (names, want), (got_names, got) in zip(
+        hessians[None], hessians[torch.bfloat16], strict=True
+    ):
+        assert names == got_names and got.dtype == torch.float32
+        error = (got - want).norm() / want.norm()
+        assert 0 < error < 0.02, (names, error)  # bfloat16 really ran, and stayed close
+
+
+def test_layer_inputs_kept_in_the_compute_dtype(tiny_llama_dir):
+    windows = torch.randint(2, 300, (4, 16), generator=torch.Generator().manual_seed(2))
+    model = load_model(tiny_llama_dir).model
+    inputs = capture_first_layer_inputs(model, windows, 2)
+    want = [h.clone() for h in inputs.hidden]
+    assert all(h.dtype == torch.float32 for h in want)
+    inputs.set_compute_dtype(torch.bfloat16)
+    assert all(h.dtype == torch.bfloat16 for h in inputs.hidden)
+    for got, original in zip(inputs.hidden, want, strict=True):
+        assert torch.equal(got, original.bfloat16())
+    with torch.no_grad():
+        inputs.advance(decoder_layers(model)[0])
+    assert all(h.dtype == torch.bfloat16 for h in inputs.hidden)
