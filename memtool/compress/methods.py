@@ -13,18 +13,7 @@ def split_rows(weight: QuantizedWeight, row_counts: list[int]) -> list[Quantized
     """Undo the stacking of linears that shared a Hessian: rows are independent."""
     parts, start = [], 0
     for rows in row_counts:
-        cut = slice(start, start + rows)
-        parts.append(
-            QuantizedWeight(
-                weight.codes[cut].clone(),
-                weight.scales[cut].clone(),
-                weight.zeros[cut].clone(),
-                weight.g_idx.clone(),
-                weight.bits,
-                weight.group_size,
-                weight.sym,
-            )
-        )
+        parts.append(weight.rows(start, start + rows))
         start += rows
     return parts
 
