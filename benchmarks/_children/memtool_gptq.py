@@ -2,7 +2,8 @@
 
 Uses the library's layer-by-layer driver directly so both tools see the very same token windows
 (`memtool compress` draws them itself from a data spec), set up as `compress` sets it up: the
-checkpoint loaded in its stored dtype, finished layers' float weights dropped until the save.
+checkpoint loaded in its stored dtype, finished layers' float weights dropped until the save,
+the forwards in the dtype `--stats-dtype auto` picks on this machine.
 """
 
 import json
@@ -14,6 +15,7 @@ import torch
 from memtool import load_model
 from memtool.compress import GPTQConfig
 from memtool.compress.methods import gptq_group_quantizer
+from memtool.compress.precision import dtype_name, resolve_compute_dtype
 from memtool.compress.sequential import quantize_sequential
 from memtool.formats.gptq_checkpoint import gptq_quantization_config, save_gptq_checkpoint
 from memtool.metrics import peak_rss_bytes
@@ -22,6 +24,7 @@ out, calib, bits, group, damp = sys.argv[1:6]
 began = time.perf_counter()
 loaded = load_model("smollm2-135m", dtype="stored")
 config = GPTQConfig(bits=int(bits), group_size=int(group), damp_percent=float(damp))
+compute_dtype = resolve_compute_dtype(config.stats_dtype, torch.device("cpu"))
 result = quantize_sequential(
     loaded.model,
     torch.load(calib),
@@ -29,6 +32,7 @@ result = quantize_sequential(
     show_progress=False,
     keep_weights=False,
     true_sequential=config.true_sequential,
+    compute_dtype=compute_dtype,
 )
 quant_config = gptq_quantization_config(
     config.bits,
@@ -45,6 +49,7 @@ print(
             "seconds": round(time.perf_counter() - began, 1),
             "phase_seconds": result.phase_seconds,
             "peak_rss_bytes": peak_rss_bytes(),
+            "forward_dtype": dtype_name(compute_dtype),
         }
     )
 )
