@@ -109,7 +109,7 @@ def compress_command(
     stats_dtype: str = typer.Option(
         "auto",
         "--stats-dtype",
-        help="BitStack, GPTQ: matmul dtype of the calibration forwards: auto (bfloat16 where "
+        help="BitStack, GPTQ, AWQ: matmul dtype of the calibration forwards: auto (bfloat16 where "
         "the hardware has it natively), float32 or bfloat16. Statistics stay float32.",
     ),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration window."),
@@ -158,8 +158,9 @@ def compress_command(
                     static_groups=static_groups,
                     true_sequential=true_sequential,
                     damp_percent=damp_percent,
-                    stats_dtype=stats_dtype,
                 )
+            if config_type in (GPTQConfig, AWQConfig):
+                options["stats_dtype"] = stats_dtype
             config = config_type(**options)
         samples = calib_samples
         if samples is None:

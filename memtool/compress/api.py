@@ -139,6 +139,9 @@ def compress(
                 f"--seq-len {calibration.seq_len} is above the model's context of {context}"
             )
         calib_info = windows.to_dict()
+        device = next(loaded.model.parameters()).device
+        compute_dtype = resolve_compute_dtype(config.stats_dtype, device)
+        config = replace(config, stats_dtype=dtype_name(compute_dtype))  # what is recorded
         if isinstance(config, AWQConfig):
             result = quantize_awq(
                 loaded.model,
@@ -146,11 +149,9 @@ def compress(
                 config,
                 batch_size=calibration.batch_size,
                 show_progress=show_progress,
+                compute_dtype=compute_dtype,
             )
         else:
-            device = next(loaded.model.parameters()).device
-            compute_dtype = resolve_compute_dtype(config.stats_dtype, device)
-            config = replace(config, stats_dtype=dtype_name(compute_dtype))  # what is recorded
             # The layers done give up their float weights (their codes stand for them) until
             # the checkpoint is written: the job's peak memory (issue 4).
             result = quantize_sequential(

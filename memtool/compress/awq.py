@@ -49,6 +49,7 @@ from memtool.compress.layers import (
     decoder_layers,
     linear_children,
 )
+from memtool.compress.precision import autocast_to
 from memtool.compress.quantizer import QuantizedWeight, rtn_quantize
 from memtool.compress.sequential import SequentialResult
 from memtool.progress import step_progress
@@ -167,6 +168,7 @@ def quantize_awq(
     config: AWQConfig,
     batch_size: int = 8,
     show_progress: bool = True,
+    compute_dtype: torch.dtype | None = None,
 ) -> AWQResult:
     """Quantize every linear inside the decoder layers of `model` with AWQ, in place.
 
@@ -179,6 +181,10 @@ def quantize_awq(
         config: bits, group size, symmetry and the search settings.
         batch_size: calibration windows per forward call.
         show_progress: draw a per-layer progress bar on stderr.
+        compute_dtype: run the layer forwards and the scale search's block forwards under
+            autocast to this dtype (bfloat16 where native, `memtool.compress.precision`), the
+            hidden states kept in it between layers; statistics, the clip search and the
+            rounding stay float32.
 
     Raises:
         MemtoolError: AWQ has no scaling groups for the architecture.
@@ -189,6 +195,8 @@ def quantize_awq(
     prefix = next(name for name, m in model.named_modules() if m is layers)
     clock = PhaseClock("capture", "record", "scale_search", "clip_quantize", "propagate")
     inputs = capture_first_layer_inputs(model, windows, batch_size)
+    inputs.set_compute_dtype(compute_dtype)
+    device_type = next(model.parameters()).device.type
     result = AWQResult({})
     clock.lap("capture")
 
@@ -206,7 +214,9 @@ def quantize_awq(
             progress.update(task, status=f"layer {index}: searching scales")
             divisors: dict[str, torch.Tensor] = {}
             # All searches saw the float weights (as in AutoAWQ); fold the scales afterwards.
-            for group, scales, alpha in _search_scales(layer, groups, linears, recorded, config):
+            with autocast_to(device_type, compute_dtype):
+                found = _search_scales(layer, groups, linears, recorded, config)
+            for group, scales, alpha in found:
                 apply_scale(layer, group, scales)
                 divisors.update(dict.fromkeys(group.linears, scales))
                 result.alphas[f"{prefix}.{index}: {group.label}"] = alpha

@@ -88,6 +88,9 @@ class AWQConfig:
     clip_tokens: int = 512  # calibration tokens (evenly strided) the clip search uses
     checkpoint_format: str = "auto"  # "gemm" (AWQ, 4-bit), "gptq" (any bits), "auto"
     fallback_rtn: bool = False  # unsupported architecture: round-to-nearest instead of an error
+    # Matmul dtype of the calibration forwards, the scale search's included (as GPTQConfig's;
+    # AutoAWQ searches in float16 on GPU). The clip search and the rounding stay float32.
+    stats_dtype: str = "auto"
 
     method = "awq"
 
@@ -105,6 +108,7 @@ class AWQConfig:
             raise MemtoolError(
                 f"checkpoint_format {self.checkpoint_format!r} must be auto, gemm or gptq"
             )
+        check_compute_dtype("--stats-dtype", self.stats_dtype)
 
 
 @dataclass(frozen=True)

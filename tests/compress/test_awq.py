@@ -132,15 +132,18 @@ def _logit_mse(reference, model, windows):
 
 
 @pytest.mark.parametrize("model_dir", ["tiny_llama_dir", "tiny_opt_dir"])
-@pytest.mark.parametrize("bits", [3, 4])
-def test_awq_beats_rtn_on_tiny_models(model_dir, bits, request, text_file, held_out_text_file):
+@pytest.mark.parametrize(("bits", "dtype"), [(3, "float32"), (4, "float32"), (3, "bfloat16")])
+def test_awq_beats_rtn_on_tiny_models(
+    model_dir, bits, dtype, request, text_file, held_out_text_file
+):
     folder = request.getfixturevalue(model_dir)
     reference = load_model(folder)
     windows = calibration_windows(
         str(held_out_text_file), reference.tokenizer, 8, 32, seed=0
     ).input_ids
     errors = {}
-    for config in (RTNConfig(bits=bits, group_size=32, sym=False), AWQConfig(bits, 32)):
+    awq = AWQConfig(bits, 32, stats_dtype=dtype)
+    for config in (RTNConfig(bits=bits, group_size=32, sym=False), awq):
         _, weights, loaded = compress(str(folder), config, _calib(text_file), show_progress=False)
         n_linears = sum(isinstance(m, torch.nn.Linear) for m in loaded.model.modules()) - 1
         assert len(weights) == n_linears  # every decoder linear, not the head
@@ -183,3 +186,19 @@ def test_fallback_rtn_quantizes_with_rtn_and_says_so(tiny_tokenizer, tmp_path):
     for name, weight in weights.items():
         rtn = rtn_quantize(original[f"{name}.weight"], 4, 32, sym=False)
         assert torch.equal(weight.codes, rtn.codes) and torch.equal(weight.scales, rtn.scales)
+
+
+def test_bfloat16_search_runs_its_block_forwards_in_bfloat16(tiny_llama_dir, text_file):
+    from memtool.compress.awq import quantize_awq
+
+    loaded = load_model(tiny_llama_dir)
+    windows = calibration_windows(str(text_file), loaded.tokenizer, 4, 32, seed=0).input_ids
+    seen = set()
+    mlp = decoder_layers(loaded.model)[1].mlp
+    handle = mlp.down_proj.register_forward_hook(lambda m, args, out: seen.add(out.dtype))
+    result = quantize_awq(
+        loaded.model, windows, AWQConfig(4, 32), 2, False, compute_dtype=torch.bfloat16
+    )
+    handle.remove()
+    assert seen == {torch.bfloat16} and len(result.weights) == 2 * 7
+    assert all(w.scales.dtype == torch.float32 for w in result.weights.values())

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from memtool import load_model
-from memtool.compress import CalibrationConfig, GPTQConfig, RTNConfig, compress
+from memtool.compress import AWQConfig, CalibrationConfig, GPTQConfig, RTNConfig, compress
 from memtool.errors import MemtoolError
 from memtool.formats.gptq_linear import GPTQLinear
 from memtool.ops.reference import dequantize_gptq
@@ -300,14 +300,15 @@ def test_true_sequential_defaults_on_at_three_bits_and_below(bits, asked, expect
     ("native", "asked", "used"),
     [(True, "auto", "bfloat16"), (False, "auto", "float32"), (True, "float32", "float32")],
 )
-def test_gptq_records_the_forward_dtype_it_used(
-    tiny_llama_dir, text_file, tmp_path, monkeypatch, native, asked, used
+@pytest.mark.parametrize("kind", [GPTQConfig, AWQConfig])
+def test_calibrated_methods_record_the_forward_dtype_they_used(
+    tiny_llama_dir, text_file, tmp_path, monkeypatch, native, asked, used, kind
 ):
     import memtool.compress.precision as precision
 
     monkeypatch.setattr(precision, "native_bfloat16", lambda device: native)
     out = tmp_path / "q"
-    config = GPTQConfig(bits=4, group_size=32, stats_dtype=asked)
+    config = kind(bits=4, group_size=32, stats_dtype=asked)
     result, _, _ = compress(
         str(tiny_llama_dir), config, _calib(text_file), output=out, show_progress=False
     )
