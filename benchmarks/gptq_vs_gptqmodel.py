@@ -8,7 +8,7 @@ interoperability both ways (memtool loads GPTQModel's checkpoint; GPTQModel load
 GPTQModel pins torch >= 2.14.1, so it lives in its own virtualenv, installed without its
 dependencies beside torch 2.13 (see BENCHMARKS.md for the exact commands):
 
-    python benchmarks/gptq_vs_gptqmodel.py --gptqmodel-python /tmp/gq/bin/python --bits 4
+    python benchmarks/gptq_vs_gptqmodel.py --gptqmodel-python /tmp/gq/bin/python --bits 4 [--asym]
 """
 
 import argparse
@@ -56,12 +56,14 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--damp", type=float, default=0.01)
+    parser.add_argument("--asym", action="store_true", help="asymmetric groups for both tools")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gptq-bench-"))
     base = load_model("smollm2-135m")
     windows = calibration_windows("wiki", base.tokenizer, args.samples, args.seq_len, seed=0)
     torch.save(windows.input_ids, work / "calibration.pt")
     settings = [str(args.bits), str(args.group_size), str(args.damp)]
+    symmetry = "asym" if args.asym else "sym"
 
     report = {
         "settings": vars(args),
@@ -74,6 +76,7 @@ def main() -> None:
         str(work / "memtool"),
         str(work / "calibration.pt"),
         *settings,
+        symmetry,
     )
     report["gptqmodel"] = run_child(
         args.gptqmodel_python,
@@ -82,6 +85,7 @@ def main() -> None:
         str(work / "gptqmodel"),
         str(work / "calibration.pt"),
         *settings,
+        symmetry,
     )
     report["ppl_fp32"] = perplexities(base, args.eval_windows)
     del base

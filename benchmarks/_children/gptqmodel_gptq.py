@@ -10,12 +10,13 @@ import time
 import torch
 
 src, out, calib, bits, group, damp = sys.argv[1:7]
+sym = sys.argv[7:8] != ["asym"]  # optional 7th argument: "sym" (default) or "asym"
 began = time.perf_counter()
 with contextlib.redirect_stdout(sys.stderr):  # GPTQModel logs to stdout
     from gptqmodel import GPTQModel, QuantizeConfig
 
     config = QuantizeConfig(
-        bits=int(bits), group_size=int(group), sym=True, desc_act=True, damp_percent=float(damp)
+        bits=int(bits), group_size=int(group), sym=sym, desc_act=True, damp_percent=float(damp)
     )
     model = GPTQModel.load(src, config, device="cpu")
     windows = torch.load(calib)

@@ -21,9 +21,10 @@ from memtool.formats.gptq_checkpoint import gptq_quantization_config, save_gptq_
 from memtool.metrics import peak_rss_bytes
 
 out, calib, bits, group, damp = sys.argv[1:6]
+sym = sys.argv[6:7] != ["asym"]  # optional 6th argument: "sym" (default) or "asym"
 began = time.perf_counter()
 loaded = load_model("smollm2-135m", dtype="stored")
-config = GPTQConfig(bits=int(bits), group_size=int(group), damp_percent=float(damp))
+config = GPTQConfig(bits=int(bits), group_size=int(group), sym=sym, damp_percent=float(damp))
 compute_dtype = resolve_compute_dtype(config.stats_dtype, torch.device("cpu"))
 result = quantize_sequential(
     loaded.model,
@@ -37,7 +38,7 @@ result = quantize_sequential(
 quant_config = gptq_quantization_config(
     config.bits,
     config.group_size,
-    True,
+    config.sym,
     config.act_order,
     static_groups=config.static_groups,
     true_sequential=config.true_sequential,
