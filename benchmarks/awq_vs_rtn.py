@@ -5,6 +5,7 @@ Issue 4's target: AWQ 4-bit and 3-bit below RTN at the same bits and group. Both
 AWQ's time (its grid searches dominate) is recorded beside its perplexity.
 
 Usage: python benchmarks/awq_vs_rtn.py --bits 3 [--calib-samples 32] [--windows 16]
+    [--stats-dtypes float32,bfloat16]  (one AWQ row per forward dtype; default: auto)
 Writes benchmarks/results/awq_vs_rtn_<bits>bit.json.
 """
 
@@ -28,6 +29,7 @@ def main() -> None:
     parser.add_argument("--sym", action="store_true", help="symmetric groups (default: asym)")
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--windows", type=int, default=16)
+    parser.add_argument("--stats-dtypes", default="auto", help="AWQ forward dtypes, comma list")
     args = parser.parse_args()
     calibration = CalibrationConfig(data="wiki", n_samples=args.calib_samples)
     shape = dict(bits=args.bits, group_size=args.group_size, sym=args.sym)
@@ -37,7 +39,9 @@ def main() -> None:
         data: evaluation_windows(data, tokenizer, 512, args.windows).input_ids
         for data in ("wiki", "code")
     }
-    for name, config in (("rtn", RTNConfig(**shape)), ("awq", AWQConfig(**shape))):
+    runs = [("rtn", RTNConfig(**shape))]
+    runs += [("awq", AWQConfig(**shape, stats_dtype=d)) for d in args.stats_dtypes.split(",")]
+    for name, config in runs:
         loaded = load_model(None)
         began = time.perf_counter()
         result, _, quantized = compress(
@@ -45,6 +49,8 @@ def main() -> None:
         )
         seconds = time.perf_counter() - began
         row = {"method": name, "seconds": round(seconds, 1), "phases": result.phase_seconds}
+        if name == "awq":
+            row["stats_dtype"] = result.settings["stats_dtype"]
         for data, ids in windows.items():
             row[f"ppl_{data}"] = perplexity(quantized.model, ids, show_progress=False).perplexity
         results["rows"].append(row)
