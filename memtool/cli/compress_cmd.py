@@ -74,7 +74,12 @@ def compress_command(
         "(as accurate, faster).",
         show_default=False,
     ),
-    damp_percent: float = typer.Option(0.01, "--damp-percent", help="GPTQ: initial dampening."),
+    damp_percent: float = typer.Option(
+        None,
+        "--damp-percent",
+        help="GPTQ: initial dampening (default 0.01); BitStack: the feedback Hessian's "
+        "(see docs for the default).",
+    ),
     calib: str = typer.Option("wiki", "--calib", help="Calibration data spec (see measure)."),
     calib_samples: int = typer.Option(
         None, "--calib-samples", help="Calibration windows (default 128; bitstack 64)."
@@ -104,7 +109,17 @@ def compress_command(
         "importance", "--order", help="BitStack: stack order, importance or uniform."
     ),
     score_samples: int = typer.Option(
-        8, "--score-samples", help="BitStack: windows back-propagated to score blocks."
+        None,
+        "--score-samples",
+        help="BitStack: windows back-propagated to score blocks and for the feedback Hessians "
+        "(default 16, or all calibration windows when fewer).",
+    ),
+    feedback: bool = typer.Option(
+        None,
+        "--feedback/--no-feedback",
+        help="BitStack: choose each block's signs with GPTQ-style error feedback through the "
+        "score windows' input Hessians (see docs for the default).",
+        show_default=False,
     ),
     stats_dtype: str = typer.Option(
         "auto",
@@ -135,6 +150,7 @@ def compress_command(
             names = ", ".join([*METHODS, "flash-store"])
             raise MemtoolError(f"unknown method {method!r}: available now are {names}")
         if config_type is BitStackConfig:
+            given = {"feedback": feedback, "damp_percent": damp_percent}
             config = BitStackConfig(
                 niter=niter,
                 rank=rank,
@@ -143,6 +159,7 @@ def compress_command(
                 score_samples=score_samples,
                 stats_dtype=stats_dtype,
                 seed=seed,
+                **{key: value for key, value in given.items() if value is not None},
             )
         elif config_type is BnbConfig:
             config = BnbConfig(quant_type=method)
@@ -157,7 +174,7 @@ def compress_command(
                     act_order=act_order,
                     static_groups=static_groups,
                     true_sequential=true_sequential,
-                    damp_percent=damp_percent,
+                    damp_percent=0.01 if damp_percent is None else damp_percent,
                 )
             if config_type in (GPTQConfig, AWQConfig):
                 options["stats_dtype"] = stats_dtype

@@ -83,6 +83,35 @@ def low_rank(magnitude: Tensor, rank: int, exact: bool) -> tuple[Tensor, Tensor]
     return left[:, :rank] * root, right[:, :rank] * root
 
 
+def feedback_signs(rest: Tensor, magnitude: Tensor, hinv_upper: Tensor, block_size: int = 128):
+    """Signs `[out, in]` (±1) for `magnitude` chosen column by column with GPTQ's error feedback.
+
+    Column c takes the sign of the residual as updated so far; the error it leaves,
+    `R[:, c] - S[:, c] M[:, c]`, is spread over the columns not yet chosen through the upper
+    Cholesky factor of the inverse input Hessian (as GPTQ spreads rounding errors), so the
+    block minimises the layer's output error on the calibration inputs rather than the weight
+    error. `sign(R)` (no feedback) is the special case of a diagonal Hessian.
+    """
+    wt = rest.T.contiguous()  # an input column per row: contiguous per-column steps
+    mt = magnitude.T.contiguous()
+    in_features, out_features = wt.shape
+    negative = torch.empty(in_features, out_features, dtype=torch.bool)
+    for start in range(0, in_features, block_size):
+        stop = min(start + block_size, in_features)
+        hinv_block = hinv_upper[start:stop, start:stop]
+        err_block = torch.empty(stop - start, out_features)
+        for j in range(stop - start):
+            col = start + j
+            row = wt[col]
+            below = row < 0
+            negative[col] = below
+            err = (row - torch.where(below, -mt[col], mt[col])).div_(hinv_block[j, j])
+            err_block[j] = err
+            wt[col + 1 : stop].addr_(hinv_block[j, j + 1 :], err, alpha=-1)
+        wt[stop:].addmm_(hinv_upper[start:stop, stop:].T, err_block, alpha=-1)
+    return torch.where(negative.T, -1.0, 1.0)
+
+
 def decompose(
     weight: Tensor,
     niter: int,
@@ -91,6 +120,7 @@ def decompose(
     residual: str = "fp16",
     exact_svd: bool = False,
     error: Callable[[Tensor], float] | None = None,
+    hinv_upper: Tensor | None = None,
 ) -> tuple[list[Block], list[float]]:
     """Peel `weight` `[out, in]` into `niter` residual blocks.
 
@@ -103,6 +133,9 @@ def decompose(
             seed it for reproducible stacks).
         error: maps a residual to a scalar (the estimated loss increase it causes); called on
             the weight itself and after each block.
+        hinv_upper: upper Cholesky factor of the inverse Hessian of the (scaled) weight's
+            inputs: choose each block's signs with error feedback (`feedback_signs`); None:
+            `sign(R)`.
 
     Returns:
         (blocks, errors) with `errors[k]` the error after k blocks (`niter + 1` values; empty
@@ -117,9 +150,14 @@ def decompose(
         u, v = low_rank(rest.abs(), rank, exact_svd)
         u16, v16 = u.to(FACTOR_DTYPE), v.to(FACTOR_DTYPE)
         magnitude = (u16.float() @ v16.float().T) if residual == "fp16" else (u @ v.T)
-        blocks.append(Block(pack_signs(rest), u16.contiguous(), v16.contiguous()))
-        # sign(R) with zeros as +1, applied without materialising S.
-        rest.sub_(torch.where(rest < 0, -magnitude, magnitude))
+        if hinv_upper is None:
+            blocks.append(Block(pack_signs(rest), u16.contiguous(), v16.contiguous()))
+            # sign(R) with zeros as +1, applied without materialising S.
+            rest.sub_(torch.where(rest < 0, -magnitude, magnitude))
+        else:
+            signs = feedback_signs(rest, magnitude, hinv_upper)
+            blocks.append(Block(pack_signs(signs), u16.contiguous(), v16.contiguous()))
+            rest.sub_(signs.mul_(magnitude))
         if error is not None:
             errors.append(error(rest))
     return blocks, errors

@@ -5,6 +5,7 @@ as soon as its blocks exist, and the input Hessians (one per distinct linear inp
 per decoder layer of smollm2-135m) are the only calibration state kept.
 """
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -18,10 +19,11 @@ from memtool.compress.bitstack_scaling import (
     Scaling,
     body_linears,
     collect_stats,
+    feedback_factor,
     fold_scales,
     loss_estimator,
 )
-from memtool.compress.config import BitStackConfig, CalibrationConfig
+from memtool.compress.config import DEFAULT_SCORE_SAMPLES, BitStackConfig, CalibrationConfig
 from memtool.compress.precision import dtype_name, resolve_compute_dtype
 from memtool.data import calibration_windows
 from memtool.errors import MemtoolError
@@ -51,7 +53,10 @@ def compress_bitstack(
         rank = config.rank or auto_rank(module.out_features, module.in_features, config.block_bits)
         check_rank(module.out_features, module.in_features, rank, name)
         ranks[name] = rank
-    if config.score_samples > calibration.n_samples:
+    if config.score_samples is None:
+        score = min(DEFAULT_SCORE_SAMPLES, calibration.n_samples)
+        config = dataclasses.replace(config, score_samples=score)
+    elif config.score_samples > calibration.n_samples:
         raise MemtoolError(
             f"--score-samples {config.score_samples} is more than the {calibration.n_samples} "
             "calibration windows; lower it or raise --calib-samples"
@@ -89,6 +94,11 @@ def compress_bitstack(
     with counted_steps("decomposing", len(linears), show_progress) as (bar, task):
         for name, module in linears.items():
             estimate = loss_estimator(stats[name], fisher.get(name), scalings[name])
+            hinv = None
+            if config.feedback:
+                hinv = feedback_factor(stats[name], scalings[name], config.damp_percent)
+                if hinv is None:
+                    warnings.append(f"{name}: input Hessian indefinite, signs without feedback")
             blocks, errors = decompose(
                 module.weight,
                 config.niter,
@@ -96,6 +106,7 @@ def compress_bitstack(
                 residual=config.residual,
                 exact_svd=config.exact_svd,
                 error=estimate,
+                hinv_upper=hinv,
             )
             module.weight = nn.Parameter(torch.empty(0), requires_grad=False)  # free it now
             spec = LinearSpec(

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from memtool.compress.awq_groups import apply_scale, check_supported, scaling_groups
-from memtool.compress.hessian import LinearHooks, add_second_moment
+from memtool.compress.hessian import LinearHooks, add_second_moment, inverse_hessian_factor
 from memtool.compress.layers import decoder_layers, linear_children
 from memtool.compress.precision import autocast_to
 from memtool.errors import MemtoolError
@@ -236,6 +236,28 @@ def fold_scales(
     return scalings, warnings
 
 
+def scaled_hessian(stats: LinearStats, scaling: Scaling) -> Tensor | None:
+    """The input second moment in the scaled weight's space, `diag(1/s) H diag(1/s)` (the
+    decomposed `W' = W diag(s)` reads `x / s`); None without statistics."""
+    if stats.hessian is None:
+        return None
+    inverse = 1.0 / scaling.scale
+    return stats.hessian * inverse.view(-1, 1) * inverse.view(1, -1)
+
+
+def feedback_factor(stats: LinearStats, scaling: Scaling, damp_percent: float) -> Tensor | None:
+    """Upper Cholesky factor of the inverse scaled Hessian for `feedback_signs`, dampened as
+    GPTQ dampens; None when there are no statistics or it stays indefinite."""
+    hessian = scaled_hessian(stats, scaling)
+    if hessian is None:
+        return None
+    hessian = hessian.clone()
+    dead = torch.diag(hessian) == 0  # never active in calibration: an independent column
+    hessian[dead, dead] = 1
+    upper, _ = inverse_hessian_factor(hessian, damp_percent, 1.0)
+    return upper
+
+
 def loss_estimator(stats: LinearStats, fisher: Tensor | None, scaling: Scaling):
     """A function mapping a residual of the scaled weight to its estimated loss increase.
 
@@ -244,10 +266,7 @@ def loss_estimator(stats: LinearStats, fisher: Tensor | None, scaling: Scaling):
     Without statistics (`score_samples=0`) it falls back to ‖E'‖², the scaled residual's
     energy.
     """
-    hessian = None
-    if stats.hessian is not None:
-        inverse = 1.0 / scaling.scale
-        hessian = stats.hessian * inverse.view(-1, 1) * inverse.view(1, -1)
+    hessian = scaled_hessian(stats, scaling)
     rows = torch.ones(1) if fisher is None else fisher.clone()
     if scaling.row_divisor is not None and fisher is not None:
         rows = rows * scaling.row_divisor.pow(2)
@@ -265,6 +284,8 @@ __all__ = [
     "Scaling",
     "body_linears",
     "collect_stats",
+    "feedback_factor",
     "fold_scales",
     "loss_estimator",
+    "scaled_hessian",
 ]

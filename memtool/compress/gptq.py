@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from memtool.compress.hessian import inverse_hessian_factor
 from memtool.compress.quantizer import (
     QuantizedWeight,
     check_bits,
@@ -37,24 +38,6 @@ class GPTQResult:
     weight: QuantizedWeight
     damp_percent: float | None  # dampening that worked; None when RTN was used instead
     fallback_reason: str | None = None
-
-
-def _inverse_hessian_factor(
-    hessian: torch.Tensor, damp_percent: float, max_damp_percent: float
-) -> tuple[torch.Tensor | None, float]:
-    """Upper Cholesky factor of H⁻¹ with automatic dampening; None if H stays indefinite."""
-    mean_diag = torch.mean(torch.diag(hessian)).item()
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
-    damp = damp_percent
-    while damp <= max_damp_percent * (1 + 1e-9):
-        factor, info = torch.linalg.cholesky_ex(hessian + damp * mean_diag * eye)
-        if info.item() == 0:
-            inverse = torch.cholesky_inverse(factor)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if info.item() == 0 and torch.isfinite(upper).all():
-                return upper, damp
-        damp *= 10
-    return None, damp
 
 
 def gptq_quantize(
@@ -111,7 +94,7 @@ def gptq_quantize(
         if static:  # a column keeps its original group; dynamic groups follow act order
             group_of = group_of[perm]
 
-    hinv, damp = _inverse_hessian_factor(h, damp_percent, max_damp_percent)
+    hinv, damp = inverse_hessian_factor(h, damp_percent, max_damp_percent)
     if hinv is None:
         reason = f"Hessian not positive definite even with dampening {max_damp_percent:g}"
         return GPTQResult(rtn_quantize(weight, bits, group_size, sym), None, reason)

@@ -57,6 +57,28 @@ def add_second_moment(
     return total
 
 
+def inverse_hessian_factor(
+    hessian: torch.Tensor, damp_percent: float, max_damp_percent: float
+) -> tuple[torch.Tensor | None, float]:
+    """Upper Cholesky factor of H⁻¹ with automatic dampening; None if H stays indefinite.
+
+    Dampening starts at `damp_percent` of the mean diagonal and grows tenfold per failed
+    factorisation, up to `max_damp_percent`; returns the factor and the dampening used.
+    """
+    mean_diag = torch.mean(torch.diag(hessian)).item()
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    damp = damp_percent
+    while damp <= max_damp_percent * (1 + 1e-9):
+        factor, info = torch.linalg.cholesky_ex(hessian + damp * mean_diag * eye)
+        if info.item() == 0:
+            inverse = torch.cholesky_inverse(factor)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if info.item() == 0 and torch.isfinite(upper).all():
+                return upper, damp
+        damp *= 10
+    return None, damp
+
+
 class LinearHooks(ABC):
     """Context manager: `self._hook(name)` on each of `self.linears` while open, as a forward
     hook `(module, args, output)`, or as a pre-hook `(module, args)` where `PRE_HOOKS`."""

@@ -11,6 +11,7 @@ from memtool.compress.bitstack import (
     auto_rank,
     block_bits_per_weight,
     decompose,
+    feedback_signs,
 )
 from memtool.compress.bitstack_order import LinearBlocks, order_stack
 from memtool.compress.bitstack_scaling import (
@@ -18,6 +19,7 @@ from memtool.compress.bitstack_scaling import (
     collect_stats,
     fold_scales,
 )
+from memtool.compress.hessian import inverse_hessian_factor
 from memtool.data import calibration_windows
 from memtool.errors import MemtoolError
 from memtool.formats.bitstack_pack import pack_signs
@@ -309,3 +311,64 @@ def test_the_stack_records_the_statistics_dtype_it_used(tiny_llama_dir, text_fil
     meta = json.loads((tmp_path / "s" / "bitstack.json").read_text())
     assert meta["statistics_dtype"] == "bfloat16"
     assert meta["settings"]["stats_dtype"] == "bfloat16"
+
+
+def _output_error(weight, blocks, hessian, k):
+    stored = bitstack_reconstruct(*_stacked(blocks[:k]), weight.shape[1])
+    error = weight - stored
+    return float(((error @ hessian) * error).sum())
+
+
+def test_feedback_with_a_diagonal_hessian_keeps_the_residual_signs():
+    torch.manual_seed(0)
+    rest, magnitude = torch.randn(12, 20), torch.rand(12, 20)
+    hinv_upper = torch.diag(torch.rand(20) + 0.5)  # uncorrelated inputs: nothing to feed back
+    assert torch.equal(
+        feedback_signs(rest, magnitude, hinv_upper), torch.where(rest < 0, -1.0, 1.0)
+    )
+
+
+def test_feedback_blocks_leave_less_output_error_on_the_calibration_inputs():
+    torch.manual_seed(0)
+    weight = torch.randn(48, 64) * 0.05
+    mixing = torch.randn(64, 64) / 8 + torch.eye(64)  # correlated, unevenly scaled inputs
+    inputs = torch.randn(512, 64) @ mixing * torch.linspace(0.2, 3, 64)
+    hessian = inputs.T @ inputs / 512
+    hinv_upper, _ = inverse_hessian_factor(hessian, 0.01, 1.0)
+    plain, _ = decompose(weight, niter=8, rank=3)
+    fed, _ = decompose(weight, niter=8, rank=3, hinv_upper=hinv_upper)
+    for k in (1, 8):
+        assert _output_error(weight, fed, hessian, k) < 0.9 * _output_error(
+            weight, plain, hessian, k
+        )
+    # The stored blocks still add up to what the signs and factors say (no hidden state).
+    assert all(b.signs.shape == (48, 8) for b in fed)
+
+
+def test_feedback_needs_score_windows():
+    with pytest.raises(MemtoolError, match="--feedback needs the input Hessians"):
+        BitStackConfig(feedback=True, score_samples=0).validate()
+
+
+def test_feedback_stacks_record_it_and_cut_the_estimated_loss(tiny_llama_dir, text_file, tmp_path):
+    totals = {}
+    for feedback in (False, True):
+        config = BitStackConfig(niter=3, score_samples=4, feedback=feedback, damp_percent=0.1)
+        torch.manual_seed(0)
+        compress(tiny_llama_dir, config, _calib(text_file), output=tmp_path / str(feedback))
+        meta = json.loads((tmp_path / str(feedback) / "bitstack.json").read_text())
+        assert meta["settings"]["feedback"] is feedback
+        totals[feedback] = sum(errors[-1] for errors in meta["estimated_loss_increase"])
+        loaded = load_model(tmp_path / str(feedback))
+        logits = loaded.model(torch.tensor([[1, 2, 3, 4]])).logits
+        assert torch.isfinite(logits).all()
+    assert totals[True] < totals[False]
+
+
+def test_default_score_windows_are_capped_at_the_calibration_windows(
+    tiny_llama_dir, text_file, tmp_path
+):
+    compress(tiny_llama_dir, BitStackConfig(niter=2), _calib(text_file), output=tmp_path / "s")
+    meta = json.loads((tmp_path / "s" / "bitstack.json").read_text())
+    assert meta["settings"]["score_samples"] == 8  # the default 16, capped at the 8 windows
+    assert meta["settings"]["feedback"] is True
