@@ -8,8 +8,10 @@ byte the model holds (16-bit embeddings and norms included), as BitStack budgets
   uniform levels and a few round budgets;
 - `uniform`: the same blocks, every linear holding L blocks (the official code's allocation
   without its perplexity sorting);
-- ablations, each its own stack: `no-scale`, `fp32-residual`, `rank4` (the official block
-  shape: rank 4 everywhere), evaluated with importance order, and `rank4` with uniform order;
+- ablations, each its own stack: `no-feedback` (signs as the paper takes them, sign(R), and 8
+  score windows: memtool's default before 2026-11-29), `no-scale`, `fp32-residual`, `rank4`
+  (the official block shape: rank 4 everywhere, and no feedback), evaluated with importance
+  order, and `rank4` with uniform order (the official configuration);
 - RTN at 3 and 4 bits (group 128 sym/asym, per-channel sym), bytes = 16-bit base + packed
   codes + fp16 scales + packed zeros.
 
@@ -32,12 +34,13 @@ from memtool.metrics import perplexity
 from memtool.metrics.sizes import weight_bytes
 
 LEVELS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16)
-ABLATION_BUDGETS_MB = (88, 104, 120, 151, 182)
+ABLATION_BUDGETS_MB = (88, 104, 110, 120, 151, 182)
 VARIANTS = {
     "importance": BitStackConfig(),
+    "no-feedback": BitStackConfig(feedback=False, score_samples=8),
     "no-scale": BitStackConfig(scale=False),
     "fp32-residual": BitStackConfig(residual="fp32"),
-    "rank4": BitStackConfig(rank=4),
+    "rank4": BitStackConfig(rank=4, feedback=False, score_samples=8),
 }
 # The official BitStack code on this model as the issue reports it (rank 4, 16 blocks, uniform
 # allocation, 64 x 512 wiki calibration; its evaluation windows give fp32 15.7, ours 15.05).
@@ -141,8 +144,7 @@ def main() -> None:
             loaded.set_budget(budget)
             point = {"bytes": weight_bytes(loaded.model), "blocks": loaded.bitstack.n_blocks}
             point["wiki"] = _ppl(loaded.model, wiki.input_ids, args.batch_size)
-            if name == "importance":
-                point["code"] = _ppl(loaded.model, code.input_ids, args.batch_size)
+            point["code"] = _ppl(loaded.model, code.input_ids, args.batch_size)
             points[str(budget)] = point
             save()
             print(name, point, flush=True)
@@ -216,6 +218,7 @@ def _report(results: dict, work: Path) -> None:
     labels = {
         "importance": "memtool BitStack (default)",
         "importance-uniform": "same blocks, uniform allocation",
+        "no-feedback": "without sign feedback (default before 2026-11-29)",
         "rank4-uniform": "official config (rank 4, uniform), rerun here",
         "no-scale": "no activation scaling",
     }

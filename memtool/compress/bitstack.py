@@ -32,6 +32,7 @@ from torch import Tensor
 
 from memtool.errors import MemtoolError
 from memtool.formats.bitstack_pack import pack_signs
+from memtool.ops.cpu import cpu_kernel_status
 
 FACTOR_DTYPE = torch.float16
 _POWER_ITERATIONS = 4
@@ -83,7 +84,13 @@ def low_rank(magnitude: Tensor, rank: int, exact: bool) -> tuple[Tensor, Tensor]
     return left[:, :rank] * root, right[:, :rank] * root
 
 
-def feedback_signs(rest: Tensor, magnitude: Tensor, hinv_upper: Tensor, block_size: int = 128):
+def feedback_signs(
+    rest: Tensor,
+    magnitude: Tensor,
+    hinv_upper: Tensor,
+    block_size: int = 128,
+    native: bool | None = None,
+) -> Tensor:
     """Signs `[out, in]` (±1) for `magnitude` chosen column by column with GPTQ's error feedback.
 
     Column c takes the sign of the residual as updated so far; the error it leaves,
@@ -91,23 +98,34 @@ def feedback_signs(rest: Tensor, magnitude: Tensor, hinv_upper: Tensor, block_si
     Cholesky factor of the inverse input Hessian (as GPTQ spreads rounding errors), so the
     block minimises the layer's output error on the calibration inputs rather than the weight
     error. `sign(R)` (no feedback) is the special case of a diagonal Hessian.
+
+    The loop within each block of columns is this function's Python code below (the
+    specification) or, where memtool's native CPU kernels run (`native=None`: CPU tensors and
+    a kernel that builds here), the same loop in C++ (`memtool/ops/cpu/sign_feedback.cpp`).
     """
+    if native is None:
+        native = rest.device.type == "cpu" and cpu_kernel_status()[0]
     wt = rest.T.contiguous()  # an input column per row: contiguous per-column steps
     mt = magnitude.T.contiguous()
     in_features, out_features = wt.shape
-    negative = torch.empty(in_features, out_features, dtype=torch.bool)
+    negative = torch.empty(in_features, out_features, dtype=torch.bool, device=rest.device)
     for start in range(0, in_features, block_size):
         stop = min(start + block_size, in_features)
-        hinv_block = hinv_upper[start:stop, start:stop]
-        err_block = torch.empty(stop - start, out_features)
-        for j in range(stop - start):
-            col = start + j
-            row = wt[col]
-            below = row < 0
-            negative[col] = below
-            err = (row - torch.where(below, -mt[col], mt[col])).div_(hinv_block[j, j])
-            err_block[j] = err
-            wt[col + 1 : stop].addr_(hinv_block[j, j + 1 :], err, alpha=-1)
+        hinv_block = hinv_upper[start:stop, start:stop].contiguous()
+        err_block = torch.empty(stop - start, out_features, device=rest.device)
+        if native:
+            torch.ops.memtool_cpu.sign_feedback_block(
+                wt[start:stop], mt[start:stop], hinv_block, negative[start:stop], err_block
+            )
+        else:
+            for j in range(stop - start):
+                col = start + j
+                row = wt[col]
+                below = row < 0
+                negative[col] = below
+                err = (row - torch.where(below, -mt[col], mt[col])).div_(hinv_block[j, j])
+                err_block[j] = err
+                wt[col + 1 : stop].addr_(hinv_block[j, j + 1 :], err, alpha=-1)
         wt[stop:].addmm_(hinv_upper[start:stop, stop:].T, err_block, alpha=-1)
     return torch.where(negative.T, -1.0, 1.0)
 

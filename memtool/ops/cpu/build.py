@@ -1,7 +1,8 @@
 """Compiling the native CPU kernels on first use, once per process, into memtool's cache.
 
 One extension holds every kernel (`SOURCES`: GPTQ's `gptq_gemm.cpp`, BitStack's
-`bitstack_gemv.cpp`, the flash reader's batched `pread_spans.cpp`), registered as ops of one
+`bitstack_gemv.cpp`, the flash reader's batched `pread_spans.cpp`, BitStack's compression-time
+`sign_feedback.cpp`), registered as ops of one
 TORCH_LIBRARY namespace. They are built with
 `-march=native`, so a build is only valid on the machine (CPU features), torch and Python that
 made it: all three name the build folder, which also lets a shared home directory serve several
@@ -32,7 +33,7 @@ log = logging.getLogger("memtool.ops")
 
 SOURCES = tuple(
     Path(__file__).with_name(name)
-    for name in ("gptq_gemm.cpp", "bitstack_gemv.cpp", "pread_spans.cpp")
+    for name in ("gptq_gemm.cpp", "bitstack_gemv.cpp", "pread_spans.cpp", "sign_feedback.cpp")
 )
 SOURCE = SOURCES[0]  # the GPTQ kernel, which holds the namespace's TORCH_LIBRARY block
 LIBRARY = "memtool_cpu"  # the TORCH_LIBRARY namespace the sources register
