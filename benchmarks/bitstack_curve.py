@@ -45,7 +45,14 @@ VARIANTS = {
 # The official BitStack code on this model as the issue reports it (rank 4, 16 blocks, uniform
 # allocation, 64 x 512 wiki calibration; its evaluation windows give fp32 15.7, ours 15.05).
 OFFICIAL = [(88e6, 3539), (104e6, 289), (120e6, 52), (151e6, 25), (182e6, 21)]
-RTN = ((3, 128, True), (3, 128, False), (3, -1, True), (4, 128, True), (4, 128, False), (4, -1, True))
+RTN = (
+    (3, 128, True),
+    (3, 128, False),
+    (3, -1, True),
+    (4, 128, True),
+    (4, 128, False),
+    (4, -1, True),
+)
 
 
 def _ppl(model, ids, batch_size: int) -> float:
