@@ -22,6 +22,10 @@ What memtool does differently, and why:
 - Each block's effect on the model's loss is estimated while decomposing (see
   `memtool.compress.bitstack_order`), which replaces the official code's hours of perplexity
   evaluations for ordering.
+- Signs with error feedback (`feedback_signs`, on by default): chosen column by column as GPTQ
+  rounds, each column's error spread over the later columns through the inverse input
+  Hessian, so a block cuts the layer's output error rather than the weight error; on
+  smollm2-135m wiki perplexity at 104 MB falls from 94 to 40 (BENCHMARKS.md).
 """
 
 from collections.abc import Callable
