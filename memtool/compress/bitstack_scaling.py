@@ -10,8 +10,8 @@ Per decoder linear, from one pass over the calibration windows through the float
   both from the first few windows only (`score_samples`), run with backpropagation: they rank
   blocks against each other and steer the sign feedback (`feedback_factor`), and accumulating
   XᵀX over all 64 windows cost 130 s of the statistics pass on smollm2-135m. With `hessian`
-  it turns a weight error E into an estimated loss increase Σ_i f_i (E H Eᵀ)_ii (a diagonal K-FAC approximation), which orders
-  the stack (`memtool.compress.bitstack_order`).
+  it turns a weight error E into an estimated loss increase Σ_i f_i (E H Eᵀ)_ii (a diagonal
+  K-FAC approximation), which orders the stack (`memtool.compress.bitstack_order`).
 
 Folding reuses AWQ's scaling groups (`memtool.compress.awq_groups`): where a norm or linear
 feeds exactly a set of linears, dividing its output by `s` and multiplying their input columns
