@@ -223,6 +223,8 @@ def test_compress_cli_writes_and_measure_reads(tiny_llama_dir, text_file, tmp_pa
         (["--method", "bitstack", "--niter", 0], "--niter 0"),
         (["--method", "bitstack", "--order", "random"], "--order 'random'"),
         (["--method", "bitstack", "--stats-dtype", "fp8"], "--stats-dtype 'fp8'"),
+        (["--method", "bitstack", "--score-samples", 0], "--feedback needs the input Hessians"),
+        (["--method", "bitstack", "--damp-percent", 0], "--damp-percent 0"),
         (["--method", "gptq", "--stats-dtype", "fp8"], "--stats-dtype 'fp8'"),
     ],
 )
@@ -289,6 +291,24 @@ def test_bitstack_cli_compresses_and_measures_budgets(tiny_llama_dir, text_file,
     assert not (tmp_path / "x.png").exists()
     not_stack = _run("measure", tiny_llama_dir, *common, "--budget", "1MB")
     assert not_stack.exit_code == 2 and "applies to BitStack stacks" in not_stack.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "feedback", "damp"),
+    [([], True, 0.3), (["--no-feedback", "--damp-percent", 0.2], False, 0.2)],
+)
+def test_bitstack_cli_feedback_flags_reach_the_stack(
+    tiny_llama_dir, text_file, tmp_path, flags, feedback, damp
+):
+    out = tmp_path / "stack"
+    calib = ["--calib", text_file, "--calib-samples", 4, "--seq-len", 32]
+    result = _run(
+        "compress", tiny_llama_dir, "--method", "bitstack", "--niter", 2, *calib, *flags, "-o", out
+    )
+    assert result.exit_code == 0, result.stderr
+    settings = json.loads((out / "bitstack.json").read_text())["settings"]
+    assert (settings["feedback"], settings["damp_percent"]) == (feedback, damp)
+    assert settings["score_samples"] == 4  # the default 16, capped at the calibration windows
 
 
 def test_compress_shows_warnings_in_human_output(tiny_llama_dir, text_file, tmp_path, monkeypatch):
