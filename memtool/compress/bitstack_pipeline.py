@@ -91,12 +91,19 @@ def compress_bitstack(
         warnings = []
     torch.manual_seed(config.seed)
     specs, per_linear, blocks_of = [], [], []
+    # Linears that read one input (q/k/v, gate/up) come one after another and share its
+    # statistics and scale, so their feedback factor is computed once; only the latest is kept.
+    last_factor: tuple[tuple[int, int], torch.Tensor | None] | None = None
     with counted_steps("decomposing", len(linears), show_progress) as (bar, task):
         for name, module in linears.items():
             estimate = loss_estimator(stats[name], fisher.get(name), scalings[name])
             hinv = None
             if config.feedback:
-                hinv = feedback_factor(stats[name], scalings[name], config.damp_percent)
+                key = (id(stats[name]), id(scalings[name].scale))
+                if last_factor is None or last_factor[0] != key:
+                    factor = feedback_factor(stats[name], scalings[name], config.damp_percent)
+                    last_factor = (key, factor)
+                hinv = last_factor[1]
                 if hinv is None:
                     warnings.append(f"{name}: input Hessian indefinite, signs without feedback")
             blocks, errors = decompose(

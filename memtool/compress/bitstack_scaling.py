@@ -251,7 +251,6 @@ def feedback_factor(stats: LinearStats, scaling: Scaling, damp_percent: float) -
     hessian = scaled_hessian(stats, scaling)
     if hessian is None:
         return None
-    hessian = hessian.clone()
     dead = torch.diag(hessian) == 0  # never active in calibration: an independent column
     hessian[dead, dead] = 1
     upper, _ = inverse_hessian_factor(hessian, damp_percent, 1.0)
