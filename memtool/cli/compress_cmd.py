@@ -121,6 +121,13 @@ def compress_command(
         "score windows' input Hessians (see docs for the default).",
         show_default=False,
     ),
+    refit: bool = typer.Option(
+        None,
+        "--refit/--no-refit",
+        help="BitStack, with feedback: refit each column's magnitude to the residual as the "
+        "feedback updates it (on by default).",
+        show_default=False,
+    ),
     stats_dtype: str = typer.Option(
         "auto",
         "--stats-dtype",
@@ -150,7 +157,7 @@ def compress_command(
             names = ", ".join([*METHODS, "flash-store"])
             raise MemtoolError(f"unknown method {method!r}: available now are {names}")
         if config_type is BitStackConfig:
-            given = {"feedback": feedback, "damp_percent": damp_percent}
+            given = {"feedback": feedback, "damp_percent": damp_percent, "refit": refit}
             config = BitStackConfig(
                 niter=niter,
                 rank=rank,
