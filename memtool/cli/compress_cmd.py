@@ -121,13 +121,6 @@ def compress_command(
         "score windows' input Hessians (see docs for the default).",
         show_default=False,
     ),
-    refit: bool = typer.Option(
-        None,
-        "--refit/--no-refit",
-        help="BitStack, with feedback: refit each column's magnitude to the residual as the "
-        "feedback updates it (on by default).",
-        show_default=False,
-    ),
     stats_dtype: str = typer.Option(
         "auto",
         "--stats-dtype",
@@ -157,7 +150,7 @@ def compress_command(
             names = ", ".join([*METHODS, "flash-store"])
             raise MemtoolError(f"unknown method {method!r}: available now are {names}")
         if config_type is BitStackConfig:
-            given = {"feedback": feedback, "damp_percent": damp_percent, "refit": refit}
+            given = {"feedback": feedback, "damp_percent": damp_percent}
             config = BitStackConfig(
                 niter=niter,
                 rank=rank,

@@ -134,61 +134,6 @@ def feedback_signs(
     return torch.where(negative.T, -1.0, 1.0)
 
 
-def feedback_refit(
-    rest: Tensor,
-    u: Tensor,
-    hinv_upper: Tensor,
-    block_size: int = 128,
-    native: bool | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Signs `[out, in]` and magnitude factors `v` `[in, rank]` for `u`, with error feedback.
-
-    As `feedback_signs`, but each column's magnitude is refitted too: column c's magnitude is
-    `u @ v_c` with `v_c = pinv(u) @ |r_c|` (rounded to float16, as stored), the least-squares
-    fit of the column's absolute value as the errors of earlier columns have updated it, where
-    `feedback_signs` keeps `u @ v_c` fitted to the column before the block began (GPTQ fits
-    each group's scale on the updated weights in the same way). Without feedback (a diagonal
-    Hessian) the columns are never updated and `v` is the SVD's own. On smollm2-135m's layers
-    this cuts the output error left by the feedback blocks by a further 3-7% (held-out
-    windows; BENCHMARKS.md has the perplexities).
-
-    The Python loop below is the specification; where memtool's native CPU kernels run
-    (`native=None`: CPU tensors and a kernel that builds here) the same loop runs in C++
-    (`sign_feedback_refit_block` in `memtool/ops/cpu/sign_feedback.cpp`), whose sums over the
-    output rows run in another order, so `v` may differ in the last bits.
-    """
-    if native is None:
-        native = rest.device.type == "cpu" and cpu_kernel_status()[0]
-    u = u.float().contiguous()
-    pinv = torch.linalg.pinv(u).contiguous()  # [rank, out]
-    ut = u.T.contiguous()
-    wt = rest.T.contiguous()
-    in_features, out_features = wt.shape
-    negative = torch.empty(in_features, out_features, dtype=torch.bool, device=rest.device)
-    v = torch.empty(in_features, u.shape[1], device=rest.device)
-    for start in range(0, in_features, block_size):
-        stop = min(start + block_size, in_features)
-        hinv_block = hinv_upper[start:stop, start:stop].contiguous()
-        err_block = torch.empty(stop - start, out_features, device=rest.device)
-        if native:
-            torch.ops.memtool_cpu.sign_feedback_refit_block(
-                wt[start:stop], ut, pinv, hinv_block, negative[start:stop], v[start:stop], err_block
-            )
-        else:
-            for j in range(stop - start):
-                col = start + j
-                row = wt[col]
-                v[col] = (pinv @ row.abs()).to(FACTOR_DTYPE).float()
-                magnitude = u @ v[col]
-                below = row < 0
-                negative[col] = below
-                err = (row - torch.where(below, -magnitude, magnitude)).div_(hinv_block[j, j])
-                err_block[j] = err
-                wt[col + 1 : stop].addr_(hinv_block[j, j + 1 :], err, alpha=-1)
-        wt[stop:].addmm_(hinv_upper[start:stop, stop:].T, err_block, alpha=-1)
-    return torch.where(negative.T, -1.0, 1.0), v
-
-
 def decompose(
     weight: Tensor,
     niter: int,
@@ -198,7 +143,6 @@ def decompose(
     exact_svd: bool = False,
     error: Callable[[Tensor], float] | None = None,
     hinv_upper: Tensor | None = None,
-    refit: bool = True,
 ) -> tuple[list[Block], list[float]]:
     """Peel `weight` `[out, in]` into `niter` residual blocks.
 
@@ -214,9 +158,6 @@ def decompose(
         hinv_upper: upper Cholesky factor of the inverse Hessian of the (scaled) weight's
             inputs: choose each block's signs with error feedback (`feedback_signs`); None:
             `sign(R)`.
-        refit: with feedback, refit each column's magnitude to the residual as the feedback
-            updates it (`feedback_refit`); False: magnitudes stay the SVD's
-            (`feedback_signs`).
 
     Returns:
         (blocks, errors) with `errors[k]` the error after k blocks (`niter + 1` values; empty
@@ -230,18 +171,13 @@ def decompose(
     for _ in range(niter):
         u, v = low_rank(rest.abs(), rank, exact_svd)
         u16, v16 = u.to(FACTOR_DTYPE), v.to(FACTOR_DTYPE)
-        if hinv_upper is not None and refit:
-            signs, v = feedback_refit(rest, u16, hinv_upper)  # v holds float16 values
-            v16 = v.to(FACTOR_DTYPE)
-        # What the residual subtracts: the stored (rounded) factors, or the float32 ones.
         magnitude = (u16.float() @ v16.float().T) if residual == "fp16" else (u @ v.T)
         if hinv_upper is None:
             blocks.append(Block(pack_signs(rest), u16.contiguous(), v16.contiguous()))
             # sign(R) with zeros as +1, applied without materialising S.
             rest.sub_(torch.where(rest < 0, -magnitude, magnitude))
         else:
-            if not refit:
-                signs = feedback_signs(rest, magnitude, hinv_upper)
+            signs = feedback_signs(rest, magnitude, hinv_upper)
             blocks.append(Block(pack_signs(signs), u16.contiguous(), v16.contiguous()))
             rest.sub_(signs.mul_(magnitude))
         if error is not None:

@@ -114,7 +114,6 @@ def compress_bitstack(
                 exact_svd=config.exact_svd,
                 error=estimate,
                 hinv_upper=hinv,
-                refit=config.refit,
             )
             module.weight = nn.Parameter(torch.empty(0), requires_grad=False)  # free it now
             spec = LinearSpec(

@@ -152,10 +152,6 @@ class BitStackConfig:
     # Choose each block's signs with GPTQ-style error feedback through the inverse input
     # Hessian (from the score windows), minimising output rather than weight error.
     feedback: bool = True
-    # With feedback, refit each column's magnitude to the residual as the feedback updates it
-    # (`bitstack.feedback_refit`), as GPTQ fits group scales on the updated weights; False:
-    # magnitudes stay the block's SVD fit of |R| (memtool's default before 2026-11-29, later).
-    refit: bool = True
     # The feedback Hessian's dampening, a fraction of its mean diagonal. Far above GPTQ's 0.01:
     # on smollm2-135m 0.01 halves wiki perplexity at 104 MB but more than doubles code's (the
     # calibration domain is overfitted); 0.3 keeps most of the gain on wiki and costs code

@@ -294,15 +294,11 @@ def test_bitstack_cli_compresses_and_measures_budgets(tiny_llama_dir, text_file,
 
 
 @pytest.mark.parametrize(
-    ("flags", "feedback", "damp", "refit"),
-    [
-        ([], True, 0.3, True),
-        (["--no-feedback", "--damp-percent", 0.2], False, 0.2, True),
-        (["--no-refit"], True, 0.3, False),
-    ],
+    ("flags", "feedback", "damp"),
+    [([], True, 0.3), (["--no-feedback", "--damp-percent", 0.2], False, 0.2)],
 )
 def test_bitstack_cli_feedback_flags_reach_the_stack(
-    tiny_llama_dir, text_file, tmp_path, flags, feedback, damp, refit
+    tiny_llama_dir, text_file, tmp_path, flags, feedback, damp
 ):
     out = tmp_path / "stack"
     calib = ["--calib", text_file, "--calib-samples", 4, "--seq-len", 32]
@@ -311,11 +307,7 @@ def test_bitstack_cli_feedback_flags_reach_the_stack(
     )
     assert result.exit_code == 0, result.stderr
     settings = json.loads((out / "bitstack.json").read_text())["settings"]
-    assert (settings["feedback"], settings["damp_percent"], settings["refit"]) == (
-        feedback,
-        damp,
-        refit,
-    )
+    assert (settings["feedback"], settings["damp_percent"]) == (feedback, damp)
     assert settings["score_samples"] == 4  # the default 16, capped at the calibration windows
 
 
