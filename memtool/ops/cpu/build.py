@@ -33,7 +33,13 @@ log = logging.getLogger("memtool.ops")
 
 SOURCES = tuple(
     Path(__file__).with_name(name)
-    for name in ("gptq_gemm.cpp", "bitstack_gemv.cpp", "pread_spans.cpp", "sign_feedback.cpp")
+    for name in (
+        "gptq_gemm.cpp",
+        "bitstack_gemv.cpp",
+        "pread_spans.cpp",
+        "sign_feedback.cpp",
+        "bundle_ffn.cpp",
+    )
 )
 SOURCE = SOURCES[0]  # the GPTQ kernel, which holds the namespace's TORCH_LIBRARY block
 LIBRARY = "memtool_cpu"  # the TORCH_LIBRARY namespace the sources register

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from memtool.ops.cpu import cpu_kernel_status
 from memtool.serve.flash.io import NeuronReader
 from memtool.serve.flash.sparsity import LayerSelector
 from memtool.serve.flash.window import NeuronWindow
@@ -84,6 +85,9 @@ class FlashFFN(nn.Module):
         # (ReLU: the predicted neurons, whose ReLU then zeroes the rest, as in the dense FFN).
         self.recorded: list[Tensor] | None = None
         self._applied: Tensor | None = None
+        # One token on CPU: the native bundle kernel (`bundle_ffn`) where it builds and the
+        # activation is the one it implements; False forces the torch code (its specification).
+        self.native: bool | None = None
 
     def _read(self, ids: Tensor) -> Tensor:
         return self.reader.read_bundles(self._offset, self._stride, ids)
@@ -150,6 +154,8 @@ class FlashFFN(nn.Module):
     ) -> Tensor:
         """The FFN over `bundles` (rows of neurons `neurons`), each token's mask applied."""
         keep = mask[:, neurons]
+        if x.shape[0] == 1 and gate_all is None and self._applied is None and self._native(bundles):
+            return self._compute_native(x, keep[0], bundles)
 
         def part(name: str) -> Tensor:
             start, numel = self._parts[name]
@@ -178,6 +184,33 @@ class FlashFFN(nn.Module):
             keep = keep & (act.abs() > self.selector.cats_threshold)
         self._record(neurons, keep)
         return _down(act * up * keep, part("down"))
+
+    def _native(self, bundles: Tensor) -> bool:
+        if self.native is None:
+            act = nn.ReLU if self.kind == "relu" else nn.SiLU
+            self.native = type(self.act) is act and cpu_kernel_status()[0]
+        return self.native and bundles.device.type == "cpu" and bundles.stride(1) == 1
+
+    def _compute_native(self, x: Tensor, keep: Tensor, bundles: Tensor) -> Tensor:
+        """`_compute` for one token in one pass over the kept bundles (memtool/ops/cpu/
+        bundle_ffn.cpp): float32 sums, so equal to the torch code up to rounding."""
+        parts = self._parts
+        relu = self.kind == "relu"
+        first, second, down = ("fc1", "", "fc2") if relu else ("gate", "up", "down")
+        threshold = self.selector.cats_threshold
+        out = torch.ops.memtool_cpu.bundle_ffn(
+            x[0].float().contiguous(),
+            bundles,
+            keep.contiguous(),
+            0 if relu else 1,
+            parts[first][0],
+            -1 if relu else parts[second][0],
+            parts[down][0],
+            parts.get(f"{first}_bias", (-1,))[0],
+            -1 if relu else parts.get(f"{second}_bias", (-1,))[0],
+            -1.0 if threshold is None else float(threshold),
+        )
+        return out.to(x.dtype)[None]
 
     def _record(self, neurons: Tensor, keep: Tensor) -> None:
         if self._applied is not None:
