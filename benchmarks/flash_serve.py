@@ -18,6 +18,8 @@ at a 50% budget: accelerate (cold), naive, memtool.
 
     python benchmarks/flash_serve.py --default [--new-tokens 16] [--out results/flash_serve.json]
     python benchmarks/flash_serve.py --synthetic /tmp/flash_bench/opt-1.3b [--new-tokens 8]
+    python benchmarks/flash_serve.py --synthetic /tmp/flash_bench/opt-1.3b --alternate 3
+    python benchmarks/flash_serve.py --synthetic /tmp/flash_bench/opt-1.3b --ffn-ab 3
     python benchmarks/flash_serve.py --gate   # gate+up+down bundles vs gate resident, at 75%
 """
 
@@ -366,6 +368,51 @@ def synthetic_part(args) -> dict:
     }
 
 
+def alternate_part(args) -> dict:
+    """memtool's CLI and the naive baseline, each in fresh processes, alternating for
+    `--alternate` rounds on the synthetic store: this VM's disk gets faster for a file read
+    again soon after (the host caches it), so a single pass favours whichever system runs later."""
+    folder = Path(args.synthetic)
+    store = Path(args.work) / "opt-1.3b-store"
+    budget = sum(p.stat().st_size for p in folder.glob("*.safetensors")) // 2
+    prompt_ids, n = list(range(100, 112)), args.new_tokens
+    rounds = []
+    for index in range(args.alternate):
+        cli = run_cli(store, budget, n)["tokens_per_s"]
+        naive = run_naive_own_process(folder, prompt_ids, n, Path(args.work) / "naive-opt")
+        rounds.append({"cli": cli, "naive": naive["tokens_per_s"]})
+        print(
+            f"round {index}: CLI {cli:.3f}, naive {naive['tokens_per_s']:.3f} tokens/s", flush=True
+        )
+    ratios = sorted(r["cli"] / r["naive"] for r in rounds)
+    return {"rounds": rounds, "ratio_median": ratios[len(ratios) // 2]}
+
+
+def ffn_ab_part(args) -> dict:
+    """The engine on the synthetic store with the native one-token FFN (`bundle_ffn`) and with
+    FlashFFN's torch code, alternating `--ffn-ab` rounds in this one process, same store."""
+    from memtool.serve.flash.ffn import FlashFFN
+
+    folder = Path(args.synthetic)
+    store = Path(args.work) / "opt-1.3b-store"
+    budget = sum(p.stat().st_size for p in folder.glob("*.safetensors")) // 2
+    flash = open_flash_model(store, FlashConfig(memory_budget=budget, context_tokens=128))
+    ffns = [m for m in flash.model.modules() if isinstance(m, FlashFFN)]
+    rounds = []
+    try:
+        for index in range(args.ffn_ab):
+            for native in (True, False):
+                for ffn in ffns:
+                    ffn.native = None if native else False
+                fb.drop_file_cache([store])
+                decode = fb._greedy_decode(flash.model, list(range(100, 112)), args.new_tokens)
+                rounds.append({"native": native, "tokens_per_s": decode["tokens_per_s"]})
+                print(f"round {index}: native {native}: {decode['tokens_per_s']:.3f} tokens/s")
+    finally:
+        flash.close()
+    return {"rounds": rounds}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--default", action="store_true", help="the default model part")
@@ -378,6 +425,12 @@ def main() -> None:
         help="predictor of the synthetic store (random weights defeat low rank)",
     )
     parser.add_argument("--ppl-windows", type=int, default=8)
+    parser.add_argument(
+        "--alternate", type=int, default=0, help="rounds of CLI vs naive, alternating"
+    )
+    parser.add_argument(
+        "--ffn-ab", type=int, default=0, help="rounds of native vs torch FFN, alternating"
+    )
     parser.add_argument("--work", default="/tmp/flash_bench/work")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -387,7 +440,11 @@ def main() -> None:
     report: dict = {"machine": platform.platform(), "torch": torch.__version__}
     if args.default:
         report["default"] = default_part(args)
-    if args.synthetic:
+    if args.synthetic and args.ffn_ab:
+        report["ffn_ab"] = ffn_ab_part(args)
+    if args.synthetic and args.alternate:
+        report["alternate"] = alternate_part(args)
+    elif args.synthetic and not args.ffn_ab:
         report["synthetic"] = synthetic_part(args)
     if args.gate:
         report["gate"] = gate_part(args)

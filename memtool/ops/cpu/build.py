@@ -2,7 +2,7 @@
 
 One extension holds every kernel (`SOURCES`: GPTQ's `gptq_gemm.cpp`, BitStack's
 `bitstack_gemv.cpp`, the flash reader's batched `pread_spans.cpp`, BitStack's compression-time
-`sign_feedback.cpp`), registered as ops of one
+`sign_feedback.cpp`, the flash engine's one-token FFN `bundle_ffn.cpp`), registered as ops of one
 TORCH_LIBRARY namespace. They are built with
 `-march=native`, so a build is only valid on the machine (CPU features), torch and Python that
 made it: all three name the build folder, which also lets a shared home directory serve several
