@@ -20,6 +20,7 @@ at a 50% budget: accelerate (cold), naive, memtool.
     python benchmarks/flash_serve.py --synthetic /tmp/flash_bench/opt-1.3b [--new-tokens 8]
     python benchmarks/flash_serve.py --synthetic /tmp/flash_bench/opt-1.3b --alternate 3
     python benchmarks/flash_serve.py --synthetic /tmp/flash_bench/opt-1.3b --ffn-ab 3
+    python benchmarks/flash_serve.py --default --ffn-ab 3
     python benchmarks/flash_serve.py --gate   # gate+up+down bundles vs gate resident, at 75%
 """
 
@@ -388,15 +389,26 @@ def alternate_part(args) -> dict:
     return {"rounds": rounds, "ratio_median": ratios[len(ratios) // 2]}
 
 
-def ffn_ab_part(args) -> dict:
-    """The engine on the synthetic store with the native one-token FFN (`bundle_ffn`) and with
-    FlashFFN's torch code, alternating `--ffn-ab` rounds in this one process, same store."""
+def ffn_ab_part(args, default: bool) -> dict:
+    """The engine with the native one-token FFN (`bundle_ffn`) and with FlashFFN's torch code,
+    alternating `--ffn-ab` rounds in this one process on one store: the synthetic OPT-1.3B
+    shape, or (`default`) smollm2-135m at sparsity 0.5, window 4 (the ablation's last row)."""
     from memtool.serve.flash.ffn import FlashFFN
 
-    folder = Path(args.synthetic)
-    store = Path(args.work) / "opt-1.3b-store"
-    budget = sum(p.stat().st_size for p in folder.glob("*.safetensors")) // 2
-    flash = open_flash_model(store, FlashConfig(memory_budget=budget, context_tokens=128))
+    if default:
+        model_dir = ensure_builtin("smollm2-135m")
+        store = Path(args.work) / "smollm2-store"
+        if not store.exists():
+            build_flash_store(load_model(None, dtype="float32"), store, FlashStoreConfig())
+        prompt_ids = list(load_model(None).tokenizer(PROMPT)["input_ids"])
+        options = {"sparsity": "0.5", "window_tokens": 4}
+    else:
+        model_dir = Path(args.synthetic)
+        store = Path(args.work) / "opt-1.3b-store"
+        prompt_ids, options = list(range(100, 112)), {}
+    budget = sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) // 2
+    config = FlashConfig(memory_budget=budget, context_tokens=128, **options)
+    flash = open_flash_model(store, config)
     ffns = [m for m in flash.model.modules() if isinstance(m, FlashFFN)]
     rounds = []
     try:
@@ -405,12 +417,12 @@ def ffn_ab_part(args) -> dict:
                 for ffn in ffns:
                     ffn.native = None if native else False
                 fb.drop_file_cache([store])
-                decode = fb._greedy_decode(flash.model, list(range(100, 112)), args.new_tokens)
+                decode = fb._greedy_decode(flash.model, prompt_ids, args.new_tokens)
                 rounds.append({"native": native, "tokens_per_s": decode["tokens_per_s"]})
                 print(f"round {index}: native {native}: {decode['tokens_per_s']:.3f} tokens/s")
     finally:
         flash.close()
-    return {"rounds": rounds}
+    return {"store": str(store), "rounds": rounds}
 
 
 def main() -> None:
@@ -438,13 +450,13 @@ def main() -> None:
     torch.set_num_threads(2)
     began = time.perf_counter()
     report: dict = {"machine": platform.platform(), "torch": torch.__version__}
-    if args.default:
+    if args.default and not args.ffn_ab:
         report["default"] = default_part(args)
-    if args.synthetic and args.ffn_ab:
-        report["ffn_ab"] = ffn_ab_part(args)
-    if args.synthetic and args.alternate:
+    if args.ffn_ab:  # only the A/B, on the store of the part named
+        report["ffn_ab"] = ffn_ab_part(args, default=args.default)
+    elif args.synthetic and args.alternate:
         report["alternate"] = alternate_part(args)
-    elif args.synthetic and not args.ffn_ab:
+    elif args.synthetic:
         report["synthetic"] = synthetic_part(args)
     if args.gate:
         report["gate"] = gate_part(args)
