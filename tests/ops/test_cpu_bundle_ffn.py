@@ -84,4 +84,11 @@ def test_the_native_path_is_one_token_only(kernel):
     ffn.native = False
     torch.testing.assert_close(several, ffn._compute(x, mask, None, bundles, neurons))
     ffn.native = True
-    assert not ffn._native(bundles[:, ::2])
+    assert not ffn._native(bundles[:, ::2], HIDDEN)
+
+
+def test_parts_of_another_width_take_the_torch_code(kernel):
+    ffn, _ = _ffn("relu", [("fc1", HIDDEN), ("fc2", HIDDEN)], None)
+    assert ffn._native(torch.zeros(2, 2 * HIDDEN), HIDDEN)
+    ffn.native = None
+    assert not ffn._native(torch.zeros(2, 2 * HIDDEN), HIDDEN + 1)

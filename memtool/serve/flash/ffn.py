@@ -154,7 +154,8 @@ class FlashFFN(nn.Module):
     ) -> Tensor:
         """The FFN over `bundles` (rows of neurons `neurons`), each token's mask applied."""
         keep = mask[:, neurons]
-        if x.shape[0] == 1 and gate_all is None and self._applied is None and self._native(bundles):
+        one = x.shape[0] == 1 and gate_all is None and self._applied is None
+        if one and self._native(bundles, x.shape[1]):
             return self._compute_native(x, keep[0], bundles)
 
         def part(name: str) -> Tensor:
@@ -185,10 +186,13 @@ class FlashFFN(nn.Module):
         self._record(neurons, keep)
         return _down(act * up * keep, part("down"))
 
-    def _native(self, bundles: Tensor) -> bool:
+    def _native(self, bundles: Tensor, hidden: int) -> bool:
         if self.native is None:
             act = nn.ReLU if self.kind == "relu" else nn.SiLU
-            self.native = type(self.act) is act and cpu_kernel_status()[0]
+            # The kernel takes every weight part to be one row of the FFN's input width.
+            rows = [n for name, (_, n) in self._parts.items() if not name.endswith("_bias")]
+            same = all(n == hidden for n in rows)
+            self.native = type(self.act) is act and same and cpu_kernel_status()[0]
         return self.native and bundles.device.type == "cpu" and bundles.stride(1) == 1
 
     def _compute_native(self, x: Tensor, keep: Tensor, bundles: Tensor) -> Tensor:
