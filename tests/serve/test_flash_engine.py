@@ -24,6 +24,7 @@ from memtool.serve.flash.engine import (
     open_flash_model,
     summarize_tokens,
 )
+from memtool.serve.flash.io import MAX_READ_BYTES
 from memtool.serve.flash.reference import masked_dense
 
 runner = CliRunner()
@@ -396,4 +397,16 @@ def test_neurons_in_the_window_inside_a_streamed_span_count_once(store):
     with masked_dense(reference, selectors, recorded):
         want, _ = greedy_decode(reference, PROMPT, 12)
     assert got == want
+    flash.close()
+
+
+def test_the_gap_is_measured_at_open_unless_given(store):
+    folder, _ = store
+    flash = open_flash_model(folder, FlashConfig(memory_budget="1GB"))
+    setup = flash.describe()
+    assert setup["gap_measurement"]["gap_bytes"] == setup["gap_bytes"] == flash.reader.gap_bytes
+    assert 0 <= setup["gap_bytes"] <= MAX_READ_BYTES // 2
+    flash.close()
+    flash = open_flash_model(folder, FlashConfig(memory_budget="1GB", gap_bytes=4096))
+    assert flash.describe()["gap_bytes"] == 4096 and flash.gap_measurement is None
     flash.close()

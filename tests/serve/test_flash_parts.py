@@ -8,7 +8,7 @@ import torch
 
 from memtool.errors import MemtoolError
 from memtool.formats.flash_store import FFN_FILE, open_flash_store, write_flash_store
-from memtool.serve.flash.io import NeuronReader, plan_spans
+from memtool.serve.flash.io import MAX_READ_BYTES, NeuronReader, plan_spans
 from memtool.serve.flash.window import NeuronWindow
 
 
@@ -235,3 +235,20 @@ def test_lowrank_predictor_fits_layernorm_inputs_whose_covariance_is_singular():
     _, exact = fit_layer(x, weight, bias, torch.nn.ReLU(), "relu", "quant:4", 0.95)
     assert exact["relu"]["predicted_fraction"] < facts["relu"]["predicted_fraction"]
     assert exact["relu"]["predicted_fraction"] < 1.3 * exact["relu"]["active_fraction"]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_measured_gap_is_what_one_read_costs_and_reads_stay_uncounted(store, native):
+    if native:
+        _native_reader_or_skip()
+    reader = NeuronReader(store / FFN_FILE, threads=2, staging_bytes=8192 * 4, native=native)
+    layer = open_flash_store(store, verify=False).layers[0]
+    measured = reader.measure_gap(layer["stride_bytes"], small_reads=16)
+    assert measured["per_read_s"] > 0 and measured["bytes_per_s"] > 0
+    expected = min(measured["per_read_s"] * measured["bytes_per_s"], MAX_READ_BYTES // 2)
+    assert measured["gap_bytes"] == int(expected)
+    assert reader.stats.reads == 0 and reader.stats.bytes_read == 0
+    # The reader still reads right afterwards (the staging buffer was only scratch).
+    got = reader.read_bundles(layer["offset"], layer["stride_bytes"], [0, 3])
+    assert got.shape == (2, layer["stride_bytes"])
+    reader.close()

@@ -57,7 +57,10 @@ class FlashConfig:
         context_tokens: tokens the KV cache is reserved for (prompt + answer); None: see
             `plan_budget`.
         direct_io: read with O_DIRECT where the filesystem allows it.
-        gap_bytes: read through gaps of unwanted bundles up to this size (0: exact reads).
+        gap_bytes: read through gaps of unwanted bundles up to this size (0: exact reads);
+            None: measured on the store's device when it is opened (`NeuronReader.measure_gap`:
+            the bytes one read costs), as the best gap follows the device (on this project's
+            VM 16-32 KiB one day, 64 KiB two days before).
         staging_bytes: the aligned read buffer; None: 4 MiB, or one layer's bundles if less.
         verify_store: check the neuron file's CRC32s too before serving (reads it whole once);
             the resident part is always checked, the neuron file's size always.
@@ -69,7 +72,7 @@ class FlashConfig:
     sparsity: str = "auto"
     context_tokens: int | None = None
     direct_io: bool = True
-    gap_bytes: int = DEFAULT_GAP_BYTES
+    gap_bytes: int | None = None
     staging_bytes: int | None = None
     verify_store: bool = False
 
@@ -198,6 +201,7 @@ class FlashModel:
     calibration: dict = field(default_factory=dict)
     folder: Path | None = None
     source: str | None = None
+    gap_measurement: dict | None = None  # when the gap was measured at open
 
     def close(self) -> None:
         self.reader.close()
@@ -211,6 +215,8 @@ class FlashModel:
             "calibration": self.calibration,
             "window_tokens": self.ffns[0].window.window_tokens if self.ffns else 0,
             "io_threads": self.reader.threads,
+            "gap_bytes": self.reader.gap_bytes,
+            "gap_measurement": self.gap_measurement,
             "direct_io": self.reader.direct,
             "page_cache": self.reader.page_cache,
         }
@@ -324,11 +330,15 @@ def open_flash_model(folder: Path, config: FlashConfig) -> FlashModel:
             folder / "ffn.bin",
             threads=config.io_threads,
             direct=config.direct_io,
-            gap_bytes=config.gap_bytes,
+            gap_bytes=DEFAULT_GAP_BYTES if config.gap_bytes is None else config.gap_bytes,
             staging_bytes=staging,
         )
     finally:
         store.close()
+    gap_measurement = None
+    if config.gap_bytes is None and store.layers:
+        gap_measurement = reader.measure_gap(store.layers[0]["stride_bytes"])
+        reader.gap_bytes = gap_measurement["gap_bytes"]
     counters = FlashCounters()
     selectors = _selectors(store, predictors, choice, layers, resident)
     names = {id(m): n for n, m in model.named_modules()}
@@ -374,6 +384,7 @@ def open_flash_model(folder: Path, config: FlashConfig) -> FlashModel:
         calibration,
         folder,
         store.meta.get("source"),
+        gap_measurement,
     )
 
 

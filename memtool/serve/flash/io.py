@@ -297,6 +297,45 @@ class NeuronReader:
             block = self._staging_u8[start : start + count * stride_bytes]
             yield torch.arange(first, first + count), block.view(count, stride_bytes)
 
+    def measure_gap(self, stride_bytes: int, small_reads: int = 256, seed: int = 0) -> dict:
+        """The gap worth reading through on this file's device: what one read costs, in bytes.
+
+        Times this reader's own parallel reads (same threads, same O_DIRECT path) at random
+        places of the file: `small_reads` reads of one bundle each, then the staging buffer
+        in reads of `MAX_READ_BYTES`. The per-read cost (small reads' time per read) times the
+        bandwidth (large reads' bytes per second) is the gap that costs as much to read as a
+        new read does. Not counted in `stats`. Returns the gap and both measurements.
+        """
+        size = os.fstat(self._fd).st_size
+        small = _round_up(stride_bytes, self.align)
+        count = max(1, min(small_reads, self._staging_bytes // small))
+        generator = torch.Generator().manual_seed(seed)
+
+        def timed(length: int, n: int) -> float:
+            places = torch.randint(
+                0, max(1, (size - length) // self.align), (n,), generator=generator
+            )
+            load = _Spans(
+                *(torch.zeros(n, dtype=torch.long),) * 3,
+                aligned=places * self.align,
+                length=torch.full((n,), length, dtype=torch.long),
+                skip=torch.zeros(n, dtype=torch.long),
+                cursor=torch.arange(n, dtype=torch.long) * length,
+            )
+            began = time.perf_counter()
+            for future in self._submit(load, 0):
+                future.result()
+            return time.perf_counter() - began
+
+        timed(small, count)  # warm-up: the thread team, the device's queue
+        per_read = timed(small, count) / count
+        large = min(MAX_READ_BYTES, self._staging_bytes)
+        n_large = max(1, self._staging_bytes // large)
+        seconds = timed(large, n_large)
+        bandwidth = n_large * large / seconds
+        gap = int(min(per_read * bandwidth, MAX_READ_BYTES // 2))
+        return {"gap_bytes": gap, "per_read_s": per_read, "bytes_per_s": bandwidth}
+
     def _read_share(self, share: list[tuple], base: int) -> list[int]:
         return [self._read_one(job, base) for job in share]
 
