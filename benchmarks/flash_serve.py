@@ -21,6 +21,8 @@ at a 50% budget: accelerate (cold), naive, memtool.
     python benchmarks/flash_serve.py --synthetic /tmp/flash_bench/opt-1.3b --alternate 3
     python benchmarks/flash_serve.py --synthetic /tmp/flash_bench/opt-1.3b --ffn-ab 3
     python benchmarks/flash_serve.py --default --ffn-ab 3
+    python benchmarks/flash_serve.py --synthetic /tmp/flash_bench/opt-1.3b --gap-ab 3
+    python benchmarks/flash_serve.py --default --gap-ab 3
     python benchmarks/flash_serve.py --gate   # gate+up+down bundles vs gate resident, at 75%
 """
 
@@ -389,10 +391,10 @@ def alternate_part(args) -> dict:
     return {"rounds": rounds, "ratio_median": ratios[len(ratios) // 2]}
 
 
-def ffn_ab_part(args, default: bool) -> dict:
-    """The engine with the native one-token FFN (`bundle_ffn`) and with FlashFFN's torch code,
-    alternating `--ffn-ab` rounds in this one process on one store: the synthetic OPT-1.3B
-    shape, or (`default`) smollm2-135m at sparsity 0.5, window 4 (the ablation's last row)."""
+def ab_part(args, default: bool, variants: dict[str, tuple[dict, bool]]) -> dict:
+    """Engine variants alternating for `--ffn-ab` / `--gap-ab` rounds in this one process on one
+    store: the synthetic OPT-1.3B shape, or (`default`) smollm2-135m at sparsity 0.5, window 4
+    (the ablation's last row). A variant is (FlashConfig options, native one-token FFN)."""
     from memtool.serve.flash.ffn import FlashFFN
 
     if default:
@@ -401,28 +403,36 @@ def ffn_ab_part(args, default: bool) -> dict:
         if not store.exists():
             build_flash_store(load_model(None, dtype="float32"), store, FlashStoreConfig())
         prompt_ids = list(load_model(None).tokenizer(PROMPT)["input_ids"])
-        options = {"sparsity": "0.5", "window_tokens": 4}
+        base = {"sparsity": "0.5", "window_tokens": 4}
     else:
         model_dir = Path(args.synthetic)
         store = Path(args.work) / "opt-1.3b-store"
-        prompt_ids, options = list(range(100, 112)), {}
+        prompt_ids, base = list(range(100, 112)), {}
     budget = sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) // 2
-    config = FlashConfig(memory_budget=budget, context_tokens=128, **options)
-    flash = open_flash_model(store, config)
-    ffns = [m for m in flash.model.modules() if isinstance(m, FlashFFN)]
     rounds = []
-    try:
-        for index in range(args.ffn_ab):
-            for native in (True, False):
-                for ffn in ffns:
+    for index in range(args.ffn_ab or args.gap_ab):
+        for name, (options, native) in variants.items():
+            config = FlashConfig(memory_budget=budget, context_tokens=128, **base, **options)
+            flash = open_flash_model(store, config)
+            try:
+                for ffn in (m for m in flash.model.modules() if isinstance(m, FlashFFN)):
                     ffn.native = None if native else False
-                fb.drop_file_cache([store])
                 decode = fb._greedy_decode(flash.model, prompt_ids, args.new_tokens)
-                rounds.append({"native": native, "tokens_per_s": decode["tokens_per_s"]})
-                print(f"round {index}: native {native}: {decode['tokens_per_s']:.3f} tokens/s")
-    finally:
-        flash.close()
+                gap = flash.reader.gap_bytes
+            finally:
+                flash.close()
+            speed = decode["tokens_per_s"]
+            rounds.append({"variant": name, "gap_bytes": gap, "tokens_per_s": speed})
+            print(f"round {index}: {name} (gap {gap} B): {speed:.3f} tokens/s", flush=True)
     return {"store": str(store), "rounds": rounds}
+
+
+FFN_AB = {"native FFN": ({}, True), "torch FFN": ({}, False)}
+GAP_AB = {
+    "measured gap": ({"gap_bytes": None}, True),
+    "64 KiB": ({"gap_bytes": 64 << 10}, True),
+    "16 KiB": ({"gap_bytes": 16 << 10}, True),
+}
 
 
 def main() -> None:
@@ -443,6 +453,9 @@ def main() -> None:
     parser.add_argument(
         "--ffn-ab", type=int, default=0, help="rounds of native vs torch FFN, alternating"
     )
+    parser.add_argument(
+        "--gap-ab", type=int, default=0, help="rounds of measured vs fixed gaps, alternating"
+    )
     parser.add_argument("--work", default="/tmp/flash_bench/work")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -450,10 +463,11 @@ def main() -> None:
     torch.set_num_threads(2)
     began = time.perf_counter()
     report: dict = {"machine": platform.platform(), "torch": torch.__version__}
-    if args.default and not args.ffn_ab:
+    if args.default and not (args.ffn_ab or args.gap_ab):
         report["default"] = default_part(args)
-    if args.ffn_ab:  # only the A/B, on the store of the part named
-        report["ffn_ab"] = ffn_ab_part(args, default=args.default)
+    if args.ffn_ab or args.gap_ab:  # only the A/B, on the store of the part named
+        variants = FFN_AB if args.ffn_ab else GAP_AB
+        report["ab"] = ab_part(args, args.default, variants)
     elif args.synthetic and args.alternate:
         report["alternate"] = alternate_part(args)
     elif args.synthetic:
