@@ -248,7 +248,8 @@ def _flash_engine(
         f"{format_size(plan.resident)} + predictors {format_size(plan.predictors)} + KV cache "
         f"{format_size(plan.kv_cache)} ({plan.context_tokens} tokens) + staging "
         f"{format_size(plan.staging)} + windows {format_size(plan.windows)} ({plan.capacity} of "
-        f"{plan.n_neurons} neurons per layer); sparsity {flash.sparsity.label}; {direct}[/]",
+        f"{plan.n_neurons} neurons per layer); sparsity {flash.sparsity.label}; {direct}, "
+        f"reading through gaps up to {format_size(flash.reader.gap_bytes)}[/]",
         highlight=False,
         soft_wrap=True,
     )

@@ -268,6 +268,9 @@ def test_cli_compress_then_serve_with_a_budget(tiny_llama_dir, text_file, tmp_pa
     payload = json.loads(result.stdout)
     flash = payload["flash"]
     assert flash["sparsity"] == "predictor:0.5"
+    # The start-up line names the gap measured on this device, as --json does.
+    assert flash["gap_measurement"]["gap_bytes"] == flash["gap_bytes"]
+    assert "reading through gaps up to" in " ".join(result.stderr.split())
     assert flash["budget"]["total"] <= flash["budget"]["budget"]
     per_token = flash["per_token"]
     for key in (

@@ -37,7 +37,10 @@ from memtool.errors import MemtoolError
 # block: 512 bytes on most drives (bundles are padded to it, so a span of bundles is already
 # aligned and lands in the staging buffer packed), 4096 on 4Kn drives (spans are rounded out).
 DIRECT_ALIGNMENTS = (512, 4096)
-DEFAULT_GAP_BYTES = 64 << 10  # read through gaps up to this many bytes instead of a new read
+# Read through gaps up to this many bytes instead of a new read: NeuronReader's default. The
+# engine measures the gap on the device instead (`measure_gap`); 64 KiB was that measure here
+# on 2026-11-28, and 23-31 KB a day later.
+DEFAULT_GAP_BYTES = 64 << 10
 MAX_READ_BYTES = 256 << 10  # longer spans are split: reads this size already reach ~700 MB/s
 
 
