@@ -191,16 +191,21 @@ def token_identity(store: Path, budget, prompt_ids: list[int], n: int, dtype: st
     return out
 
 
-def default_part(args) -> dict:
+def _default_setup(args) -> tuple[Path, Path, int, list[int]]:
+    """smollm2-135m and its flash store (built once), 50% budget, the prompt's ids."""
     model_dir = ensure_builtin("smollm2-135m")
-    tokenizer = load_model(None).tokenizer
-    prompt_ids = list(tokenizer(PROMPT)["input_ids"])
+    prompt_ids = list(load_model(None).tokenizer(PROMPT)["input_ids"])
     store = Path(args.work) / "smollm2-store"
     if not store.exists():
         print("building the flash store (once) ...", flush=True)
         build_flash_store(load_model(None, dtype="float32"), store, FlashStoreConfig())
-    weight_bytes = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
-    budget = weight_bytes // 2
+    budget = sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) // 2
+    return model_dir, store, budget, prompt_ids
+
+
+def default_part(args) -> dict:
+    model_dir, store, budget, prompt_ids = _default_setup(args)
+    weight_bytes = 2 * budget
     n = args.new_tokens
     results: dict = {"budget_bytes": budget, "weight_file_bytes": weight_bytes, "runs": {}}
     runs = results["runs"]
@@ -290,7 +295,8 @@ def gate_part(args) -> dict:
     return out
 
 
-def synthetic_part(args) -> dict:
+def _synthetic_setup(args) -> tuple[Path, Path, int, list[int]]:
+    """The OPT-1.3B-shaped model and its store (each built once), 50% budget, prompt ids."""
     folder = Path(args.synthetic)
     if not (folder / "config.json").exists():
         fb.make_synthetic_opt(folder, "opt-1.3b", active_fraction=0.1)
@@ -303,9 +309,13 @@ def synthetic_part(args) -> dict:
         config = FlashStoreConfig(predictor=args.synthetic_predictor)
         build_flash_store(load_model(folder, dtype="float32"), store, config, input_ids=ids)
         gc.collect()
-    weight_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
-    budget = weight_bytes // 2
-    prompt_ids = list(range(100, 112))
+    budget = sum(p.stat().st_size for p in folder.glob("*.safetensors")) // 2
+    return folder, store, budget, list(range(100, 112))
+
+
+def synthetic_part(args) -> dict:
+    folder, store, budget, prompt_ids = _synthetic_setup(args)
+    weight_bytes = 2 * budget
     n = args.new_tokens
     runs: dict = {}
 
@@ -375,10 +385,8 @@ def alternate_part(args) -> dict:
     """memtool's CLI and the naive baseline, each in fresh processes, alternating for
     `--alternate` rounds on the synthetic store: this VM's disk gets faster for a file read
     again soon after (the host caches it), so a single pass favours whichever system runs later."""
-    folder = Path(args.synthetic)
-    store = Path(args.work) / "opt-1.3b-store"
-    budget = sum(p.stat().st_size for p in folder.glob("*.safetensors")) // 2
-    prompt_ids, n = list(range(100, 112)), args.new_tokens
+    folder, store, budget, prompt_ids = _synthetic_setup(args)
+    n = args.new_tokens
     rounds = []
     for index in range(args.alternate):
         cli = run_cli(store, budget, n)["tokens_per_s"]
@@ -397,18 +405,9 @@ def ab_part(args, default: bool, variants: dict[str, tuple[dict, bool]]) -> dict
     (the ablation's last row). A variant is (FlashConfig options, native one-token FFN)."""
     from memtool.serve.flash.ffn import FlashFFN
 
-    if default:
-        model_dir = ensure_builtin("smollm2-135m")
-        store = Path(args.work) / "smollm2-store"
-        if not store.exists():
-            build_flash_store(load_model(None, dtype="float32"), store, FlashStoreConfig())
-        prompt_ids = list(load_model(None).tokenizer(PROMPT)["input_ids"])
-        base = {"sparsity": "0.5", "window_tokens": 4}
-    else:
-        model_dir = Path(args.synthetic)
-        store = Path(args.work) / "opt-1.3b-store"
-        prompt_ids, base = list(range(100, 112)), {}
-    budget = sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) // 2
+    setup = _default_setup if default else _synthetic_setup
+    _, store, budget, prompt_ids = setup(args)
+    base = {"sparsity": "0.5", "window_tokens": 4} if default else {}
     rounds = []
     for index in range(args.ffn_ab or args.gap_ab):
         for name, (options, native) in variants.items():

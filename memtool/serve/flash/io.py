@@ -300,21 +300,26 @@ class NeuronReader:
             block = self._staging_u8[start : start + count * stride_bytes]
             yield torch.arange(first, first + count), block.view(count, stride_bytes)
 
-    def measure_gap(self, stride_bytes: int, small_reads: int = 256, seed: int = 0) -> dict:
+    def measure_gap(
+        self, stride_bytes: int, small_reads: int = 256, repeats: int = 3, seed: int = 0
+    ) -> dict:
         """The gap worth reading through on this file's device: what one read costs, in bytes.
 
         Times this reader's own parallel reads (same threads, same O_DIRECT path) at random
         places of the file: `small_reads` reads of one bundle each, then the staging buffer
         in reads of `MAX_READ_BYTES`. The per-read cost (small reads' time per read) times the
         bandwidth (large reads' bytes per second) is the gap that costs as much to read as a
-        new read does. Not counted in `stats`. Returns the gap and both measurements.
+        new read does; each is the median of `repeats` rounds (~50 ms each on this project's VM,
+        where a single round sometimes read 2-3x high). Not counted in `stats`. Returns the gap
+        and both measurements.
         """
         size = os.fstat(self._fd).st_size
         small = _round_up(stride_bytes, self.align)
         count = max(1, min(small_reads, self._staging_bytes // small))
         generator = torch.Generator().manual_seed(seed)
 
-        def timed(length: int, n: int) -> float:
+        def timed(length: int, n: int) -> tuple[float, int]:
+            """Seconds for `n` parallel reads of `length` bytes, and the bytes they got."""
             places = torch.randint(
                 0, max(1, (size - length) // self.align), (n,), generator=generator
             )
@@ -326,17 +331,23 @@ class NeuronReader:
                 cursor=torch.arange(n, dtype=torch.long) * length,
             )
             began = time.perf_counter()
-            for future in self._submit(load, 0):
-                future.result()
-            return time.perf_counter() - began
+            results = [future.result() for future in self._submit(load, 0)]
+            seconds = time.perf_counter() - began
+            # Native: one tensor of bytes per read; Python threads: a list per share.
+            got = int(results[0].sum()) if self.native else sum(map(sum, results))
+            return seconds, got
 
         timed(small, count)  # warm-up: the thread team, the device's queue
-        per_read = timed(small, count) / count
         large = min(MAX_READ_BYTES, self._staging_bytes)
-        n_large = max(1, self._staging_bytes // large)
-        seconds = timed(large, n_large)
-        bandwidth = n_large * large / seconds
-        gap = int(min(per_read * bandwidth, MAX_READ_BYTES // 2))
+        per_reads, bandwidths = [], []
+        for _ in range(repeats):  # the median of a few rounds: one burst can stall
+            per_reads.append(timed(small, count)[0] / count)
+            seconds, got = timed(large, max(1, self._staging_bytes // large))
+            # Bytes actually read: a file shorter than the reads (a tiny store) returns fewer.
+            bandwidths.append(got / seconds)
+        per_read = sorted(per_reads)[repeats // 2]
+        bandwidth = sorted(bandwidths)[repeats // 2]
+        gap = int(min(max(per_read * bandwidth, 0), MAX_READ_BYTES // 2))  # failed reads: 0
         return {"gap_bytes": gap, "per_read_s": per_read, "bytes_per_s": bandwidth}
 
     def _read_share(self, share: list[tuple], base: int) -> list[int]:
