@@ -45,10 +45,10 @@ def store(request, tmp_path_factory, tiny_llama_dir, tiny_opt_dir):
     return _store(tmp_path_factory.mktemp("flash") / request.param, model_dir), model_dir
 
 
-def _tight(folder, neurons: int, sparsity: str) -> int:
+def _tight(folder, neurons: int, sparsity: str, staging_bytes: int = 8192) -> int:
     """The budget with room for exactly `neurons` per layer's window."""
     config = FlashConfig(
-        memory_budget="1GB", sparsity=sparsity, context_tokens=64, staging_bytes=8192
+        memory_budget="1GB", sparsity=sparsity, context_tokens=64, staging_bytes=staging_bytes
     )
     roomy = open_flash_model(folder, config)
     plan, n_layers = roomy.plan, len(roomy.ffns)
@@ -61,7 +61,8 @@ def _tight(folder, neurons: int, sparsity: str) -> int:
 @pytest.mark.parametrize("sparsity", ["dense", "auto"])
 @pytest.mark.parametrize("room", ["all", "few"])
 @pytest.mark.parametrize("window", [0, 3])
-def test_tokens_equal_the_masked_dense_model(store, sparsity, room, window):
+@pytest.mark.parametrize("lookahead", [True, False])
+def test_tokens_equal_the_masked_dense_model(store, sparsity, room, window, lookahead):
     folder, model_dir = store
     # "few": 6 neurons per layer, so most tokens stream their neurons from the staging buffer
     budget = "1GB" if room == "all" else _tight(folder, 6, sparsity)
@@ -71,6 +72,7 @@ def test_tokens_equal_the_masked_dense_model(store, sparsity, room, window):
         window_tokens=window,
         context_tokens=64,
         staging_bytes=8192,
+        lookahead=lookahead,
     )
     flash = open_flash_model(folder, config)
     assert flash.plan.total <= flash.plan.budget
@@ -91,6 +93,11 @@ def test_tokens_equal_the_masked_dense_model(store, sparsity, room, window):
     assert counters.neurons_hit + counters.neurons_loaded == counters.neurons_active
     if window == 0:
         assert counters.neurons_hit == 0
+    if not lookahead:
+        assert counters.neurons_prefetched == 0
+    elif window == 0:  # nothing kept between tokens: each token's guessed neurons read ahead
+        assert counters.neurons_prefetched > 0
+    assert counters.neurons_prefetched <= counters.neurons_loaded
     flash.close()
 
 
@@ -370,16 +377,25 @@ def test_gate_resident_store_selects_exactly_and_matches_the_masked_dense_model(
         assert torch.equal(mask, fc1(x) > 0)
 
 
-def test_neurons_in_the_window_inside_a_streamed_span_count_once(store):
-    """Scattered random masks leave window neurons between the misses; reads through those
-    gaps must not add them a second time, nor put them in the window twice."""
+@pytest.mark.parametrize(
+    ("gap_bytes", "staging_bytes", "guess"),
+    [(None, 8192, "selector"), (1 << 20, 1 << 16, "scattered")],
+)
+def test_neurons_in_the_window_inside_a_streamed_span_count_once(
+    store, gap_bytes, staging_bytes, guess
+):
+    """Scattered random masks leave window neurons between the misses, and the lookahead's
+    bundles too; reads through those gaps must not add them a second time, nor put them in the
+    window twice. "scattered": the lookahead reads every 16th neuron, and reads of the rest
+    go through every gap (1 MiB) in long loads, so they span those too."""
     folder, model_dir = store
     config = FlashConfig(
-        memory_budget=_tight(folder, 6, "dense"),
+        memory_budget=_tight(folder, 6, "dense", staging_bytes),
         sparsity="dense",
         window_tokens=3,
         context_tokens=64,
-        staging_bytes=8192,
+        staging_bytes=staging_bytes,
+        gap_bytes=gap_bytes,
     )
     flash = open_flash_model(folder, config)
     generator = torch.Generator().manual_seed(3)
@@ -390,6 +406,10 @@ def test_neurons_in_the_window_inside_a_streamed_span_count_once(store):
             torch.rand(x.shape[0], n, generator=generator) < 0.4,
             None,
         )
+        if guess == "scattered":
+            ffn.lookahead = lambda hidden, ffn=ffn, n=n: ffn.reader.prefetch(
+                ffn._offset, ffn._stride, torch.arange(5, n, 16)
+            )
     got, _ = greedy_decode(flash, PROMPT, 12)
     for ffn in flash.ffns:
         rows = ffn.window.neurons().tolist()

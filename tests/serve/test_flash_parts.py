@@ -136,6 +136,46 @@ def test_reader_reports_a_store_truncated_underneath(store, tmp_path, native):
     reader.close()
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_prefetched_bundles_are_the_stored_ones_and_never_overwritten(store, native):
+    """A prefetch fills the staging buffer's first half; a stream started while the caller
+    works on those bundles reads into the other half first; and any read that comes instead
+    of `take_prefetch` waits for the prefetch and drops it (its bytes still counted)."""
+    if native:
+        _native_reader_or_skip()
+    plain = open_flash_store(store, verify=False)
+    layer = plain.layers[1]
+    offset, stride = layer["offset"], layer["stride_bytes"]
+    reader = NeuronReader(
+        store / FFN_FILE, threads=2, gap_bytes=0, staging_bytes=8 * stride, native=native
+    )
+    # The reference rows, from another reader (read_bundles is checked against the store
+    # above).
+    other = NeuronReader(store / FFN_FILE, threads=1, gap_bytes=0, native=False)
+    want = dict(enumerate(other.read_bundles(offset, stride, list(range(12)))))
+    other.close()
+    reads = reader.stats.reads
+    assert reader.prefetch(offset, stride, [1, 2, 3, 7])
+    ahead = reader.take_prefetch(offset)
+    # A stream into the second half while the caller still works on the prefetched views.
+    stream = reader.stream(offset, stride, [4, 5, 9], first_half=1)
+    streamed = [(n.clone(), b.clone()) for n, b in stream]
+    for neurons, block in [*ahead, *streamed]:  # the views still hold what was read
+        for n, bundle in zip(neurons.tolist(), block, strict=True):
+            assert torch.equal(bundle, want[n])
+    assert {1, 2, 3, 7} <= {n for neurons, _ in ahead for n in neurons.tolist()}
+    assert reader.stats.reads == reads + 4  # [1-3], [7]; then [4-5], [9]
+    # Untaken: the next read drains it; taking it for another region gives nothing.
+    assert reader.prefetch(offset, stride, [0, 1])
+    assert torch.equal(reader.read_bundles(offset, stride, [8])[0], want[8])
+    assert reader.take_prefetch(offset) == []
+    assert reader.prefetch(offset, stride, [0, 1])
+    assert reader.take_prefetch(offset + stride) == []
+    assert not reader.prefetch(offset, stride, [])
+    reader.close()
+    plain.close()
+
+
 def _bundle(i: int, width: int = 4) -> torch.Tensor:
     return torch.full((1, width), float(i)).view(torch.uint8)
 

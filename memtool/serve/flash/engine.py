@@ -64,6 +64,8 @@ class FlashConfig:
         staging_bytes: the aligned read buffer; None: 4 MiB, or one layer's bundles if less.
         verify_store: check the neuron file's CRC32s too before serving (reads it whole once);
             the resident part is always checked, the neuron file's size always.
+        lookahead: while a layer's attention computes, read the neurons its FFN is guessed to
+            need (`FlashFFN.lookahead`); False reads only once they are known.
     """
 
     memory_budget: int | str = "50%"
@@ -75,6 +77,7 @@ class FlashConfig:
     gap_bytes: int | None = None
     staging_bytes: int | None = None
     verify_store: bool = False
+    lookahead: bool = True
 
 
 @dataclass
@@ -360,6 +363,8 @@ def open_flash_model(folder: Path, config: FlashConfig) -> FlashModel:
                 del resident[key]
         ffn = FlashFFN(entry, kind, act, selector, window, reader, counters, out_bias)
         ffns.append(ffn)
+        if config.lookahead:
+            _start_lookahead(layer, ffn, kind)
         if kind == "swiglu":
             layer.mlp = ffn
         else:
@@ -386,6 +391,20 @@ def open_flash_model(folder: Path, config: FlashConfig) -> FlashModel:
         store.meta.get("source"),
         gap_measurement,
     )
+
+
+def _start_lookahead(layer: nn.Module, ffn: FlashFFN, kind: str) -> None:
+    """Run `ffn.lookahead` on the decoder layer's input, before its attention."""
+    if kind == "swiglu":
+        norm = layer.post_attention_layernorm
+    else:  # OPT: fc1 reads final_layer_norm's output, or in post-norm layers the attention's
+        norm = layer.final_layer_norm if layer.do_layer_norm_before else layer.self_attn_layer_norm
+    ffn.lookahead_norm = norm
+
+    def hook(_module, args, kwargs) -> None:
+        ffn.lookahead(args[0] if args else kwargs["hidden_states"])
+
+    layer.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def _tokenizer(folder: Path):
@@ -451,7 +470,7 @@ class TokenTracker:
     def token(self, seconds: float) -> dict:
         io, counters = self.flash.reader.stats.snapshot(), self.flash.counters.snapshot()
         record = io.minus(self._io)
-        for name in ("neurons_active", "neurons_loaded", "neurons_hit"):
+        for name in ("neurons_active", "neurons_loaded", "neurons_hit", "neurons_prefetched"):
             record[name] = getattr(counters, name) - getattr(self._counters, name)
         record["memory_seconds"] = counters.memory_seconds - self._counters.memory_seconds
         record["seconds"] = seconds
@@ -479,6 +498,7 @@ def summarize_tokens(log: list[dict]) -> dict:
         "mean_read_bytes": mean("bytes_read") / reads if reads else 0.0,
         "neurons_active_per_token": active,
         "neurons_loaded_per_token": mean("neurons_loaded"),
+        "neurons_prefetched_per_token": mean("neurons_prefetched"),
         "cache_hit_rate": mean("neurons_hit") / active if active else 0.0,
         "io_seconds_per_token": mean("io_seconds"),
         "memory_seconds_per_token": mean("memory_seconds"),

@@ -14,9 +14,19 @@ It stands in for a Llama-family `mlp` (SwiGLU) or, in an OPT layer, for `fc1` wi
    applied, so neurons present only for the window, or read through a gap, never change the
    result: the output equals the dense FFN with the same neuron mask
    (`memtool.serve.flash.reference`).
+
+Lookahead (one token at a time): before the decoder layer's attention runs, `lookahead` applies
+the layer's selector to the layer's input through the FFN's own norm, and starts reading the
+guessed neurons the window lacks (`NeuronReader.prefetch`), so the disk works while attention
+computes. The residual stream changes little across one attention block, which is the
+"lookahead" of Deja Vu (Liu et al. 2023): on the default model at sparsity 0.5 the guess holds
+87% of the neurons selected afterwards, plus 15% more. Step 2 then takes the prefetched
+bundles it needs and reads only the rest; a wrong guess costs bytes read, never the result.
 """
 
+import itertools
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +45,7 @@ class FlashCounters:
     neurons_active: int = 0  # neurons selected (union over the call's tokens), all layers
     neurons_loaded: int = 0  # of those, read from storage
     neurons_hit: int = 0  # of those, already in the window
+    neurons_prefetched: int = 0  # of the loaded ones, read ahead by the lookahead
     memory_seconds: float = 0.0  # window bookkeeping and copies (reads excluded)
 
     def snapshot(self) -> "FlashCounters":
@@ -88,6 +99,20 @@ class FlashFFN(nn.Module):
         # One token on CPU: the native bundle kernel (`bundle_ffn`) where it builds and the
         # activation is the one it implements; False forces the torch code (its specification).
         self.native: bool | None = None
+        # The FFN's input norm applied to the decoder layer's input, for `lookahead`; None
+        # turns the lookahead off.
+        self.lookahead_norm: nn.Module | None = None
+
+    def lookahead(self, hidden: Tensor) -> None:
+        """Guess the coming token's neurons from the decoder layer's input `hidden` (before
+        its attention) and start reading the ones the window lacks (module doc). Only for a
+        single token: a prompt's union of neurons is most of the layer."""
+        if self.lookahead_norm is None or hidden.shape[:-1].numel() != 1:
+            return
+        x = self.lookahead_norm(hidden.reshape(1, -1))
+        ids = torch.nonzero(self.selector.mask(x)[0][0]).flatten()
+        ids = ids[~self.window.kept(ids, self.position)]
+        self.reader.prefetch(self._offset, self._stride, ids)
 
     def _read(self, ids: Tensor) -> Tensor:
         return self.reader.read_bundles(self._offset, self._stride, ids)
@@ -108,13 +133,29 @@ class FlashFFN(nn.Module):
         misses = window.lookup(ids, position)
         counters.neurons_hit += ids.numel() - misses.numel()
         counters.neurons_loaded += misses.numel()
+        # The lookahead's bundles (none unless it ran for this layer), then what they lack.
+        ahead = self.reader.take_prefetch(self._offset)
+        rest = misses
+        if ahead:
+            read_ahead = torch.cat([neurons for neurons, _ in ahead])
+            rest = misses[~torch.isin(misses, read_ahead)]
+            counters.neurons_prefetched += misses.numel() - rest.numel()
         fits = window.make_room(misses.numel(), position)
-        if fits and misses.numel():
-            window.insert(misses, self._read(misses), position)
+        stream = None
+        if fits:
+            for neurons, block in ahead:
+                take = torch.isin(neurons, misses)
+                window.insert(neurons[take], block[take], position)
+            if rest.numel():
+                window.insert(rest, self._read(rest), position)
+        else:  # issued now, so the reads run while the window's rows are computed
+            stream = self.reader.stream(
+                self._offset, self._stride, rest, first_half=int(bool(ahead))
+            )
         counters.memory_seconds += self._since(began, io_before)
         out = self._compute(x, mask, gate_all, window.buffer[: window.n_used], window.neurons())
-        if not fits:
-            out += self._stream(x, mask, gate_all, misses, position)
+        if stream is not None:
+            out += self._stream(x, mask, gate_all, misses, position, ahead, stream)
         if self.out_bias is not None:
             out += self.out_bias
         if self.recorded is not None:
@@ -126,27 +167,38 @@ class FlashFFN(nn.Module):
         return time.perf_counter() - began - (self.reader.stats.seconds - io_before)
 
     def _stream(
-        self, x: Tensor, mask: Tensor, gate_all: Tensor | None, misses: Tensor, position: int
+        self,
+        x: Tensor,
+        mask: Tensor,
+        gate_all: Tensor | None,
+        misses: Tensor,
+        position: int,
+        ahead: list[tuple[Tensor, Tensor]],
+        stream: Iterator[tuple[Tensor, Tensor]],
     ) -> Tensor:
         """More neurons than the window holds: compute them straight from the reader's staging
-        buffer, span by span, and keep what fits in the window's free rows for later tokens."""
+        buffer, load by load (the lookahead's first, then `stream`'s), and keep what fits in
+        the window's free rows for later tokens."""
         out = torch.zeros_like(x)
         window, dtype = self.window, self.window.buffer.dtype
-        # Spans read through gaps, and a gap may hold a neuron the window already computed:
-        # only the misses count here (twice would be wrong), and only they may enter the window.
-        missing = torch.zeros(mask.shape[1], dtype=torch.bool)
-        missing[misses] = True
-        only_misses = mask & missing
-        for neurons, block in self.reader.stream(self._offset, self._stride, misses):
+        # Loads hold gap bundles, and a gap may hold a neuron the window already computed or
+        # (after a lookahead) one an earlier load did: each miss counts once, from the first
+        # load that holds it, and only misses may enter the window.
+        todo = torch.zeros(mask.shape[1], dtype=torch.bool)
+        todo[misses] = True
+        for neurons, block in itertools.chain(ahead, stream):
             began, io_before = time.perf_counter(), self.reader.stats.seconds
+            fresh = todo[neurons]
+            if not bool(fresh.any()):
+                continue
             bundles = block.view(dtype)
             free = window.capacity - window.n_used
             if free > 0:
-                keep = torch.nonzero(missing[neurons]).flatten()[:free]
+                keep = torch.nonzero(fresh).flatten()[:free]
                 window.insert(neurons[keep], block[keep], position)
-                missing[neurons[keep]] = False  # in the window now: not again from a later span
             self.counters.memory_seconds += self._since(began, io_before)
-            out += self._compute(x, only_misses, gate_all, bundles, neurons)
+            out += self._compute(x, mask & todo, gate_all, bundles, neurons)
+            todo[neurons] = False
         return out
 
     def _compute(

@@ -160,6 +160,8 @@ class NeuronReader:
         # Native: one worker thread runs each load's op while the caller computes on the last.
         workers = 1 if self.native else threads
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="memtool-io")
+        self._prefetched: tuple | None = None  # (offset, load, futures, stride): `prefetch`
+        self._streaming: list | None = None  # a stream's reads in flight, not yet waited for
 
     def _probe_alignment(self) -> int:
         """The smallest O_DIRECT alignment this file's device takes (512 or 4096)."""
@@ -182,6 +184,7 @@ class NeuronReader:
 
     def close(self) -> None:
         if self._fd >= 0:
+            self._prefetched = None  # its reads finish before the pool shuts down
             self._pool.shutdown(wait=True)
             os.close(self._fd)
             self._fd = -1
@@ -194,7 +197,7 @@ class NeuronReader:
             self.close()
 
     def stream(
-        self, offset: int, stride_bytes: int, ids: list[int] | Tensor
+        self, offset: int, stride_bytes: int, ids: list[int] | Tensor, first_half: int = 0
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """Bundles `ids` (sorted, distinct) of the region at `offset`: yields (bundle ids
         [n], uint8 view [n, stride_bytes]) per staging load, or per span when alignment
@@ -202,13 +205,50 @@ class NeuronReader:
 
         The staging buffer is used in two halves: while the caller works on one load, the
         next one is already being read into the other half (the reads of one load run in
-        parallel), so compute and I/O overlap. The ids include unwanted bundles read through
-        gaps. Each view is valid until the next item is taken.
+        parallel), so compute and I/O overlap. The first load is read into `first_half` and
+        its reads are issued before this returns, so a caller may still work on the other half
+        (a lookahead load, `take_prefetch`) while they run. The ids include unwanted bundles
+        read through gaps. Each view is valid until the next item is taken.
 
         Raises:
             MemtoolError: a short read (the store shrank underneath us) or a failed one.
         """
-        half = self._staging_bytes // 2 // 4096 * 4096
+        self.drain_prefetch()
+        self._settle()
+        loads = self._plan(offset, stride_bytes, ids)
+        pending = self._submit(loads[0], first_half * self._half) if loads else None
+        self._streaming = pending
+        return self._loads(loads, pending, first_half, stride_bytes)
+
+    def _settle(self) -> None:
+        """Wait for the reads of a stream left before its end (an abandoned iterator), so that
+        they cannot land in the staging buffer under new ones."""
+        if self._streaming is not None:
+            for future in self._streaming:
+                future.exception()  # waits; its error belonged to the abandoned stream
+            self._streaming = None
+
+    def _loads(
+        self, loads: list["_Spans"], pending: list | None, first_half: int, stride_bytes: int
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        for index, load in enumerate(loads):
+            base = ((first_half + index) % 2) * self._half
+            self._wait(pending, load, stride_bytes)
+            self._streaming = None
+            if index + 1 < len(loads):
+                pending = self._submit(
+                    loads[index + 1], ((first_half + index + 1) % 2) * self._half
+                )
+                self._streaming = pending
+            yield from self._views(load, base, stride_bytes)
+
+    @property
+    def _half(self) -> int:
+        return self._staging_bytes // 2 // 4096 * 4096
+
+    def _plan(self, offset: int, stride_bytes: int, ids: list[int] | Tensor) -> list["_Spans"]:
+        """The reads covering `ids`, in staging loads of at most half the staging buffer."""
+        half = self._half
         gap = self.gap_bytes // stride_bytes
         max_bundles = max(1, min(MAX_READ_BYTES, half - self.align) // stride_bytes)
         first, count, wanted = span_arrays(ids, gap, max_bundles)
@@ -217,14 +257,43 @@ class NeuronReader:
         length = -(-(start + count * stride_bytes - aligned) // self.align) * self.align
         cursor, bounds = _pack(half, length.tolist())
         spans = _Spans(first, count, wanted, aligned, length, start - aligned, cursor)
-        loads = [spans.part(i, j) for i, j in bounds]
-        pending = self._submit(loads[0], 0) if loads else None
-        for index, load in enumerate(loads):
-            base = (index % 2) * half
-            self._wait(pending, load, stride_bytes)
-            if index + 1 < len(loads):
-                pending = self._submit(loads[index + 1], ((index + 1) % 2) * half)
-            yield from self._views(load, base, stride_bytes)
+        return [spans.part(i, j) for i, j in bounds]
+
+    def prefetch(self, offset: int, stride_bytes: int, ids: list[int] | Tensor) -> bool:
+        """Start reading bundles `ids` (sorted, distinct) of the region at `offset` ahead of
+        need, into the first half of the staging buffer, and return at once (False: no ids).
+
+        Only the first staging load of their reads is issued: the rest of the buffer stays
+        free for the reads the caller makes once it knows what it needs. `take_prefetch`
+        waits for the reads and gives the bundles; any other read on this reader first waits
+        for an untaken prefetch and drops it (counted in the stats all the same), so a
+        prefetch can never overwrite the staging buffer under a later read.
+        """
+        self.drain_prefetch()
+        self._settle()
+        loads = self._plan(offset, stride_bytes, ids)
+        if not loads:
+            return False
+        self._prefetched = (offset, loads[0], self._submit(loads[0], 0), stride_bytes)
+        return True
+
+    def take_prefetch(self, offset: int | None = None) -> list[tuple[Tensor, Tensor]]:
+        """The prefetched bundles as `stream` yields them (views into the staging buffer's
+        first half, valid until the next read), after waiting for their reads; [] if none, or
+        if `offset` is given and the prefetch was of another region (then dropped)."""
+        if self._prefetched is None:
+            return []
+        region, load, pending, stride_bytes = self._prefetched
+        self._prefetched = None
+        self._wait(pending, load, stride_bytes)
+        if offset is not None and offset != region:
+            return []
+        return list(self._views(load, 0, stride_bytes))
+
+    def drain_prefetch(self) -> None:
+        """Wait for an untaken prefetch's reads and drop them."""
+        if self._prefetched is not None:
+            self.take_prefetch()
 
     def read_bundles(self, offset: int, stride_bytes: int, ids: list[int] | Tensor) -> Tensor:
         """Bundles `ids` (sorted, distinct) as a new uint8 tensor [len(ids), stride_bytes]."""
@@ -313,6 +382,8 @@ class NeuronReader:
         where a single round sometimes read 2-3x high). Not counted in `stats`. Returns the gap
         and both measurements.
         """
+        self.drain_prefetch()
+        self._settle()
         size = os.fstat(self._fd).st_size
         small = _round_up(stride_bytes, self.align)
         count = max(1, min(small_reads, self._staging_bytes // small))

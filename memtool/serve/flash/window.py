@@ -76,6 +76,14 @@ class NeuronWindow:
         if bool(stale.any()):
             self._evict(stale)
 
+    def kept(self, ids: Tensor, position: int) -> Tensor:
+        """Which of `ids` are present and stay for the token at `position` (`evict_stale`
+        drops the rest first); changes nothing."""
+        rows = self.neuron_row[ids]
+        present = rows >= 0
+        present[present.clone()] = self.last_used[rows[present]] >= position - self.window_tokens
+        return present
+
     def lookup(self, ids: Tensor, position: int) -> Tensor:
         """Mark the present ones of `ids` used at `position`; returns the absent ones."""
         rows = self.neuron_row[ids]
