@@ -23,6 +23,8 @@ at a 50% budget: accelerate (cold), naive, memtool.
     python benchmarks/flash_serve.py --default --ffn-ab 3
     python benchmarks/flash_serve.py --synthetic /tmp/flash_bench/opt-1.3b --gap-ab 3
     python benchmarks/flash_serve.py --default --gap-ab 3
+    python benchmarks/flash_serve.py --synthetic /tmp/flash_bench/opt-1.3b --lookahead-ab 3
+    python benchmarks/flash_serve.py --default --lookahead-ab 3
     python benchmarks/flash_serve.py --gate   # gate+up+down bundles vs gate resident, at 75%
 """
 
@@ -76,6 +78,7 @@ def run_flash(store: Path, config: FlashConfig, prompt_ids: list[int], new_token
             "neurons_active": c.neurons_active,
             "neurons_loaded": c.neurons_loaded,
             "neurons_hit": c.neurons_hit,
+            "neurons_prefetched": c.neurons_prefetched,
         }
 
     try:
@@ -400,29 +403,49 @@ def alternate_part(args) -> dict:
 
 
 def ab_part(args, default: bool, variants: dict[str, tuple[dict, bool]]) -> dict:
-    """Engine variants alternating for `--ffn-ab` / `--gap-ab` rounds in this one process on one
-    store: the synthetic OPT-1.3B shape, or (`default`) smollm2-135m at sparsity 0.5, window 4
-    (the ablation's last row). A variant is (FlashConfig options, native one-token FFN)."""
+    """Engine variants alternating for `--ffn-ab` / `--gap-ab` / `--lookahead-ab` rounds in this
+    one process on one store: the synthetic OPT-1.3B shape, or (`default`) smollm2-135m at
+    sparsity 0.5, window 4 (the ablation's last row). A variant is (FlashConfig options, native
+    one-token FFN)."""
     from memtool.serve.flash.ffn import FlashFFN
 
     setup = _default_setup if default else _synthetic_setup
     _, store, budget, prompt_ids = setup(args)
     base = {"sparsity": "0.5", "window_tokens": 4} if default else {}
     rounds = []
-    for index in range(args.ffn_ab or args.gap_ab):
+    for index in range(_ab_rounds(args)):
         for name, (options, native) in variants.items():
             config = FlashConfig(memory_budget=budget, context_tokens=128, **base, **options)
             flash = open_flash_model(store, config)
             try:
                 for ffn in (m for m in flash.model.modules() if isinstance(m, FlashFFN)):
                     ffn.native = None if native else False
+                io = flash.reader.stats
+                before = (io.bytes_read, io.seconds, flash.counters.neurons_prefetched)
                 decode = fb._greedy_decode(flash.model, prompt_ids, args.new_tokens)
                 gap = flash.reader.gap_bytes
+                # Per token over the whole run, prefill included (lookahead skips prompts).
+                after = (io.bytes_read, io.seconds, flash.counters.neurons_prefetched)
+                per_token = [(b - a) / args.new_tokens for a, b in zip(before, after, strict=True)]
             finally:
                 flash.close()
             speed = decode["tokens_per_s"]
-            rounds.append({"variant": name, "gap_bytes": gap, "tokens_per_s": speed})
-            print(f"round {index}: {name} (gap {gap} B): {speed:.3f} tokens/s", flush=True)
+            rounds.append(
+                {
+                    "variant": name,
+                    "gap_bytes": gap,
+                    "tokens_per_s": speed,
+                    "bytes_read_per_token": per_token[0],
+                    "io_wait_s_per_token": per_token[1],
+                    "neurons_prefetched_per_token": per_token[2],
+                }
+            )
+            print(
+                f"round {index}: {name} (gap {gap} B): {speed:.3f} tokens/s, "
+                f"{per_token[0] / MB:.1f} MB read and {1000 * per_token[1]:.0f} ms I/O wait "
+                f"a token, {per_token[2]:.0f} neurons read ahead",
+                flush=True,
+            )
     return {"store": str(store), "rounds": rounds}
 
 
@@ -432,6 +455,16 @@ GAP_AB = {
     "64 KiB": ({"gap_bytes": 64 << 10}, True),
     "16 KiB": ({"gap_bytes": 16 << 10}, True),
 }
+
+
+LOOKAHEAD_AB = {
+    "lookahead": ({"lookahead": True}, True),
+    "no lookahead": ({"lookahead": False}, True),
+}
+
+
+def _ab_rounds(args) -> int:
+    return args.ffn_ab or args.gap_ab or args.lookahead_ab
 
 
 def main() -> None:
@@ -455,6 +488,9 @@ def main() -> None:
     parser.add_argument(
         "--gap-ab", type=int, default=0, help="rounds of measured vs fixed gaps, alternating"
     )
+    parser.add_argument(
+        "--lookahead-ab", type=int, default=0, help="rounds with and without the lookahead"
+    )
     parser.add_argument("--work", default="/tmp/flash_bench/work")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -462,10 +498,10 @@ def main() -> None:
     torch.set_num_threads(2)
     began = time.perf_counter()
     report: dict = {"machine": platform.platform(), "torch": torch.__version__}
-    if args.default and not (args.ffn_ab or args.gap_ab):
+    if args.default and not _ab_rounds(args):
         report["default"] = default_part(args)
-    if args.ffn_ab or args.gap_ab:  # only the A/B, on the store of the part named
-        variants = FFN_AB if args.ffn_ab else GAP_AB
+    if _ab_rounds(args):  # only the A/B, on the store of the part named
+        variants = FFN_AB if args.ffn_ab else GAP_AB if args.gap_ab else LOOKAHEAD_AB
         report["ab"] = ab_part(args, args.default, variants)
     elif args.synthetic and args.alternate:
         report["alternate"] = alternate_part(args)

@@ -99,6 +99,12 @@ def serve_local_command(
         help="With --memory-budget: check the whole store against its CRC32s first (reads it "
         "once; the resident part is always checked).",
     ),
+    lookahead: bool = typer.Option(
+        None,
+        "--lookahead/--no-lookahead",
+        help="With --memory-budget: read each layer's guessed neurons while its attention "
+        "computes (default: on).",
+    ),
     json_out: bool = JsonOption,
     debug: bool = DebugOption,
 ) -> None:
@@ -127,6 +133,7 @@ def serve_local_command(
         flash_options = {"--window": window, "--io-threads": io_threads, "--sparsity": sparsity}
         flash_options["--context"] = context
         flash_options["--verify-store"] = verify_store or None
+        flash_options["--lookahead/--no-lookahead"] = lookahead
         if memory_budget is None:
             for flag, value in flash_options.items():
                 if value is not None:
@@ -136,7 +143,7 @@ def serve_local_command(
             if memory_budget is None:
                 return InMemoryEngine(load_model(model, dtype=dtype))
             return _flash_engine(
-                model, memory_budget, window, io_threads, sparsity, context, verify_store
+                model, memory_budget, window, io_threads, sparsity, context, verify_store, lookahead
             )
 
         if mode == "--port":
@@ -229,7 +236,7 @@ def _chat(engine: InMemoryEngine, params: GenerationParams) -> tuple[dict, list[
 
 
 def _flash_engine(
-    model, memory_budget, window, io_threads, sparsity, context, verify_store=False
+    model, memory_budget, window, io_threads, sparsity, context, verify_store=False, lookahead=None
 ) -> FlashEngine:
     folder = ensure_flash_store(model)
     config = FlashConfig(
@@ -239,6 +246,7 @@ def _flash_engine(
         sparsity=sparsity or FlashConfig.sparsity,
         context_tokens=context,
         verify_store=verify_store,
+        lookahead=FlashConfig.lookahead if lookahead is None else lookahead,
     )
     flash = open_flash_model(folder, config)
     plan = flash.plan
@@ -249,7 +257,8 @@ def _flash_engine(
         f"{format_size(plan.kv_cache)} ({plan.context_tokens} tokens) + staging "
         f"{format_size(plan.staging)} + windows {format_size(plan.windows)} ({plan.capacity} of "
         f"{plan.n_neurons} neurons per layer); sparsity {flash.sparsity.label}; {direct}, "
-        f"reading through gaps up to {format_size(flash.reader.gap_bytes)}[/]",
+        f"reading through gaps up to {format_size(flash.reader.gap_bytes)}"
+        f"{'' if config.lookahead else '; no lookahead'}[/]",
         highlight=False,
         soft_wrap=True,
     )

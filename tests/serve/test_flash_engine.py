@@ -289,9 +289,18 @@ def test_cli_compress_then_serve_with_a_budget(tiny_llama_dir, text_file, tmp_pa
         "io_seconds_per_token",
         "memory_seconds_per_token",
         "compute_seconds_per_token",
+        "neurons_prefetched_per_token",
     ):
         assert key in per_token
     assert payload["peak_rss_bytes"] > 0
+    assert flash["lookahead"] is True
+    assert "no lookahead" not in result.stderr
+    serve = ["serve-local", str(out), "--memory-budget", "600KB", "--prompt", "the river"]
+    result = runner.invoke(app, [*serve, "--max-tokens", "4", "--no-lookahead", "--json"])
+    assert result.exit_code == 0, result.stderr
+    flash = json.loads(result.stdout)["flash"]
+    assert flash["lookahead"] is False and flash["per_token"]["neurons_prefetched_per_token"] == 0
+    assert "no lookahead" in " ".join(result.stderr.split())
     result = runner.invoke(
         app, ["serve-local", str(out), "--memory-budget", "1KB", "--prompt", "x"]
     )
@@ -302,6 +311,8 @@ def test_cli_compress_then_serve_with_a_budget(tiny_llama_dir, text_file, tmp_pa
     assert "--window applies to --memory-budget" in result.stderr
     result = runner.invoke(app, ["serve-local", str(out), "--verify-store", "--prompt", "x"])
     assert result.exit_code == 2 and "--verify-store applies to --memory-budget" in result.stderr
+    result = runner.invoke(app, ["serve-local", str(out), "--no-lookahead", "--prompt", "x"])
+    assert result.exit_code == 2 and "--no-lookahead applies to --memory-budget" in result.stderr
 
 
 def test_the_openai_server_serves_a_flash_engine(tiny_llama_dir, tmp_path):

@@ -205,6 +205,7 @@ class FlashModel:
     folder: Path | None = None
     source: str | None = None
     gap_measurement: dict | None = None  # when the gap was measured at open
+    lookahead: bool = True
 
     def close(self) -> None:
         self.reader.close()
@@ -220,6 +221,7 @@ class FlashModel:
             "io_threads": self.reader.threads,
             "gap_bytes": self.reader.gap_bytes,
             "gap_measurement": self.gap_measurement,
+            "lookahead": self.lookahead,
             "direct_io": self.reader.direct,
             "page_cache": self.reader.page_cache,
         }
@@ -390,6 +392,7 @@ def open_flash_model(folder: Path, config: FlashConfig) -> FlashModel:
         folder,
         store.meta.get("source"),
         gap_measurement,
+        config.lookahead,
     )
 
 
