@@ -421,11 +421,12 @@ def ab_part(args, default: bool, variants: dict[str, tuple[dict, bool]]) -> dict
                 for ffn in (m for m in flash.model.modules() if isinstance(m, FlashFFN)):
                     ffn.native = None if native else False
                 io = flash.reader.stats
-                before = (io.bytes_read, io.seconds, flash.counters.neurons_prefetched)
+                c = flash.counters
+                before = (io.bytes_read, io.seconds, c.neurons_prefetched, c.neurons_loaded)
                 decode = fb._greedy_decode(flash.model, prompt_ids, args.new_tokens)
                 gap = flash.reader.gap_bytes
                 # Per token over the whole run, prefill included (lookahead skips prompts).
-                after = (io.bytes_read, io.seconds, flash.counters.neurons_prefetched)
+                after = (io.bytes_read, io.seconds, c.neurons_prefetched, c.neurons_loaded)
                 per_token = [(b - a) / args.new_tokens for a, b in zip(before, after, strict=True)]
             finally:
                 flash.close()
@@ -438,12 +439,13 @@ def ab_part(args, default: bool, variants: dict[str, tuple[dict, bool]]) -> dict
                     "bytes_read_per_token": per_token[0],
                     "io_wait_s_per_token": per_token[1],
                     "neurons_prefetched_per_token": per_token[2],
+                    "neurons_loaded_per_token": per_token[3],
                 }
             )
             print(
                 f"round {index}: {name} (gap {gap} B): {speed:.3f} tokens/s, "
                 f"{per_token[0] / MB:.1f} MB read and {1000 * per_token[1]:.0f} ms I/O wait "
-                f"a token, {per_token[2]:.0f} neurons read ahead",
+                f"a token, {per_token[2]:.0f} of {per_token[3]:.0f} neurons read ahead",
                 flush=True,
             )
     return {"store": str(store), "rounds": rounds}

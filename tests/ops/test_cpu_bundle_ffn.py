@@ -92,3 +92,33 @@ def test_parts_of_another_width_take_the_torch_code(kernel):
     assert ffn._native(torch.zeros(2, 2 * HIDDEN), HIDDEN)
     ffn.native = None
     assert not ffn._native(torch.zeros(2, 2 * HIDDEN), HIDDEN + 1)
+
+
+def test_the_activation_is_recognised_by_what_it_computes(kernel):
+    """transformers' Llama layers hold its own SiLU module, not `nn.SiLU`: the native path
+    must still take them (it once did not, and the default model never ran natively)."""
+    from transformers.activations import ACT2FN
+
+    parts = [("gate", HIDDEN), ("up", HIDDEN), ("down", HIDDEN)]
+    for kind, act, native in [
+        ("swiglu", ACT2FN["silu"], True),
+        ("relu", ACT2FN["relu"], True),
+        ("swiglu", ACT2FN["gelu"], False),
+        ("relu", nn.SiLU(), False),
+    ]:
+        ffn, _ = _ffn(kind, parts, None)
+        ffn.act = act
+        assert ffn._native(torch.zeros(2, 3 * HIDDEN), HIDDEN) == native, (kind, act)
+
+
+def test_the_tiny_models_layers_take_the_native_path(kernel, tiny_llama_dir, tiny_opt_dir):
+    from memtool.models import load_model
+    from memtool.serve.flash.sparsity import ffn_parts
+
+    for model_dir in (tiny_llama_dir, tiny_opt_dir):
+        layer = load_model(model_dir).model.model
+        layer = (layer.layers if hasattr(layer, "layers") else layer.decoder.layers)[0]
+        kind, _, act = ffn_parts(layer)
+        ffn, _ = _ffn(kind, [("a", HIDDEN), ("b", HIDDEN)], None)
+        ffn.act = act
+        assert ffn._native(torch.zeros(2, 2 * HIDDEN), HIDDEN), type(act)

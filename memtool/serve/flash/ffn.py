@@ -240,12 +240,19 @@ class FlashFFN(nn.Module):
 
     def _native(self, bundles: Tensor, hidden: int) -> bool:
         if self.native is None:
-            act = nn.ReLU if self.kind == "relu" else nn.SiLU
             # The kernel takes every weight part to be one row of the FFN's input width.
             rows = [n for name, (_, n) in self._parts.items() if not name.endswith("_bias")]
             same = all(n == hidden for n in rows)
-            self.native = type(self.act) is act and same and cpu_kernel_status()[0]
+            self.native = self._kernel_activation() and same and cpu_kernel_status()[0]
         return self.native and bundles.device.type == "cpu" and bundles.stride(1) == 1
+
+    def _kernel_activation(self) -> bool:
+        """Whether the layer's activation is the one the kernel computes (ReLU or SiLU), by what
+        it does: transformers' Llama layers hold its own `SiLUActivation`, not `nn.SiLU`."""
+        probe = torch.linspace(-8, 8, 65)
+        want = torch.relu(probe) if self.kind == "relu" else nn.functional.silu(probe)
+        with torch.no_grad():
+            return torch.equal(self.act(probe), want)
 
     def _compute_native(self, x: Tensor, keep: Tensor, bundles: Tensor) -> Tensor:
         """`_compute` for one token in one pass over the kept bundles (memtool/ops/cpu/
