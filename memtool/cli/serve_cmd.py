@@ -103,7 +103,7 @@ def serve_local_command(
         None,
         "--lookahead/--no-lookahead",
         help="With --memory-budget: read each layer's guessed neurons while its attention "
-        "computes (default: on).",
+        "computes (default: off; it did not pay on the disks measured, see BENCHMARKS.md).",
     ),
     json_out: bool = JsonOption,
     debug: bool = DebugOption,
@@ -258,7 +258,7 @@ def _flash_engine(
         f"{format_size(plan.staging)} + windows {format_size(plan.windows)} ({plan.capacity} of "
         f"{plan.n_neurons} neurons per layer); sparsity {flash.sparsity.label}; {direct}, "
         f"reading through gaps up to {format_size(flash.reader.gap_bytes)}"
-        f"{'' if config.lookahead else '; no lookahead'}[/]",
+        f"{'; lookahead on' if config.lookahead else ''}[/]",
         highlight=False,
         soft_wrap=True,
     )

@@ -293,14 +293,14 @@ def test_cli_compress_then_serve_with_a_budget(tiny_llama_dir, text_file, tmp_pa
     ):
         assert key in per_token
     assert payload["peak_rss_bytes"] > 0
-    assert flash["lookahead"] is True
-    assert "no lookahead" not in result.stderr
+    assert flash["lookahead"] is False and per_token["neurons_prefetched_per_token"] == 0
+    assert "lookahead on" not in result.stderr
     serve = ["serve-local", str(out), "--memory-budget", "600KB", "--prompt", "the river"]
-    result = runner.invoke(app, [*serve, "--max-tokens", "4", "--no-lookahead", "--json"])
+    result = runner.invoke(app, [*serve, "--max-tokens", "4", "--lookahead", "--json"])
     assert result.exit_code == 0, result.stderr
     flash = json.loads(result.stdout)["flash"]
-    assert flash["lookahead"] is False and flash["per_token"]["neurons_prefetched_per_token"] == 0
-    assert "no lookahead" in " ".join(result.stderr.split())
+    assert flash["lookahead"] is True
+    assert "lookahead on" in " ".join(result.stderr.split())
     result = runner.invoke(
         app, ["serve-local", str(out), "--memory-budget", "1KB", "--prompt", "x"]
     )
@@ -311,7 +311,7 @@ def test_cli_compress_then_serve_with_a_budget(tiny_llama_dir, text_file, tmp_pa
     assert "--window applies to --memory-budget" in result.stderr
     result = runner.invoke(app, ["serve-local", str(out), "--verify-store", "--prompt", "x"])
     assert result.exit_code == 2 and "--verify-store applies to --memory-budget" in result.stderr
-    result = runner.invoke(app, ["serve-local", str(out), "--no-lookahead", "--prompt", "x"])
+    result = runner.invoke(app, ["serve-local", str(out), "--lookahead", "--prompt", "x"])
     assert result.exit_code == 2 and "--no-lookahead applies to --memory-budget" in result.stderr
 
 
@@ -407,6 +407,7 @@ def test_neurons_in_the_window_inside_a_streamed_span_count_once(
         context_tokens=64,
         staging_bytes=staging_bytes,
         gap_bytes=gap_bytes,
+        lookahead=True,
     )
     flash = open_flash_model(folder, config)
     generator = torch.Generator().manual_seed(3)
