@@ -25,6 +25,7 @@ at a 50% budget: accelerate (cold), naive, memtool.
     python benchmarks/flash_serve.py --default --gap-ab 3
     python benchmarks/flash_serve.py --synthetic /tmp/flash_bench/opt-1.3b --lookahead-ab 3
     python benchmarks/flash_serve.py --default --lookahead-ab 3
+    python benchmarks/flash_serve.py --default --versus-accelerate 3
     python benchmarks/flash_serve.py --gate   # gate+up+down bundles vs gate resident, at 75%
 """
 
@@ -402,6 +403,27 @@ def alternate_part(args) -> dict:
     return {"rounds": rounds, "ratio_median": ratios[len(ratios) // 2]}
 
 
+def versus_accelerate_part(args) -> dict:
+    """The default model: memtool's engine (sparsity 0.5, window 4: the ablation's last row)
+    and accelerate's cold disk offload alternating for `--versus-accelerate` rounds in this
+    process, each with its files evicted first, so that neither gains from running later."""
+    model_dir, store, budget, prompt_ids = _default_setup(args)
+    offload = Path(args.work) / "offload"
+    config = FlashConfig(memory_budget=budget, context_tokens=128, sparsity="0.5", window_tokens=4)
+    rounds = []
+    for index in range(args.versus_accelerate):
+        flash = run_flash(store, config, prompt_ids, args.new_tokens)["tokens_per_s"]
+        cold = fb.run_accelerate_offload(model_dir, budget, prompt_ids, args.new_tokens, offload)
+        rounds.append({"memtool": flash, "accelerate_cold": cold["tokens_per_s"]})
+        print(
+            f"round {index}: memtool {flash:.3f}, accelerate (cold) "
+            f"{cold['tokens_per_s']:.3f} tokens/s: {flash / cold['tokens_per_s']:.2f}x",
+            flush=True,
+        )
+    ratios = sorted(r["memtool"] / r["accelerate_cold"] for r in rounds)
+    return {"rounds": rounds, "ratio_median": ratios[len(ratios) // 2]}
+
+
 def ab_part(args, default: bool, variants: dict[str, tuple[dict, bool]]) -> dict:
     """Engine variants alternating for `--ffn-ab` / `--gap-ab` / `--lookahead-ab` rounds in this
     one process on one store: the synthetic OPT-1.3B shape, or (`default`) smollm2-135m at
@@ -493,6 +515,12 @@ def main() -> None:
     parser.add_argument(
         "--lookahead-ab", type=int, default=0, help="rounds with and without the lookahead"
     )
+    parser.add_argument(
+        "--versus-accelerate",
+        type=int,
+        default=0,
+        help="with --default: rounds of memtool vs accelerate's cold offload, alternating",
+    )
     parser.add_argument("--work", default="/tmp/flash_bench/work")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -500,7 +528,9 @@ def main() -> None:
     torch.set_num_threads(2)
     began = time.perf_counter()
     report: dict = {"machine": platform.platform(), "torch": torch.__version__}
-    if args.default and not _ab_rounds(args):
+    if args.default and args.versus_accelerate:
+        report["versus_accelerate"] = versus_accelerate_part(args)
+    elif args.default and not _ab_rounds(args):
         report["default"] = default_part(args)
     if _ab_rounds(args):  # only the A/B, on the store of the part named
         variants = FFN_AB if args.ffn_ab else GAP_AB if args.gap_ab else LOOKAHEAD_AB
