@@ -208,6 +208,12 @@ def test_window_keeps_the_last_k_tokens_neurons():
     assert log[-1] == [4]
     assert window.load(torch.tensor([5]), 2, read) == 0  # 1..4 still within 2 tokens
     assert set(window.neurons().tolist()) == {1, 2, 3, 4, 5}
+    # What the next token will still find (the lookahead asks before `evict_stale` runs).
+    asked = torch.tensor([1, 4, 5, 9])
+    assert window.kept(asked, 2).tolist() == [True, True, True, False]
+    assert window.kept(asked, 3).tolist() == [False, True, True, False]  # 1: used at token 0
+    assert window.kept(asked, 4).tolist() == [False, False, True, False]  # 4: at token 1
+    assert set(window.neurons().tolist()) == {1, 2, 3, 4, 5}  # asking changed nothing
     window.load(torch.tensor([6]), 4, read)  # tokens 0 and 1 are out of the window now
     assert set(window.neurons().tolist()) == {5, 6}
     _check_consistent(window)
