@@ -47,9 +47,9 @@ def log_reads(store: Path, budget: int, prompt_ids: list[int], n: int) -> tuple[
     calls: list[tuple[int, int, list[int]]] = []
     original = NeuronReader.stream
 
-    def logged(self, offset, stride_bytes, ids):
+    def logged(self, offset, stride_bytes, ids, first_half=0):
         calls.append((offset, stride_bytes, list(ids)))
-        return original(self, offset, stride_bytes, ids)
+        return original(self, offset, stride_bytes, ids, first_half)
 
     NeuronReader.stream = logged
     config = FlashConfig(memory_budget=budget, context_tokens=128, sparsity="0.5")
