@@ -213,16 +213,17 @@ class NeuronReader:
         Raises:
             MemtoolError: a short read (the store shrank underneath us) or a failed one.
         """
-        self.drain_prefetch()
-        self._settle()
+        self._quiet()
         loads = self._plan(offset, stride_bytes, ids)
         pending = self._submit(loads[0], first_half * self._half) if loads else None
         self._streaming = pending
         return self._loads(loads, pending, first_half, stride_bytes)
 
-    def _settle(self) -> None:
-        """Wait for the reads of a stream left before its end (an abandoned iterator), so that
-        they cannot land in the staging buffer under new ones."""
+    def _quiet(self) -> None:
+        """Before new reads into the staging buffer: wait for every read still in flight (an
+        untaken prefetch, dropped; a stream left before its end), so that none can land under
+        the new ones."""
+        self.drain_prefetch()
         if self._streaming is not None:
             for future in self._streaming:
                 future.exception()  # waits; its error belonged to the abandoned stream
@@ -269,8 +270,7 @@ class NeuronReader:
         for an untaken prefetch and drops it (counted in the stats all the same), so a
         prefetch can never overwrite the staging buffer under a later read.
         """
-        self.drain_prefetch()
-        self._settle()
+        self._quiet()
         loads = self._plan(offset, stride_bytes, ids)
         if not loads:
             return False
@@ -283,9 +283,7 @@ class NeuronReader:
         if `offset` is given and the prefetch was of another region (then dropped)."""
         if self._prefetched is None:
             return []
-        region, load, pending, stride_bytes = self._prefetched
-        self._prefetched = None
-        self._wait(pending, load, stride_bytes)
+        region, load, stride_bytes = self._finish_prefetch()
         if offset is not None and offset != region:
             return []
         return list(self._views(load, 0, stride_bytes))
@@ -293,7 +291,14 @@ class NeuronReader:
     def drain_prefetch(self) -> None:
         """Wait for an untaken prefetch's reads and drop them."""
         if self._prefetched is not None:
-            self.take_prefetch()
+            self._finish_prefetch()
+
+    def _finish_prefetch(self) -> tuple:
+        """Wait for the prefetch's reads (counted like any others); (offset, load, stride)."""
+        region, load, pending, stride_bytes = self._prefetched
+        self._prefetched = None
+        self._wait(pending, load, stride_bytes)
+        return region, load, stride_bytes
 
     def read_bundles(self, offset: int, stride_bytes: int, ids: list[int] | Tensor) -> Tensor:
         """Bundles `ids` (sorted, distinct) as a new uint8 tensor [len(ids), stride_bytes]."""
@@ -382,8 +387,7 @@ class NeuronReader:
         where a single round sometimes read 2-3x high). Not counted in `stats`. Returns the gap
         and both measurements.
         """
-        self.drain_prefetch()
-        self._settle()
+        self._quiet()
         size = os.fstat(self._fd).st_size
         small = _round_up(stride_bytes, self.align)
         count = max(1, min(small_reads, self._staging_bytes // small))

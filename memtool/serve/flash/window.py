@@ -72,7 +72,7 @@ class NeuronWindow:
 
     def evict_stale(self, position: int) -> None:
         """Drop neurons no token of the window before `position` used."""
-        stale = self.last_used[: self.n_used] < position - self.window_tokens
+        stale = ~self._stays(self.last_used[: self.n_used], position)
         if bool(stale.any()):
             self._evict(stale)
 
@@ -80,9 +80,13 @@ class NeuronWindow:
         """Which of `ids` are present and stay for the token at `position` (`evict_stale`
         drops the rest first); changes nothing."""
         rows = self.neuron_row[ids]
-        present = rows >= 0
-        present[present.clone()] = self.last_used[rows[present]] >= position - self.window_tokens
-        return present
+        kept = rows >= 0
+        kept[kept.clone()] = self._stays(self.last_used[rows[kept]], position)
+        return kept
+
+    def _stays(self, last_used: Tensor, position: int) -> Tensor:
+        """Rows last used at `last_used` are still in the window for the token at `position`."""
+        return last_used >= position - self.window_tokens
 
     def lookup(self, ids: Tensor, position: int) -> Tensor:
         """Mark the present ones of `ids` used at `position`; returns the absent ones."""
