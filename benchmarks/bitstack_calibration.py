@@ -1,14 +1,16 @@
 """BitStack on smollm2-135m under other calibrations: wiki and code perplexity at a few budgets.
 
 Each variant is the default stack (`BitStackConfig()`) compressed from its own calibration
-windows; `--variants` names them as `DATA:SAMPLES[:SCORE]` (a built-in set or data spec, the
-number of calibration windows of 512 tokens, and optionally the score windows that drive the
-importance estimate and the sign feedback). Evaluated on the same windows as
+windows; `--variants` names them as `DATA:SAMPLES[:SCORE[:SCORE_DATA]]` (a built-in set or
+data spec, the number of calibration windows of 512 tokens, optionally the score windows that
+drive the importance estimate and the sign feedback, and the data they are drawn from when not
+the calibration's: `mixed:64::wiki` is `--calib mixed --score-calib wiki`; an empty SCORE keeps
+the default count). Evaluated on the same windows as
 `bitstack_curve.py` (16 wiki, 8 code evaluation windows), next to per-channel 4-bit RTN, the
 size the issue's "below per-channel RTN at 4-bit sizes" refers to.
 
 Usage: python benchmarks/bitstack_calibration.py --work /tmp/bsx \
-    --variants wiki:64,mixed:64,mixed:128:32 --budgets-mb 104,110,120
+    --variants wiki:64,mixed:64,mixed:128:32,mixed:64::wiki --budgets-mb 104,110,120
 """
 
 import argparse
@@ -62,14 +64,15 @@ def main() -> None:
     budgets = [int(float(mb) * 10**6) for mb in args.budgets_mb.split(",")]
     for variant in args.variants.split(","):
         data, samples, *rest = variant.split(":")
-        score = int(rest[0]) if rest else None
+        score = int(rest[0]) if rest and rest[0] else None
+        score_data = rest[1] if len(rest) > 1 else None
         entry = results.setdefault(variant, {})
         folder = args.work / variant.replace(":", "_")
         if "compress_seconds" not in entry:
             began = time.perf_counter()
             compress(
                 None,
-                BitStackConfig(score_samples=score),
+                BitStackConfig(score_samples=score, score_data=score_data),
                 CalibrationConfig(data=data, n_samples=int(samples), seq_len=512),
                 output=folder,
                 overwrite=True,

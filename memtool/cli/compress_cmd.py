@@ -114,6 +114,13 @@ def compress_command(
         help="BitStack: windows back-propagated to score blocks and for the feedback Hessians "
         "(default 16, or all calibration windows when fewer).",
     ),
+    score_calib: str = typer.Option(
+        None,
+        "--score-calib",
+        help="BitStack: data spec of the score windows (default: the first calibration "
+        "windows); e.g. --calib mixed --score-calib wiki takes the scales from both kinds of "
+        "text and steers the feedback by wiki.",
+    ),
     feedback: bool = typer.Option(
         None,
         "--feedback/--no-feedback",
@@ -157,6 +164,7 @@ def compress_command(
                 block_bits=block_bits,
                 order=order,
                 score_samples=score_samples,
+                score_data=score_calib,
                 stats_dtype=stats_dtype,
                 seed=seed,
                 **{key: value for key, value in given.items() if value is not None},
@@ -235,6 +243,7 @@ def _render(result: dict) -> None:
             f"{format_size(details['max_bytes'])} (memtool measure DIR --budget SIZE)"
         )
         _render_calibration(console, result["calibration"])
+        _render_calibration(console, details.get("score_calibration"), "score windows")
         return
     shape = f"{settings['bits']}-bit"
     if "group_size" in settings:
@@ -247,9 +256,9 @@ def _render(result: dict) -> None:
     _render_calibration(console, result["calibration"])
 
 
-def _render_calibration(console: Console, calib: dict | None) -> None:
+def _render_calibration(console: Console, calib: dict | None, what="calibration") -> None:
     if calib:
         console.print(
-            f"calibration: {calib['data']} ({calib['split']} split), {calib['n_windows']} windows "
+            f"{what}: {calib['data']} ({calib['split']} split), {calib['n_windows']} windows "
             f"x {calib['seq_len']} tokens, seed {calib['seed']}"
         )

@@ -54,9 +54,11 @@ def compress_bitstack(
         check_rank(module.out_features, module.in_features, rank, name)
         ranks[name] = rank
     if config.score_samples is None:
-        score = min(DEFAULT_SCORE_SAMPLES, calibration.n_samples)
+        score = DEFAULT_SCORE_SAMPLES
+        if config.score_data is None:
+            score = min(score, calibration.n_samples)
         config = dataclasses.replace(config, score_samples=score)
-    elif config.score_samples > calibration.n_samples:
+    elif config.score_data is None and config.score_samples > calibration.n_samples:
         raise MemtoolError(
             f"--score-samples {config.score_samples} is more than the {calibration.n_samples} "
             "calibration windows; lower it or raise --calib-samples"
@@ -68,6 +70,15 @@ def compress_bitstack(
         seq_len=calibration.seq_len,
         seed=calibration.seed,
     )
+    score_windows = None
+    if config.score_data is not None:
+        score_windows = calibration_windows(
+            config.score_data,
+            loaded.tokenizer,
+            n_samples=config.score_samples,
+            seq_len=calibration.seq_len,
+            seed=calibration.seed,
+        )
     phases: dict[str, float] = {}
     mark = time.perf_counter()
     compute_dtype = resolve_compute_dtype(config.stats_dtype, next(model.parameters()).device)
@@ -78,6 +89,7 @@ def compress_bitstack(
         config.score_samples,
         show_progress,
         compute_dtype,
+        score_windows=None if score_windows is None else score_windows.input_ids,
     )
     phases["statistics"] = time.perf_counter() - mark
     used_dtype = dtype_name(compute_dtype)
@@ -148,6 +160,7 @@ def compress_bitstack(
         "settings": {"method": config.method, **vars(config)},
         "statistics_dtype": used_dtype,
         "calibration": windows.to_dict(),
+        "score_calibration": None if score_windows is None else score_windows.to_dict(),
         "scaling": {
             "folded": sorted(n for n, s in scalings.items() if config.scale and not s.explicit),
             "explicit": sorted(n for n, s in scalings.items() if s.explicit),
@@ -158,6 +171,7 @@ def compress_bitstack(
     phases["write"] = time.perf_counter() - mark
     return {
         "calibration": windows.to_dict(),
+        "score_calibration": extra["score_calibration"],
         "warnings": warnings,
         "phase_seconds": phases,
         "statistics_dtype": used_dtype,

@@ -7,9 +7,11 @@ Per decoder linear, from one pass over the calibration windows through the float
 - `hessian` `[in, in]`: the input second moment XᵀX / tokens, shared by linears that read the
   same tensor (q/k/v, gate/up), and
 - `fisher` `[out]`: mean squared gradient of the loss with respect to each output channel,
-  both from the first few windows only (`score_samples`), run with backpropagation: they rank
-  blocks against each other and steer the sign feedback (`feedback_factor`), and accumulating
-  XᵀX over all 64 windows cost 130 s of the statistics pass on smollm2-135m. With `hessian`
+  both from a few score windows only (`score_samples`: the first calibration windows, or
+  windows of their own data, `score_data`, which then add nothing to the scales), run with
+  backpropagation: they rank blocks against each other and steer the sign feedback
+  (`feedback_factor`), and accumulating XᵀX over all 64 windows cost 130 s of the statistics
+  pass on smollm2-135m. With `hessian`
   it turns a weight error E into an estimated loss increase Σ_i f_i (E H Eᵀ)_ii (a diagonal
   K-FAC approximation), which orders the stack (`memtool.compress.bitstack_order`).
 
@@ -73,6 +75,7 @@ class _InputRecorder(LinearHooks):
     linears: dict[str, nn.Linear]
     stats: dict[str, LinearStats] = field(default_factory=dict)
     hessian: bool = False  # also record input second moments
+    scales: bool = True  # record the inputs' scales (off for windows outside the calibration)
     _last: tuple[Tensor, LinearStats] | None = None
 
     def _hook(self, name: str):
@@ -88,8 +91,9 @@ class _InputRecorder(LinearHooks):
             flat = x.detach().reshape(-1, x.shape[-2], x.shape[-1]).float()  # [B, L, in]
             if self.hessian:
                 entry.add_hessian(flat.reshape(-1, flat.shape[-1]))
-            entry.scale_sum += flat.pow(2).sum(dim=1).sqrt().sum(dim=0)
-            entry.windows += flat.shape[0]
+            if self.scales:
+                entry.scale_sum += flat.pow(2).sum(dim=1).sqrt().sum(dim=0)
+                entry.windows += flat.shape[0]
             self._last = (x, entry)
 
         return hook
@@ -113,29 +117,33 @@ def collect_stats(
     fisher_windows: int,
     show_progress: bool = True,
     compute_dtype: torch.dtype | None = None,
+    score_windows: Tensor | None = None,
 ) -> tuple[dict[str, LinearStats], dict[str, Tensor]]:
     """Input statistics of every decoder linear (linears reading the same input share one
     entry): scales over all `windows` `[n, L]`, and Hessians plus output Fisher diagonals from
-    the first `fisher_windows` of them (none when 0). `compute_dtype` (say bfloat16) runs the
-    model's matmuls under autocast; the statistics are accumulated in float32 regardless."""
+    `fisher_windows` score windows (none when 0): the first of `windows`, or of
+    `score_windows` when given (then they add nothing to the scales). `compute_dtype` (say
+    bfloat16) runs the model's matmuls under autocast; the statistics are accumulated in
+    float32 regardless."""
     device_type = next(model.parameters()).device.type
     linears = body_linears(model)
     recorder = _InputRecorder(linears)
-    n_fisher = min(fisher_windows, windows.shape[0])
+    scored = windows if score_windows is None else score_windows
+    n_fisher = min(fisher_windows, scored.shape[0])
     fisher: dict[str, Tensor] = {}
-    batches = range(n_fisher, windows.shape[0], batch_size)
+    skipped = n_fisher if score_windows is None else 0
+    batches = range(skipped, windows.shape[0], batch_size)
     with counted_steps("statistics", len(batches) + n_fisher, show_progress) as (bar, task):
-        # The scoring windows first, one at a time with backpropagation: their forward also
-        # records their scales, so the scale pass below skips them.
-        recorder.hessian = True
+        # The scoring windows first, one at a time with backpropagation: when they are
+        # calibration windows their forward also records their scales, so the scale pass
+        # below skips them.
+        recorder.hessian, recorder.scales = True, score_windows is None
         with recorder:
             for index in range(n_fisher):
-                _accumulate_fisher(
-                    model, linears, fisher, windows[index : index + 1], compute_dtype
-                )
+                _accumulate_fisher(model, linears, fisher, scored[index : index + 1], compute_dtype)
                 recorder._last = None
                 bar.advance(task)
-        recorder.hessian = False
+        recorder.hessian, recorder.scales = False, True
         # The decoder body only: the output head's logits (49152 wide on smollm2) would cost a
         # fifth of the compute and 800 MB per batch of 8 windows, and no linear reads them.
         body = getattr(model, getattr(model, "base_model_prefix", ""), model)

@@ -161,6 +161,11 @@ class BitStackConfig:
     # also drive the feedback. None: DEFAULT_SCORE_SAMPLES, or every calibration window when
     # there are fewer (16 rather than 8: wiki perplexity 31.8 -> 30.1 at 110 MB).
     score_samples: int | None = None
+    # Data spec the score windows are drawn from (None: the first `score_samples` calibration
+    # windows). The scales want broad data, the feedback the text the model must serve best:
+    # on smollm2-135m at 110 MB, scales from `mixed` with wiki score windows gave wiki / code
+    # perplexity 29.9 / 33.2, against 30.1 / 41.4 all from wiki (BENCHMARKS.md).
+    score_data: str | None = None
     # The statistics pass's matmuls: "auto" runs them in bfloat16 where the hardware does so
     # natively (CUDA, or a CPU with AVX512-BF16/AMX), as the official code's half-precision
     # model does; "float32" everywhere else. Sums and norms stay float32 either way.
@@ -182,6 +187,8 @@ class BitStackConfig:
             raise MemtoolError(f"residual {self.residual!r} must be fp16 or fp32")
         if self.score_samples is not None and self.score_samples < 0:
             raise MemtoolError(f"--score-samples {self.score_samples} must be 0 or more")
+        if self.score_data is not None and self.score_samples == 0:
+            raise MemtoolError("--score-calib needs score windows: drop --score-samples 0")
         if self.feedback and self.score_samples == 0:
             raise MemtoolError(
                 "--feedback needs the input Hessians of the score windows: set --score-samples "

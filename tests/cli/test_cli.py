@@ -225,6 +225,10 @@ def test_compress_cli_writes_and_measure_reads(tiny_llama_dir, text_file, tmp_pa
         (["--method", "bitstack", "--stats-dtype", "fp8"], "--stats-dtype 'fp8'"),
         (["--method", "bitstack", "--score-samples", 0], "--feedback needs the input Hessians"),
         (["--method", "bitstack", "--damp-percent", 0], "--damp-percent 0"),
+        (
+            ["--method", "bitstack", "--score-calib", "wiki", "--score-samples", 0],
+            "--score-calib needs score windows",
+        ),
         (["--method", "gptq", "--stats-dtype", "fp8"], "--stats-dtype 'fp8'"),
     ],
 )
@@ -309,6 +313,24 @@ def test_bitstack_cli_feedback_flags_reach_the_stack(
     settings = json.loads((out / "bitstack.json").read_text())["settings"]
     assert (settings["feedback"], settings["damp_percent"]) == (feedback, damp)
     assert settings["score_samples"] == 4  # the default 16, capped at the calibration windows
+
+
+def test_bitstack_cli_score_calib_draws_the_score_windows_from_its_data(
+    tiny_llama_dir, text_file, held_out_text_file, tmp_path
+):
+    out = tmp_path / "stack"
+    calib = ["--calib", text_file, "--calib-samples", 2, "--seq-len", 32]
+    score = ["--score-calib", held_out_text_file, "--score-samples", 3]
+    result = _run(
+        "compress", tiny_llama_dir, "--method", "bitstack", "--niter", 2, *calib, *score, "-o", out
+    )
+    assert result.exit_code == 0, result.stderr
+    assert "score windows: " in result.stdout and "3 windows x 32 tokens" in result.stdout
+    meta = json.loads((out / "bitstack.json").read_text())
+    # More score windows than calibration windows: they are not calibration windows.
+    assert meta["settings"]["score_data"] == str(held_out_text_file)
+    assert meta["score_calibration"]["n_windows"] == 3
+    assert meta["calibration"]["n_windows"] == 2
 
 
 def test_compress_shows_warnings_in_human_output(tiny_llama_dir, text_file, tmp_path, monkeypatch):

@@ -276,6 +276,51 @@ def test_scale_is_the_mean_window_l2_norm_over_every_window(tiny_llama_dir, text
         )
 
 
+def test_score_windows_of_their_own_data_give_hessians_and_fisher_but_no_scales(
+    tiny_llama_dir, text_file, held_out_text_file
+):
+    loaded = load_model(tiny_llama_dir)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    windows = calibration_windows(str(text_file), tokenizer, n_samples=4, seq_len=32)
+    score = calibration_windows(str(held_out_text_file), tokenizer, n_samples=3, seq_len=32)
+    stats, fisher = collect_stats(
+        model, windows.input_ids, 4, 3, show_progress=False, score_windows=score.input_ids
+    )
+    scales_only, _ = collect_stats(model, windows.input_ids, 4, 0, show_progress=False)
+    scored, scored_fisher = collect_stats(model, score.input_ids, 4, 3, show_progress=False)
+    for name, entry in stats.items():
+        assert entry.windows == 4
+        torch.testing.assert_close(entry.scale, scales_only[name].scale)
+        torch.testing.assert_close(entry.hessian, scored[name].hessian)
+        torch.testing.assert_close(fisher[name], scored_fisher[name])
+
+
+def test_compress_with_score_data_records_both_window_sets(
+    tiny_llama_dir, text_file, held_out_text_file, tmp_path
+):
+    config = BitStackConfig(niter=2, score_data=str(held_out_text_file))
+    result, _, _ = compress(
+        tiny_llama_dir, config, _calib(text_file, n=2, seq_len=16), output=tmp_path / "s"
+    )
+    meta = json.loads((tmp_path / "s" / "bitstack.json").read_text())
+    # The default 16 score windows, not capped at the 2 calibration windows.
+    assert meta["settings"]["score_samples"] == 16
+    assert meta["score_calibration"]["n_windows"] == 16
+    assert meta["score_calibration"]["data"] == f"text:{held_out_text_file}"
+    assert result.details["score_calibration"] == meta["score_calibration"]
+    assert meta["calibration"]["n_windows"] == 2
+    plain = tmp_path / "plain"
+    compress(
+        tiny_llama_dir, BitStackConfig(niter=2), _calib(text_file, n=2, seq_len=16), output=plain
+    )
+    assert json.loads((plain / "bitstack.json").read_text())["score_calibration"] is None
+
+
+def test_score_data_without_score_windows_is_refused():
+    with pytest.raises(MemtoolError, match="--score-calib needs score windows"):
+        BitStackConfig(score_data="wiki", score_samples=0, feedback=False).validate()
+
+
 def test_bfloat16_statistics_run_the_matmuls_in_bfloat16_and_stay_close(tiny_llama_dir, text_file):
     loaded = load_model(tiny_llama_dir)
     model = loaded.model
