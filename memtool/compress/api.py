@@ -28,7 +28,6 @@ from memtool.compress.methods import gptq_group_quantizer, rtn_linear
 from memtool.compress.precision import dtype_name, resolve_compute_dtype
 from memtool.compress.quantizer import QuantizedWeight
 from memtool.compress.sequential import quantize_sequential
-from memtool.data import calibration_windows
 from memtool.errors import MemtoolError
 from memtool.formats.gptq_checkpoint import (
     gptq_quantization_config,
@@ -126,13 +125,7 @@ def compress(
     if awq_plan is not None and awq_plan.rtn_fallback:
         weights = _rtn_all(loaded.model, config)
     elif isinstance(config, (GPTQConfig, AWQConfig)):
-        windows = calibration_windows(
-            calibration.data,
-            loaded.tokenizer,
-            n_samples=calibration.n_samples,
-            seq_len=calibration.seq_len,
-            seed=calibration.seed,
-        )
+        windows = calibration.windows(loaded.tokenizer)
         context = loaded.max_context
         if context is not None and calibration.seq_len > context:
             raise MemtoolError(

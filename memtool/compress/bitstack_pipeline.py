@@ -25,7 +25,6 @@ from memtool.compress.bitstack_scaling import (
 )
 from memtool.compress.config import DEFAULT_SCORE_SAMPLES, BitStackConfig, CalibrationConfig
 from memtool.compress.precision import dtype_name, resolve_compute_dtype
-from memtool.data import calibration_windows
 from memtool.errors import MemtoolError
 from memtool.formats.bitstack_stack import INPUT_SCALE, LinearSpec, encode_block, write_stack
 from memtool.formats.checkpoint_io import narrow, unpacked_tensors
@@ -63,21 +62,11 @@ def compress_bitstack(
             f"--score-samples {config.score_samples} is more than the {calibration.n_samples} "
             "calibration windows; lower it or raise --calib-samples"
         )
-    windows = calibration_windows(
-        calibration.data,
-        loaded.tokenizer,
-        n_samples=calibration.n_samples,
-        seq_len=calibration.seq_len,
-        seed=calibration.seed,
-    )
+    windows = calibration.windows(loaded.tokenizer)
     score_windows = None
     if config.score_data is not None:
-        score_windows = calibration_windows(
-            config.score_data,
-            loaded.tokenizer,
-            n_samples=config.score_samples,
-            seq_len=calibration.seq_len,
-            seed=calibration.seed,
+        score_windows = calibration.windows(
+            loaded.tokenizer, config.score_data, config.score_samples
         )
     phases: dict[str, float] = {}
     mark = time.perf_counter()

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 from memtool.compress.precision import check_compute_dtype
 from memtool.compress.quantizer import check_bits
+from memtool.data import calibration_windows
 from memtool.errors import MemtoolError
 
 
@@ -127,6 +128,17 @@ class CalibrationConfig:
             if value <= 0:
                 flag = {"n_samples": "--calib-samples"}.get(name, "--" + name.replace("_", "-"))
                 raise MemtoolError(f"{flag} must be a positive number, got {value}")
+
+    def windows(self, tokenizer, data: str | None = None, n_samples: int | None = None):
+        """The calibration windows (`memtool.data.calibration_windows`): of `data` and
+        `n_samples` when given (say, BitStack's score windows), with this seq_len and seed."""
+        return calibration_windows(
+            self.data if data is None else data,
+            tokenizer,
+            n_samples=self.n_samples if n_samples is None else n_samples,
+            seq_len=self.seq_len,
+            seed=self.seed,
+        )
 
 
 DEFAULT_SCORE_SAMPLES = 16
