@@ -121,13 +121,6 @@ def compress_command(
         "windows); e.g. --calib mixed --score-calib wiki takes the scales from both kinds of "
         "text and steers the feedback by wiki.",
     ),
-    hessian_samples: int = typer.Option(
-        None,
-        "--hessian-samples",
-        help="BitStack: windows whose input second moments form the feedback Hessians: the "
-        "score windows, then the next windows of their data, forward only (default: the score "
-        "windows).",
-    ),
     feedback: bool = typer.Option(
         None,
         "--feedback/--no-feedback",
@@ -172,7 +165,6 @@ def compress_command(
                 order=order,
                 score_samples=score_samples,
                 score_data=score_calib,
-                hessian_samples=hessian_samples,
                 stats_dtype=stats_dtype,
                 seed=seed,
                 **{key: value for key, value in given.items() if value is not None},

@@ -57,21 +57,17 @@ def compress_bitstack(
         if config.score_data is None:
             score = min(score, calibration.n_samples)
         config = dataclasses.replace(config, score_samples=score)
-    hessians = max(config.hessian_samples or 0, config.score_samples)
-    if config.score_data is None:  # both are calibration windows
-        for flag, count in (
-            ("--score-samples", config.score_samples),
-            ("--hessian-samples", hessians),
-        ):
-            if count > calibration.n_samples:
-                raise MemtoolError(
-                    f"{flag} {count} is more than the {calibration.n_samples} calibration "
-                    "windows; lower it or raise --calib-samples"
-                )
+    elif config.score_data is None and config.score_samples > calibration.n_samples:
+        raise MemtoolError(
+            f"--score-samples {config.score_samples} is more than the {calibration.n_samples} "
+            "calibration windows; lower it or raise --calib-samples"
+        )
     windows = calibration.windows(loaded.tokenizer)
     score_windows = None
     if config.score_data is not None:
-        score_windows = calibration.windows(loaded.tokenizer, config.score_data, hessians)
+        score_windows = calibration.windows(
+            loaded.tokenizer, config.score_data, config.score_samples
+        )
     phases: dict[str, float] = {}
     mark = time.perf_counter()
     compute_dtype = resolve_compute_dtype(config.stats_dtype, next(model.parameters()).device)
@@ -83,7 +79,6 @@ def compress_bitstack(
         show_progress,
         compute_dtype,
         score_windows=None if score_windows is None else score_windows.input_ids,
-        hessian_windows=hessians,
     )
     phases["statistics"] = time.perf_counter() - mark
     used_dtype = dtype_name(compute_dtype)

@@ -118,12 +118,10 @@ def collect_stats(
     show_progress: bool = True,
     compute_dtype: torch.dtype | None = None,
     score_windows: Tensor | None = None,
-    hessian_windows: int | None = None,
 ) -> tuple[dict[str, LinearStats], dict[str, Tensor]]:
     """Input statistics of every decoder linear (linears reading the same input share one
-    entry): scales over all `windows` `[n, L]`, output Fisher diagonals from `fisher_windows`
-    score windows (none when 0), and Hessians from the first `hessian_windows` score windows
-    (None: the Fisher's; never fewer). Score windows are the first of `windows`, or of
+    entry): scales over all `windows` `[n, L]`, and Hessians plus output Fisher diagonals from
+    `fisher_windows` score windows (none when 0): the first of `windows`, or of
     `score_windows` when given (then they add nothing to the scales). `compute_dtype` (say
     bfloat16) runs the model's matmuls under autocast; the statistics are accumulated in
     float32 regardless."""
@@ -132,34 +130,28 @@ def collect_stats(
     recorder = _InputRecorder(linears)
     scored = windows if score_windows is None else score_windows
     n_fisher = min(fisher_windows, scored.shape[0])
-    n_hessian = min(max(hessian_windows or 0, n_fisher), scored.shape[0])
-    # Forward-only passes after the back-propagated windows: (windows, Hessians, scales).
-    if score_windows is None:
-        passes = [(windows[n_fisher:n_hessian], True, True), (windows[n_hessian:], False, True)]
-    else:
-        passes = [(score_windows[n_fisher:n_hessian], True, False), (windows, False, True)]
-    steps = n_fisher + sum(-(-ids.shape[0] // batch_size) for ids, _, _ in passes)
     fisher: dict[str, Tensor] = {}
-    with counted_steps("statistics", steps, show_progress) as (bar, task):
+    skipped = n_fisher if score_windows is None else 0
+    batches = range(skipped, windows.shape[0], batch_size)
+    with counted_steps("statistics", len(batches) + n_fisher, show_progress) as (bar, task):
         # The scoring windows first, one at a time with backpropagation: when they are
-        # calibration windows their forward also records their scales, so the passes below
-        # skip them.
+        # calibration windows their forward also records their scales, so the scale pass
+        # below skips them.
         recorder.hessian, recorder.scales = True, score_windows is None
         with recorder:
             for index in range(n_fisher):
                 _accumulate_fisher(model, linears, fisher, scored[index : index + 1], compute_dtype)
                 recorder._last = None
                 bar.advance(task)
+        recorder.hessian, recorder.scales = False, True
         # The decoder body only: the output head's logits (49152 wide on smollm2) would cost a
         # fifth of the compute and 800 MB per batch of 8 windows, and no linear reads them.
         body = getattr(model, getattr(model, "base_model_prefix", ""), model)
         with recorder, torch.inference_mode(), autocast_to(device_type, compute_dtype):
-            for ids, hessian, scales in passes:
-                recorder.hessian, recorder.scales = hessian, scales
-                for start in range(0, ids.shape[0], batch_size):
-                    body(input_ids=ids[start : start + batch_size], use_cache=False)
-                    recorder._last = None
-                    bar.advance(task)
+            for start in batches:
+                body(input_ids=windows[start : start + batch_size], use_cache=False)
+                recorder._last = None
+                bar.advance(task)
     missing = [name for name in linears if name not in recorder.stats]
     if missing:
         raise MemtoolError(f"calibration never reached {missing[0]}: cannot scale it")

@@ -178,10 +178,6 @@ class BitStackConfig:
     # on smollm2-135m at 110 MB, scales from `mixed` with wiki score windows gave wiki / code
     # perplexity 29.9 / 33.2, against 30.1 / 41.4 all from wiki (BENCHMARKS.md).
     score_data: str | None = None
-    # Windows whose input second moments form the feedback Hessians and the importance
-    # estimate: the score windows, then (forward only) the next windows of the same data.
-    # None: the score windows only.
-    hessian_samples: int | None = None
     # The statistics pass's matmuls: "auto" runs them in bfloat16 where the hardware does so
     # natively (CUDA, or a CPU with AVX512-BF16/AMX), as the official code's half-precision
     # model does; "float32" everywhere else. Sums and norms stay float32 either way.
@@ -203,8 +199,6 @@ class BitStackConfig:
             raise MemtoolError(f"residual {self.residual!r} must be fp16 or fp32")
         if self.score_samples is not None and self.score_samples < 0:
             raise MemtoolError(f"--score-samples {self.score_samples} must be 0 or more")
-        if self.hessian_samples is not None and self.hessian_samples < 1:
-            raise MemtoolError(f"--hessian-samples {self.hessian_samples} must be 1 or more")
         if self.score_data is not None and self.score_samples == 0:
             raise MemtoolError("--score-calib needs score windows: drop --score-samples 0")
         if self.feedback and self.score_samples == 0:

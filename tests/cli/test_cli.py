@@ -229,7 +229,6 @@ def test_compress_cli_writes_and_measure_reads(tiny_llama_dir, text_file, tmp_pa
             ["--method", "bitstack", "--score-calib", "wiki", "--score-samples", 0],
             "--score-calib needs score windows",
         ),
-        (["--method", "bitstack", "--hessian-samples", 0], "--hessian-samples 0"),
         (["--method", "gptq", "--stats-dtype", "fp8"], "--stats-dtype 'fp8'"),
     ],
 )
@@ -321,18 +320,16 @@ def test_bitstack_cli_score_calib_draws_the_score_windows_from_its_data(
 ):
     out = tmp_path / "stack"
     calib = ["--calib", text_file, "--calib-samples", 2, "--seq-len", 32]
-    score = ["--score-calib", held_out_text_file, "--score-samples", 3, "--hessian-samples", 5]
+    score = ["--score-calib", held_out_text_file, "--score-samples", 3]
     result = _run(
         "compress", tiny_llama_dir, "--method", "bitstack", "--niter", 2, *calib, *score, "-o", out
     )
     assert result.exit_code == 0, result.stderr
-    # 3 score windows back-propagated, 2 more forward for the Hessians.
-    assert "score windows: " in result.stdout and "5 windows x 32 tokens" in result.stdout
+    assert "score windows: " in result.stdout and "3 windows x 32 tokens" in result.stdout
     meta = json.loads((out / "bitstack.json").read_text())
     # More score windows than calibration windows: they are not calibration windows.
     assert meta["settings"]["score_data"] == str(held_out_text_file)
-    assert meta["settings"]["hessian_samples"] == 5
-    assert meta["score_calibration"]["n_windows"] == 5
+    assert meta["score_calibration"]["n_windows"] == 3
     assert meta["calibration"]["n_windows"] == 2
 
 

@@ -295,45 +295,6 @@ def test_score_windows_of_their_own_data_give_hessians_and_fisher_but_no_scales(
         torch.testing.assert_close(fisher[name], scored_fisher[name])
 
 
-@pytest.mark.parametrize("separate", [False, True])
-def test_hessians_take_more_windows_than_the_fisher_forward_only(
-    tiny_llama_dir, text_file, held_out_text_file, separate
-):
-    loaded = load_model(tiny_llama_dir)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    windows = calibration_windows(str(text_file), tokenizer, n_samples=6, seq_len=32)
-    score = None
-    if separate:
-        score = calibration_windows(str(held_out_text_file), tokenizer, n_samples=5, seq_len=32)
-    source = windows.input_ids if score is None else score.input_ids
-    stats, fisher = collect_stats(
-        model,
-        windows.input_ids,
-        2,
-        2,
-        show_progress=False,
-        score_windows=None if score is None else source,
-        hessian_windows=5,
-    )
-    scales_only, _ = collect_stats(model, windows.input_ids, 4, 0, show_progress=False)
-    hessians, _ = collect_stats(model, source[:5], 4, 5, show_progress=False)
-    _, fisher_only = collect_stats(model, source[:2], 4, 2, show_progress=False)
-    for name, entry in stats.items():
-        assert entry.windows == 6 and entry.hessian_rows == 5 * 32
-        torch.testing.assert_close(entry.scale, scales_only[name].scale)
-        torch.testing.assert_close(entry.hessian, hessians[name].hessian, rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(fisher[name], fisher_only[name])
-
-
-def test_compress_refuses_more_hessian_windows_than_calibration(
-    tiny_llama_dir, text_file, tmp_path
-):
-    config = BitStackConfig(niter=2, hessian_samples=9)
-    with pytest.raises(MemtoolError, match="--hessian-samples 9 is more than the 8"):
-        compress(tiny_llama_dir, config, _calib(text_file), output=tmp_path / "s")
-    assert not (tmp_path / "s").exists()
-
-
 def test_compress_with_score_data_records_both_window_sets(
     tiny_llama_dir, text_file, held_out_text_file, tmp_path
 ):
