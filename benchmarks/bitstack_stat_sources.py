@@ -7,7 +7,9 @@ each variant then compresses the default stack with its statistics taken from di
 calibrations, through the pipeline's `collect_stats` seam. A variant is three letters: the
 source of the scales, of the feedback Hessians, of the Fisher (W wiki, M mixed, C code); the
 Hessian letter may also be 2 (half wiki, half mixed: a quarter code) or 3 (a quarter wiki,
-three quarters mixed: three eighths code). WWW is the default stack, MMM `--calib mixed`, MWW
+three quarters mixed: three eighths code). The long form `S|H|F` also takes W64 / M64 (all 64
+windows back-propagated, so Hessians and Fisher from all of them) and Hessian sums such as
+`0.5*W64+0.5*M64`. WWW is the default stack, MMM `--calib mixed`, MWW
 `--calib mixed --score-calib wiki`. Evaluated on the windows of `bitstack_curve.py` (16 wiki,
 8 code).
 
@@ -35,33 +37,45 @@ MIXED_SHARE = {"2": 0.5, "3": 0.75}  # share of the mixed Hessian, the rest wiki
 
 
 def _statistics(work: Path, key: str) -> tuple[dict, dict]:
+    """Statistics of calibration `key` (W, M, C; with 64: every window back-propagated)."""
     path = work / f"stats_{key}.pt"
     if path.exists():
         return torch.load(path, weights_only=False)
     loaded = load_model(None)
-    windows = calibration_windows(SOURCES[key], loaded.tokenizer, n_samples=64, seq_len=512)
+    data = SOURCES[key[0]]
+    windows = calibration_windows(data, loaded.tokenizer, n_samples=64, seq_len=512)
+    scored = 64 if key.endswith("64") else 16
     began = time.perf_counter()
-    stats = collect_stats(loaded.model, windows.input_ids, 8, 16, False, torch.bfloat16)
-    print(f"statistics {SOURCES[key]}: {time.perf_counter() - began:.0f} s", flush=True)
+    stats = collect_stats(loaded.model, windows.input_ids, 8, scored, False, torch.bfloat16)
+    print(f"statistics {key}: {time.perf_counter() - began:.0f} s", flush=True)
     torch.save(stats, path)
     return stats
 
 
-def _hessian(sources: dict, key: str, name: str) -> torch.Tensor:
-    if key in MIXED_SHARE:
-        share = MIXED_SHARE[key]
-        return (1 - share) * sources["W"][0][name].hessian + share * sources["M"][0][name].hessian
-    return sources[key][0][name].hessian.clone()
+def _parts(variant: str) -> tuple[str, list[tuple[float, str]], str]:
+    """(scales key, Hessian terms (weight, key), Fisher key) of a variant."""
+    if "|" not in variant:
+        scale_key, hessian_key, fisher_key = variant
+        if hessian_key in MIXED_SHARE:
+            share = MIXED_SHARE[hessian_key]
+            return scale_key, [(1 - share, "W"), (share, "M")], fisher_key
+        return scale_key, [(1.0, hessian_key)], fisher_key
+    scale_key, hessians, fisher_key = variant.split("|")
+    terms = []
+    for term in hessians.split("+"):
+        weight, key = term.split("*") if "*" in term else ("1", term)
+        terms.append((float(weight), key))
+    return scale_key, terms, fisher_key
 
 
 def _hybrid(sources: dict, variant: str) -> tuple[dict, dict]:
     """Statistics for `variant`, keeping the sharing of entries between linears that read
     one input (the pipeline computes one feedback factor per shared entry)."""
-    scale_key, hessian_key, fisher_key = variant
+    scale_key, terms, fisher_key = _parts(variant)
     stats, made = {}, {}
     for name, entry in sources[scale_key][0].items():
         if id(entry) not in made:
-            hessian = _hessian(sources, hessian_key, name)
+            hessian = sum(w * sources[key][0][name].hessian for w, key in terms)
             made[id(entry)] = LinearStats(entry.scale_sum.clone(), entry.windows, hessian, 1)
         stats[name] = made[id(entry)]
     fisher = {name: values.clone() for name, values in sources[fisher_key][1].items()}
@@ -79,9 +93,10 @@ def main() -> None:
     results_path = args.work / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     variants = args.variants.split(",")
-    needed = {letter for v in variants for letter in v if letter in SOURCES}
-    if any(v[1] in MIXED_SHARE for v in variants):
-        needed |= {"W", "M"}
+    needed = set()
+    for variant in variants:
+        scale_key, terms, fisher_key = _parts(variant)
+        needed |= {scale_key, fisher_key, *(key for _, key in terms)}
     sources = {key: _statistics(args.work, key) for key in sorted(needed)}
     tokenizer = load_model(None).tokenizer
     evals = {
@@ -91,7 +106,7 @@ def main() -> None:
     budgets = [int(float(mb) * 10**6) for mb in args.budgets_mb.split(",")]
     for variant in variants:
         entry = results.setdefault(variant, {})
-        folder = args.work / variant
+        folder = args.work / variant.replace("|", "_").replace("*", "x").replace("+", "p")
         if not (folder / "bitstack.json").exists():
             with mock.patch.object(
                 pipeline, "collect_stats", lambda *a, v=variant, **k: _hybrid(sources, v)
