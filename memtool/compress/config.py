@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 from memtool.compress.precision import check_compute_dtype
 from memtool.compress.quantizer import check_bits
-from memtool.data import calibration_windows
+from memtool.data import calibration_windows, parse_data_spec
 from memtool.errors import MemtoolError
 
 
@@ -199,8 +199,10 @@ class BitStackConfig:
             raise MemtoolError(f"residual {self.residual!r} must be fp16 or fp32")
         if self.score_samples is not None and self.score_samples < 0:
             raise MemtoolError(f"--score-samples {self.score_samples} must be 0 or more")
-        if self.score_data is not None and self.score_samples == 0:
-            raise MemtoolError("--score-calib needs score windows: drop --score-samples 0")
+        if self.score_data is not None:
+            if self.score_samples == 0:
+                raise MemtoolError("--score-calib needs score windows: drop --score-samples 0")
+            parse_data_spec(self.score_data)  # a bad spec fails before any work
         if self.feedback and self.score_samples == 0:
             raise MemtoolError(
                 "--feedback needs the input Hessians of the score windows: set --score-samples "

@@ -229,6 +229,7 @@ def test_compress_cli_writes_and_measure_reads(tiny_llama_dir, text_file, tmp_pa
             ["--method", "bitstack", "--score-calib", "wiki", "--score-samples", 0],
             "--score-calib needs score windows",
         ),
+        (["--method", "bitstack", "--score-calib", "/no/such/text"], "/no/such/text"),
         (["--method", "gptq", "--stats-dtype", "fp8"], "--stats-dtype 'fp8'"),
     ],
 )

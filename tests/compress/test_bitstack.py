@@ -321,6 +321,11 @@ def test_score_data_without_score_windows_is_refused():
         BitStackConfig(score_data="wiki", score_samples=0, feedback=False).validate()
 
 
+def test_a_bad_score_data_spec_is_refused_before_any_work():
+    with pytest.raises(MemtoolError, match="no such file or directory: /no/such/text"):
+        BitStackConfig(score_data="/no/such/text").validate()
+
+
 def test_bfloat16_statistics_run_the_matmuls_in_bfloat16_and_stay_close(tiny_llama_dir, text_file):
     loaded = load_model(tiny_llama_dir)
     model = loaded.model
