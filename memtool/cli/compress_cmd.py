@@ -256,7 +256,7 @@ def _render(result: dict) -> None:
     _render_calibration(console, result["calibration"])
 
 
-def _render_calibration(console: Console, calib: dict | None, what="calibration") -> None:
+def _render_calibration(console: Console, calib: dict | None, what: str = "calibration") -> None:
     if calib:
         console.print(
             f"{what}: {calib['data']} ({calib['split']} split), {calib['n_windows']} windows "

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 from memtool.compress.precision import check_compute_dtype
 from memtool.compress.quantizer import check_bits
-from memtool.data import calibration_windows, parse_data_spec
+from memtool.data import TokenWindows, calibration_windows, parse_data_spec
 from memtool.errors import MemtoolError
 
 
@@ -129,7 +129,9 @@ class CalibrationConfig:
                 flag = {"n_samples": "--calib-samples"}.get(name, "--" + name.replace("_", "-"))
                 raise MemtoolError(f"{flag} must be a positive number, got {value}")
 
-    def windows(self, tokenizer, data: str | None = None, n_samples: int | None = None):
+    def windows(
+        self, tokenizer, data: str | None = None, n_samples: int | None = None
+    ) -> TokenWindows:
         """The calibration windows (`memtool.data.calibration_windows`): of `data` and
         `n_samples` when given (say, BitStack's score windows), with this seq_len and seed."""
         return calibration_windows(
