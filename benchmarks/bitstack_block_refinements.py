@@ -89,7 +89,7 @@ def main() -> None:
         scaled = weight * scaling.scale.view(1, -1)
         hessian = scaled_hessian(calibration[name], scaling)
         damped = hessian + DAMP * hessian.diagonal().mean() * torch.eye(hessian.shape[0])
-        hinv = feedback_factor(calibration[name], scaling, DAMP)
+        hinv = feedback_factor(calibration[name], scaling, DAMP).upper
         held_h = [scaled_hessian(held[data][name], scaling) for data in ("wiki", "code")]
         rank = auto_rank(*weight.shape, 1.25)
 

@@ -94,6 +94,7 @@ def feedback_signs(
     hinv_upper: Tensor,
     block_size: int = 128,
     native: bool | None = None,
+    row_error: Tensor | None = None,
 ) -> Tensor:
     """Signs `[out, in]` (±1) for `magnitude` chosen column by column with GPTQ's error feedback.
 
@@ -106,6 +107,11 @@ def feedback_signs(
     The loop within each block of columns is this function's Python code below (the
     specification) or, where memtool's native CPU kernels run (`native=None`: CPU tensors and
     a kernel that builds here), the same loop in C++ (`memtool/ops/cpu/sign_feedback.cpp`).
+
+    `row_error` (`[out]`, optional) gets each row's output error under the dampened Hessian
+    added to it: with `U` the upper factor (`H⁻¹ = UᵀU`), the block leaves `R - S ⊙ M = Err U`
+    (Err the scaled per-column errors below), so `(R - S⊙M) H (R - S⊙M)ᵀ = Err Errᵀ`: a sum of
+    squares the loop has already computed, where the direct product costs `out x in x in`.
     """
     if native is None:
         native = rest.device.type == "cpu" and cpu_kernel_status()[0]
@@ -131,6 +137,8 @@ def feedback_signs(
                 err_block[j] = err
                 wt[col + 1 : stop].addr_(hinv_block[j, j + 1 :], err, alpha=-1)
         wt[stop:].addmm_(hinv_upper[start:stop, stop:].T, err_block, alpha=-1)
+        if row_error is not None:
+            row_error += err_block.square().sum(dim=0)
     return torch.where(negative.T, -1.0, 1.0)
 
 
@@ -141,7 +149,7 @@ def decompose(
     *,
     residual: str = "fp16",
     exact_svd: bool = False,
-    error: Callable[[Tensor], float] | None = None,
+    error: Callable[..., float] | None = None,
     hinv_upper: Tensor | None = None,
 ) -> tuple[list[Block], list[float]]:
     """Peel `weight` `[out, in]` into `niter` residual blocks.
@@ -154,7 +162,10 @@ def decompose(
         exact_svd: full SVD instead of randomized (which draws from torch's global generator:
             seed it for reproducible stacks).
         error: maps a residual to a scalar (the estimated loss increase it causes); called on
-            the weight itself and after each block.
+            the weight itself and after each block, with feedback also given each row's output
+            error under the dampened Hessian (`feedback_signs`'s `row_error`), from which
+            `memtool.compress.bitstack_scaling.loss_estimator` gets the estimate without its
+            matrix product.
         hinv_upper: upper Cholesky factor of the inverse Hessian of the (scaled) weight's
             inputs: choose each block's signs with error feedback (`feedback_signs`); None:
             `sign(R)`.
@@ -169,6 +180,7 @@ def decompose(
     errors = [error(rest)] if error is not None else []
     blocks = []
     for _ in range(niter):
+        rows = None  # with feedback: each row's output error under the dampened Hessian
         u, v = low_rank(rest.abs(), rank, exact_svd)
         u16, v16 = u.to(FACTOR_DTYPE), v.to(FACTOR_DTYPE)
         magnitude = (u16.float() @ v16.float().T) if residual == "fp16" else (u @ v.T)
@@ -177,9 +189,11 @@ def decompose(
             # sign(R) with zeros as +1, applied without materialising S.
             rest.sub_(torch.where(rest < 0, -magnitude, magnitude))
         else:
-            signs = feedback_signs(rest, magnitude, hinv_upper)
+            if error is not None:
+                rows = torch.zeros(rest.shape[0], dtype=torch.float64, device=rest.device)
+            signs = feedback_signs(rest, magnitude, hinv_upper, row_error=rows)
             blocks.append(Block(pack_signs(signs), u16.contiguous(), v16.contiguous()))
             rest.sub_(signs.mul_(magnitude))
         if error is not None:
-            errors.append(error(rest))
+            errors.append(error(rest) if rows is None else error(rest, rows))
     return blocks, errors

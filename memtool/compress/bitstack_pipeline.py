@@ -16,6 +16,7 @@ from torch import nn
 from memtool.compress.bitstack import auto_rank, check_rank, decompose
 from memtool.compress.bitstack_order import LinearBlocks, order_stack
 from memtool.compress.bitstack_scaling import (
+    FeedbackFactor,
     Scaling,
     body_linears,
     collect_stats,
@@ -94,19 +95,24 @@ def compress_bitstack(
     specs, per_linear, blocks_of = [], [], []
     # Linears that read one input (q/k/v, gate/up) come one after another and share its
     # statistics and scale, so their feedback factor is computed once; only the latest is kept.
-    last_factor: tuple[tuple[int, int], torch.Tensor | None] | None = None
+    last_factor: tuple[tuple[int, int], FeedbackFactor | None] | None = None
     with counted_steps("decomposing", len(linears), show_progress) as (bar, task):
         for name, module in linears.items():
-            estimate = loss_estimator(stats[name], fisher.get(name), scalings[name])
-            hinv = None
+            factor = None
             if config.feedback:
                 key = (id(stats[name]), id(scalings[name].scale))
                 if last_factor is None or last_factor[0] != key:
                     factor = feedback_factor(stats[name], scalings[name], config.damp_percent)
                     last_factor = (key, factor)
-                hinv = last_factor[1]
-                if hinv is None:
+                factor = last_factor[1]
+                if factor is None:
                     warnings.append(f"{name}: input Hessian indefinite, signs without feedback")
+            estimate = loss_estimator(
+                stats[name],
+                fisher.get(name),
+                scalings[name],
+                None if factor is None else factor.diag_shift,
+            )
             blocks, errors = decompose(
                 module.weight,
                 config.niter,
@@ -114,7 +120,7 @@ def compress_bitstack(
                 residual=config.residual,
                 exact_svd=config.exact_svd,
                 error=estimate,
-                hinv_upper=hinv,
+                hinv_upper=None if factor is None else factor.upper,
             )
             module.weight = nn.Parameter(torch.empty(0), requires_grad=False)  # free it now
             spec = LinearSpec(

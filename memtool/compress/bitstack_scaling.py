@@ -253,40 +253,67 @@ def scaled_hessian(stats: LinearStats, scaling: Scaling) -> Tensor | None:
     return stats.hessian * inverse.view(-1, 1) * inverse.view(1, -1)
 
 
-def feedback_factor(stats: LinearStats, scaling: Scaling, damp_percent: float) -> Tensor | None:
-    """Upper Cholesky factor of the inverse scaled Hessian for `feedback_signs`, dampened as
+@dataclass
+class FeedbackFactor:
+    """What `feedback_signs` needs, and what its per-row errors need to become estimates."""
+
+    upper: Tensor  # upper Cholesky factor of the dampened scaled Hessian's inverse
+    # What the dampening added to the scaled Hessian's diagonal (`[in]`): the feedback's
+    # errors are measured under `H' + diag(diag_shift)`, the loss estimate under `H'`.
+    diag_shift: Tensor
+
+
+def feedback_factor(
+    stats: LinearStats, scaling: Scaling, damp_percent: float
+) -> FeedbackFactor | None:
+    """The inverse scaled Hessian's upper Cholesky factor for `feedback_signs`, dampened as
     GPTQ dampens; None when there are no statistics or it stays indefinite."""
     hessian = scaled_hessian(stats, scaling)
     if hessian is None:
         return None
     dead = torch.diag(hessian) == 0  # never active in calibration: an independent column
     hessian[dead, dead] = 1
-    upper, _ = inverse_hessian_factor(hessian, damp_percent, 1.0)
-    return upper
+    upper, damp = inverse_hessian_factor(hessian, damp_percent, 1.0)
+    if upper is None:
+        return None
+    shift = dead.to(hessian.dtype) + damp * torch.mean(torch.diag(hessian)).item()
+    return FeedbackFactor(upper, shift)
 
 
-def loss_estimator(stats: LinearStats, fisher: Tensor | None, scaling: Scaling):
+def loss_estimator(
+    stats: LinearStats, fisher: Tensor | None, scaling: Scaling, diag_shift: Tensor | None = None
+):
     """A function mapping a residual of the scaled weight to its estimated loss increase.
 
     Back in the original weight space the error is `E = diag(r) E' diag(1/s)`; the estimate is
     `Σ_i f_i (E H Eᵀ)_ii = Σ_i f_i r_i² (E' H' E'ᵀ)_ii` with `H' = diag(1/s) H diag(1/s)`.
     Without statistics (`score_samples=0`) it falls back to ‖E'‖², the scaled residual's
     energy.
+
+    Given, besides the residual, each row's `(E' (H' + diag(diag_shift)) E'ᵀ)_ii` (what the
+    sign feedback computes on its way: `feedback_signs`'s `row_error`, with the feedback
+    factor's `diag_shift`), the estimate subtracts the shift's part instead of forming
+    `E' H'`: `out x in` operations rather than `out x in x in`, which was a third of the
+    default decomposition's time on smollm2-135m.
     """
     hessian = scaled_hessian(stats, scaling)
     rows = torch.ones(1) if fisher is None else fisher.clone()
     if scaling.row_divisor is not None and fisher is not None:
         rows = rows * scaling.row_divisor.pow(2)
 
-    def estimate(residual: Tensor) -> float:
-        product = residual if hessian is None else residual @ hessian
-        per_row = (product * residual).sum(dim=1)
+    def estimate(residual: Tensor, shifted_rows: Tensor | None = None) -> float:
+        if shifted_rows is not None and diag_shift is not None:
+            per_row = shifted_rows - residual.square() @ diag_shift.to(residual.dtype)
+        else:
+            product = residual if hessian is None else residual @ hessian
+            per_row = (product * residual).sum(dim=1)
         return float((per_row * rows).sum())
 
     return estimate
 
 
 __all__ = [
+    "FeedbackFactor",
     "LinearStats",
     "Scaling",
     "body_linears",

@@ -422,3 +422,37 @@ def test_default_score_windows_are_capped_at_the_calibration_windows(
     meta = json.loads((tmp_path / "s" / "bitstack.json").read_text())
     assert meta["settings"]["score_samples"] == 8  # the default 16, capped at the 8 windows
     assert meta["settings"]["feedback"] is True
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_feedback_row_errors_give_the_direct_loss_estimate(native, monkeypatch):
+    """The estimate after each feedback block, from the loop's own per-column errors, equals
+    the one the Hessian product gives (dead input columns and row divisors included)."""
+    import memtool.compress.bitstack as bitstack
+    from memtool.compress.bitstack_scaling import (
+        LinearStats,
+        Scaling,
+        feedback_factor,
+        loss_estimator,
+    )
+
+    if native and not bitstack.cpu_kernel_status()[0]:
+        pytest.skip("native CPU kernels do not build here")
+    real = bitstack.feedback_signs
+    monkeypatch.setattr(bitstack, "feedback_signs", lambda *a, **k: real(*a, **k, native=native))
+    torch.manual_seed(3)
+    inputs = torch.randn(300, 40) @ (torch.randn(40, 40) / 6 + torch.eye(40))
+    inputs[:, 7] = 0  # never active: a dead column, which the feedback treats apart
+    stats = LinearStats(torch.ones(40))
+    stats.add_hessian(inputs)
+    scaling = Scaling(torch.rand(40) + 0.5, explicit=False, row_divisor=torch.rand(24) + 0.5)
+    factor = feedback_factor(stats, scaling, 0.3)
+    estimate = loss_estimator(stats, torch.rand(24), scaling, factor.diag_shift)
+    weight = torch.randn(24, 40)
+    torch.manual_seed(0)
+    _, from_rows = decompose(weight, 6, 3, error=estimate, hinv_upper=factor.upper)
+    torch.manual_seed(0)
+    direct_only = lambda residual, rows=None: estimate(residual)  # noqa: E731
+    _, direct = decompose(weight, 6, 3, error=direct_only, hinv_upper=factor.upper)
+    assert from_rows == pytest.approx(direct, rel=1e-4)
+    assert from_rows[-1] < 0.5 * from_rows[0]  # the blocks do cut the error
