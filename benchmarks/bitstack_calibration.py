@@ -14,11 +14,11 @@ Usage: python benchmarks/bitstack_calibration.py --work /tmp/bsx \
 """
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
+from resumable import open_results
 
 from memtool import load_model
 from memtool.compress import BitStackConfig, CalibrationConfig, RTNConfig, compress
@@ -41,12 +41,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    args.work.mkdir(parents=True, exist_ok=True)
-    results_path = args.work / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else {}
-
-    def save() -> None:
-        results_path.write_text(json.dumps(results, indent=1))
+    results, save = open_results(args.work)
 
     dense = load_model(None)
     wiki = evaluation_windows("wiki", dense.tokenizer, seq_len=512, max_windows=args.windows)

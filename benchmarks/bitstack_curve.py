@@ -25,6 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from resumable import open_results
 
 from memtool import load_model
 from memtool.compress import BitStackConfig, CalibrationConfig, RTNConfig, compress
@@ -96,12 +97,7 @@ def main() -> None:
         _report(json.loads((args.work / "results.json").read_text()), args.work)
         return
     torch.set_num_threads(2)
-    args.work.mkdir(parents=True, exist_ok=True)
-    results_path = args.work / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else {}
-
-    def save():
-        results_path.write_text(json.dumps(results, indent=1))
+    results, save = open_results(args.work)
 
     dense = load_model(None)
     wiki = evaluation_windows("wiki", dense.tokenizer, seq_len=512, max_windows=args.windows)

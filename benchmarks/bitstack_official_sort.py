@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from resumable import open_results
 from torch import nn
 
 from memtool import load_model
@@ -156,12 +157,7 @@ def main() -> None:
     parser.add_argument("--code-windows", type=int, default=8)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    args.work.mkdir(parents=True, exist_ok=True)
-    results_path = args.work / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else {}
-
-    def save():
-        results_path.write_text(json.dumps(results, indent=1))
+    results, save = open_results(args.work)
 
     tokenizer = load_model(None).tokenizer
     wiki = evaluation_windows("wiki", tokenizer, seq_len=512, max_windows=args.windows).input_ids

@@ -18,12 +18,12 @@ Usage: python benchmarks/bitstack_stat_sources.py --work /tmp/hyb \
 """
 
 import argparse
-import json
 import time
 from pathlib import Path
 from unittest import mock
 
 import torch
+from resumable import open_results
 
 import memtool.compress.bitstack_pipeline as pipeline
 from memtool import load_model
@@ -89,9 +89,7 @@ def main() -> None:
     parser.add_argument("--budgets-mb", default="104,110,120")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    args.work.mkdir(parents=True, exist_ok=True)
-    results_path = args.work / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    results, save = open_results(args.work)
     variants = args.variants.split(",")
     needed = set()
     for variant in variants:
@@ -127,7 +125,7 @@ def main() -> None:
                     perplexity(loaded.model, w.input_ids, 4, show_progress=False).perplexity
                     for w in evals.values()
                 ]
-                results_path.write_text(json.dumps(results, indent=1))
+                save()
             wiki, code = entry[str(budget)]
             print(f"{variant} {budget / 1e6:g} MB: wiki {wiki:.2f} code {code:.2f}", flush=True)
         del loaded
