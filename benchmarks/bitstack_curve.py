@@ -42,7 +42,13 @@ VARIANTS = {
     "no-scale": BitStackConfig(scale=False),
     "fp32-residual": BitStackConfig(residual="fp32"),
     "rank4": BitStackConfig(rank=4, feedback=False, score_samples=8),
+    # Block size: bits per weight of each residual block (default 1.25), the ranks per shape
+    # following it; run on purpose (`--variants block-bits-1.125,...`), not by default.
+    "block-bits-1.125": BitStackConfig(block_bits=1.125),
+    "block-bits-1.5": BitStackConfig(block_bits=1.5),
+    "block-bits-2": BitStackConfig(block_bits=2.0),
 }
+DEFAULT_VARIANTS = ("importance", "no-feedback", "no-scale", "fp32-residual", "rank4")
 # The official BitStack code on this model as the issue reports it (rank 4, 16 blocks, uniform
 # allocation, 64 x 512 wiki calibration; its evaluation windows give fp32 15.7, ours 15.05).
 OFFICIAL = [(88e6, 3539), (104e6, 289), (120e6, 52), (151e6, 25), (182e6, 21)]
@@ -90,7 +96,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=16, help="wiki evaluation windows")
     parser.add_argument("--code-windows", type=int, default=8, help="code evaluation windows")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
     parser.add_argument("--report-only", action="store_true", help="redraw from results.json")
     args = parser.parse_args()
     if args.report_only:
