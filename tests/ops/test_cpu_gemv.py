@@ -186,3 +186,13 @@ def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_load(kernel):
     usable, reason = result[0]
     assert usable, reason
     assert not stale.exists()
+
+
+def test_installs_in_other_folders_build_apart(monkeypatch, tmp_path):
+    # torch rebuilds a build folder whose source paths changed: two installs sharing one
+    # folder would rebuild it in turn on every switch.
+    here = build.build_dir()
+    monkeypatch.setattr(build, "SOURCE", tmp_path / "gptq_gemm.cpp")
+    elsewhere = build.build_dir()
+    assert elsewhere != here
+    assert elsewhere.parent == here.parent

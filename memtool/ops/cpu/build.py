@@ -60,11 +60,14 @@ def build_dir() -> Path:
     """Where this machine's build of the kernels lives.
 
     Named apart from the GPTQ-only build of earlier versions (`gptq_cpu-...`), whose library
-    name and source list differ, so neither build is ever mistaken for the other.
+    name and source list differ, so neither build is ever mistaken for the other; and by the
+    folder the sources are in: torch rebuilds when a build folder's source paths change, so two
+    installs sharing one folder (a checkout and a CI clone) rebuilt it in turn, ~60 s each.
     """
     torch_tag = torch.__version__.replace("+", "_")
     python_tag = f"py{sys.version_info.major}{sys.version_info.minor}"
-    name = f"memtool_cpu-{torch_tag}-{python_tag}-{_machine_tag()}"
+    sources_tag = hashlib.sha256(str(SOURCE.parent.resolve()).encode()).hexdigest()[:8]
+    name = f"memtool_cpu-{torch_tag}-{python_tag}-{_machine_tag()}-{sources_tag}"
     return memtool_home() / "torch_extensions" / name
 
 
