@@ -20,7 +20,6 @@ Usage:
 """
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from memtool.compress import BitStackConfig, CalibrationConfig, compress
 from memtool.compress.layers import capture_first_layer_inputs, run_layer
 from memtool.data import evaluation_windows
 from memtool.formats.bitstack_linear import BitStackLinear
+from memtool.formats.bitstack_stack import StackFile
 from memtool.metrics import perplexity
 from memtool.metrics.sizes import weight_bytes
 from memtool.models.layers import decoder_layers
@@ -122,11 +122,10 @@ def official_sort(folder: Path, levels: int, score_ids: torch.Tensor) -> dict:
     return {"seconds": time.perf_counter() - began, "levels": scores, "names": names}
 
 
-def _orders(folder: Path, sort: dict) -> dict[str, list[int]]:
+def _orders(stack: StackFile, sort: dict) -> dict[str, list[int]]:
     """Each order as the sequence of linears receiving their next block after the first."""
-    loaded_meta = json.loads((folder / "bitstack.json").read_text())
-    n_linears = len(loaded_meta["linears"])
-    stored = [entry[0] for entry in loaded_meta["stack"][n_linears:]]
+    n_linears = len(stack.linears)
+    stored = [entry[0] for entry in stack.stack[n_linears:]]
     official, uniform = [], []
     for level in sort["levels"]:
         ppls = level["ppls"]
@@ -179,9 +178,9 @@ def main() -> None:
             entry["sort"] = official_sort(folder, args.levels, score_ids)
             save()
         print(name, f"official sort: {entry['sort']['seconds']:.0f} s", flush=True)
-        orders = _orders(folder, entry["sort"])
         loaded = load_model(folder)
         stack = loaded.bitstack.stack
+        orders = _orders(stack, entry["sort"])
         modules = loaded.bitstack.modules
         blocks = [(m.signs, m.u, m.v) for m in modules]
         block_bytes = [spec.block_bytes for spec in stack.linears]

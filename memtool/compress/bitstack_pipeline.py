@@ -102,8 +102,10 @@ def compress_bitstack(
             if config.feedback:
                 key = (id(stats[name]), id(scalings[name].scale))
                 if last_factor is None or last_factor[0] != key:
-                    factor = feedback_factor(stats[name], scalings[name], config.damp_percent)
-                    last_factor = (key, factor)
+                    last_factor = (
+                        key,
+                        feedback_factor(stats[name], scalings[name], config.damp_percent),
+                    )
                 factor = last_factor[1]
                 if factor is None:
                     warnings.append(f"{name}: input Hessian indefinite, signs without feedback")
