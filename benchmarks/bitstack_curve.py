@@ -39,6 +39,9 @@ ABLATION_BUDGETS_MB = (88, 104, 110, 120, 151, 182)
 VARIANTS = {
     "importance": BitStackConfig(),
     "no-feedback": BitStackConfig(feedback=False, score_samples=8),
+    # The importance estimate with its token-wise correction (`--token-weighting`): the same
+    # blocks as `importance`, another order.
+    "token-weighting": BitStackConfig(token_weighting=True),
     "no-scale": BitStackConfig(scale=False),
     "fp32-residual": BitStackConfig(residual="fp32"),
     "rank4": BitStackConfig(rank=4, feedback=False, score_samples=8),

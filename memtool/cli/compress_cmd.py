@@ -108,6 +108,13 @@ def compress_command(
     order: str = typer.Option(
         "importance", "--order", help="BitStack: stack order, importance or uniform."
     ),
+    token_weighting: bool = typer.Option(
+        False,
+        "--token-weighting/--no-token-weighting",
+        help="BitStack: correct the importance estimate for how each linear's inputs and "
+        "output gradients correlate across tokens: better on the score windows' text, worse "
+        "on other text (see docs).",
+    ),
     score_samples: int = typer.Option(
         None,
         "--score-samples",
@@ -163,6 +170,7 @@ def compress_command(
                 rank=rank,
                 block_bits=block_bits,
                 order=order,
+                token_weighting=token_weighting,
                 score_samples=score_samples,
                 score_data=score_calib,
                 stats_dtype=stats_dtype,

@@ -23,6 +23,7 @@ from memtool.compress.bitstack_scaling import (
     feedback_factor,
     fold_scales,
     loss_estimator,
+    token_correlation,
 )
 from memtool.compress.config import DEFAULT_SCORE_SAMPLES, BitStackConfig, CalibrationConfig
 from memtool.compress.precision import dtype_name, resolve_compute_dtype
@@ -114,6 +115,9 @@ def compress_bitstack(
                 fisher.get(name),
                 scalings[name],
                 None if factor is None else factor.diag_shift,
+                token_correlation(stats[name], name, scalings[name])
+                if config.token_weighting
+                else 1.0,
             )
             blocks, errors = decompose(
                 module.weight,

@@ -47,6 +47,9 @@ class LinearStats:
     windows: int = 0
     hessian: Tensor | None = None
     hessian_rows: int = 0
+    # Per reading linear (by name), from the score windows: Σ_t w_t x_t² `[in]` and Σ_t w_t,
+    # with w_t the squared norm of that linear's output gradient at token t.
+    token_weighted: dict[str, tuple[Tensor, float]] = field(default_factory=dict)
 
     @property
     def scale(self) -> Tensor:
@@ -131,6 +134,7 @@ def collect_stats(
     scored = windows if score_windows is None else score_windows
     n_fisher = min(fisher_windows, scored.shape[0])
     fisher: dict[str, Tensor] = {}
+    weighted: dict[str, tuple[Tensor, float]] = {}
     skipped = n_fisher if score_windows is None else 0
     batches = range(skipped, windows.shape[0], batch_size)
     with counted_steps("statistics", len(batches) + n_fisher, show_progress) as (bar, task):
@@ -140,7 +144,9 @@ def collect_stats(
         recorder.hessian, recorder.scales = True, score_windows is None
         with recorder:
             for index in range(n_fisher):
-                _accumulate_fisher(model, linears, fisher, scored[index : index + 1], compute_dtype)
+                _accumulate_fisher(
+                    model, linears, fisher, weighted, scored[index : index + 1], compute_dtype
+                )
                 recorder._last = None
                 bar.advance(task)
         recorder.hessian, recorder.scales = False, True
@@ -155,6 +161,8 @@ def collect_stats(
     missing = [name for name in linears if name not in recorder.stats]
     if missing:
         raise MemtoolError(f"calibration never reached {missing[0]}: cannot scale it")
+    for name, entry in weighted.items():
+        recorder.stats[name].token_weighted[name] = entry
     return recorder.stats, {name: total / n_fisher for name, total in fisher.items()}
 
 
@@ -162,11 +170,13 @@ def _accumulate_fisher(
     model: nn.Module,
     linears: dict[str, nn.Linear],
     fisher: dict[str, Tensor],
+    weighted: dict[str, tuple[Tensor, float]],
     ids: Tensor,
     compute_dtype: torch.dtype | None,
 ) -> None:
-    """Add one window's mean squared output gradients to each linear's `fisher` (the forward's
-    matmuls under autocast to `compute_dtype`, if given).
+    """Add one window's mean squared output gradients to each linear's `fisher`, and its
+    inputs' squares weighted by each token's squared output gradient norm to `weighted` (see
+    `token_correlation`); the forward's matmuls under autocast to `compute_dtype`, if given.
 
     Parameters stop requiring gradients for the pass: only activation gradients are needed,
     and weight gradients would double the backward's cost and hold a model-sized buffer.
@@ -176,9 +186,16 @@ def _accumulate_fisher(
 
     def output_hook(name: str):
         def hook(module, args, output):
+            inputs = args[0].detach()
+
             def on_grad(grad: Tensor) -> None:
-                squared = grad.detach().float().pow(2).reshape(-1, grad.shape[-1]).mean(dim=0)
+                per_token = grad.detach().float().pow(2).reshape(-1, grad.shape[-1])
+                squared = per_token.mean(dim=0)
                 fisher[name] = fisher[name] + squared if name in fisher else squared
+                token = per_token.sum(dim=1)
+                inputs_sq = inputs.float().pow(2).reshape(-1, inputs.shape[-1])
+                sums, total = weighted.get(name, (0.0, 0.0))
+                weighted[name] = (sums + token @ inputs_sq, total + float(token.sum()))
 
             if output.requires_grad:
                 output.register_hook(on_grad)
@@ -280,8 +297,36 @@ def feedback_factor(
     return FeedbackFactor(upper, shift)
 
 
+def token_correlation(stats: LinearStats, name: str, scaling: Scaling) -> float:
+    """How much more (or less) than K-FAC assumes the linear's loss reads its large inputs:
+    `E[w |x'|²] / (E[w] E[|x'|²])` over the score windows' tokens, with `x' = x / s` the scaled
+    weight's input and `w` the squared norm of the linear's output gradient (1 without
+    statistics).
+
+    The diagonal K-FAC estimate `Σ_i f_i (E H Eᵀ)_ii` takes the output gradients and the inputs
+    as independent across tokens. They are not: on smollm2-135m the tokens with the largest
+    scaled inputs (the attention sink's) get small gradients at `v_proj`, whose estimate K-FAC
+    overstates 4-8x against the loss measured with each kind of linear truncated
+    (BENCHMARKS.md), which steered the stack's bytes to `v_proj`. This factor, `1` when the
+    two are uncorrelated, corrects the estimate's scale per linear (the output rows' divisors
+    are left out of `w`). The full correction, `E H_w Eᵀ` with a gradient-weighted `H_w`,
+    would cost the `out x in x in` product per block that the feedback's row errors avoid.
+    """
+    entry = stats.token_weighted.get(name)
+    if entry is None or stats.hessian is None or entry[1] <= 0:
+        return 1.0
+    inverse_sq = scaling.scale.pow(-2)
+    weighted = float((entry[0] * inverse_sq).sum()) / entry[1]
+    plain = float((torch.diag(stats.hessian) * inverse_sq).sum())
+    return weighted / plain if plain > 0 else 1.0
+
+
 def loss_estimator(
-    stats: LinearStats, fisher: Tensor | None, scaling: Scaling, diag_shift: Tensor | None = None
+    stats: LinearStats,
+    fisher: Tensor | None,
+    scaling: Scaling,
+    diag_shift: Tensor | None = None,
+    weight: float = 1.0,
 ):
     """A function mapping a residual of the scaled weight to its estimated loss increase.
 
@@ -295,9 +340,11 @@ def loss_estimator(
     factor's `diag_shift`), the estimate subtracts the shift's part instead of forming
     `E' H'`: `out x in` operations rather than `out x in x in`, which was a third of the
     default decomposition's time on smollm2-135m.
+
+    `weight` scales the estimate (`token_correlation`'s correction).
     """
     hessian = scaled_hessian(stats, scaling)
-    rows = torch.ones(1) if fisher is None else fisher.clone()
+    rows = torch.ones(1) if fisher is None else fisher * weight
     if scaling.row_divisor is not None and fisher is not None:
         rows = rows * scaling.row_divisor.pow(2)
 
@@ -322,4 +369,5 @@ __all__ = [
     "fold_scales",
     "loss_estimator",
     "scaled_hessian",
+    "token_correlation",
 ]

@@ -299,11 +299,14 @@ def test_bitstack_cli_compresses_and_measures_budgets(tiny_llama_dir, text_file,
 
 
 @pytest.mark.parametrize(
-    ("flags", "feedback", "damp"),
-    [([], True, 0.3), (["--no-feedback", "--damp-percent", 0.2], False, 0.2)],
+    ("flags", "feedback", "damp", "weighting"),
+    [
+        ([], True, 0.3, False),
+        (["--no-feedback", "--damp-percent", 0.2, "--token-weighting"], False, 0.2, True),
+    ],
 )
 def test_bitstack_cli_feedback_flags_reach_the_stack(
-    tiny_llama_dir, text_file, tmp_path, flags, feedback, damp
+    tiny_llama_dir, text_file, tmp_path, flags, feedback, damp, weighting
 ):
     out = tmp_path / "stack"
     calib = ["--calib", text_file, "--calib-samples", 4, "--seq-len", 32]
@@ -313,6 +316,7 @@ def test_bitstack_cli_feedback_flags_reach_the_stack(
     assert result.exit_code == 0, result.stderr
     settings = json.loads((out / "bitstack.json").read_text())["settings"]
     assert (settings["feedback"], settings["damp_percent"]) == (feedback, damp)
+    assert settings["token_weighting"] is weighting
     assert settings["score_samples"] == 4  # the default 16, capped at the calibration windows
 
 

@@ -456,3 +456,72 @@ def test_feedback_row_errors_give_the_direct_loss_estimate(native, monkeypatch):
     _, direct = decompose(weight, 6, 3, error=direct_only, hinv_upper=factor.upper)
     assert from_rows == pytest.approx(direct, rel=1e-4)
     assert from_rows[-1] < 0.5 * from_rows[0]  # the blocks do cut the error
+
+
+def test_token_weighted_statistics_match_each_linears_own_gradients(tiny_llama_dir, text_file):
+    """Per linear, Σ_t w_t x_t² and Σ_t w_t with w_t its output gradient's squared norm at
+    token t, over the score windows, and the correlation factor built from them."""
+    from memtool.compress.bitstack_scaling import Scaling, token_correlation
+
+    loaded = load_model(tiny_llama_dir)
+    model = loaded.model
+    windows = calibration_windows(str(text_file), loaded.tokenizer, n_samples=5, seq_len=32)
+    linears = body_linears(model)
+    seen = {name: [] for name in linears}
+
+    def record(name):
+        def hook(module, args, output):
+            output.register_hook(lambda grad: seen[name].append((args[0].detach(), grad)))
+
+        return hook
+
+    handles = [m.register_forward_hook(record(n)) for n, m in linears.items()]
+    for row in windows.input_ids[:3]:  # the score windows, back-propagated one at a time
+        model(input_ids=row[None], labels=row[None]).loss.backward()
+    for handle in handles:
+        handle.remove()
+    model.zero_grad()
+    stats, _ = collect_stats(model, windows.input_ids, 4, 3, show_progress=False)
+    factors = []
+    for name, pairs in seen.items():
+        x = torch.cat([inputs.reshape(-1, inputs.shape[-1]) for inputs, _ in pairs])
+        g = torch.cat([grad.reshape(-1, grad.shape[-1]) for _, grad in pairs])
+        w = g.pow(2).sum(dim=1)
+        sums, total = stats[name].token_weighted[name]
+        torch.testing.assert_close(sums, w @ x.pow(2), rtol=1e-4, atol=1e-12)
+        assert total == pytest.approx(float(w.sum()), rel=1e-5)
+        s = torch.rand(x.shape[1]) + 0.5
+        scaled = x / s
+        expected = float((w * scaled.pow(2).sum(dim=1)).sum() / w.sum())
+        expected /= float(scaled.pow(2).sum(dim=1).mean())
+        factor = token_correlation(stats[name], name, Scaling(s, explicit=False))
+        assert factor == pytest.approx(expected, rel=1e-4)
+        factors.append(factor)
+    # Gradients and inputs do correlate across tokens here (K-FAC's factor would be 1).
+    assert max(abs(f - 1) for f in factors) > 0.05, factors
+
+
+def test_token_weighting_rescales_each_linears_estimates_and_keeps_its_blocks(
+    tiny_llama_dir, text_file, tmp_path
+):
+    metas = {}
+    for weighting in (False, True):
+        config = BitStackConfig(niter=3, score_samples=4, token_weighting=weighting)
+        out = tmp_path / str(weighting)
+        compress(tiny_llama_dir, config, _calib(text_file), output=out, show_progress=False)
+        metas[weighting] = json.loads((out / "bitstack.json").read_text())
+        blocks = load_model(out).bitstack.modules
+        metas[weighting]["signs"] = [m.signs.clone() for m in blocks]
+    assert metas[True]["settings"]["token_weighting"] is True
+    ratios = []
+    for plain, weighted in zip(
+        metas[False]["estimated_loss_increase"], metas[True]["estimated_loss_increase"], strict=True
+    ):
+        ratio = weighted[0] / plain[0]
+        assert [w / p for w, p in zip(weighted, plain, strict=True)] == pytest.approx(
+            [ratio] * 4, rel=1e-6
+        )
+        ratios.append(ratio)
+    assert max(abs(r - 1) for r in ratios) > 0.05
+    for plain, weighted in zip(metas[False]["signs"], metas[True]["signs"], strict=True):
+        assert torch.equal(plain, weighted)  # the same blocks, in another stack order
