@@ -43,6 +43,11 @@ STACKS = {
     # The official block shape (rank 4 everywhere, signs sign(R)): the configuration.
     "rank4": BitStackConfig(rank=4, feedback=False, score_samples=8),
     "default": BitStackConfig(),
+    # The same blocks ordered with the token-wise corrected estimate (`--token-weighting`).
+    "rank4-token-weighting": BitStackConfig(
+        rank=4, feedback=False, score_samples=8, token_weighting=True
+    ),
+    "default-token-weighting": BitStackConfig(token_weighting=True),
 }
 
 
