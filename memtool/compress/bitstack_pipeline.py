@@ -81,6 +81,7 @@ def compress_bitstack(
         show_progress,
         compute_dtype,
         score_windows=None if score_windows is None else score_windows.input_ids,
+        token_weights=config.token_weighting,
     )
     phases["statistics"] = time.perf_counter() - mark
     used_dtype = dtype_name(compute_dtype)

@@ -121,20 +121,22 @@ def collect_stats(
     show_progress: bool = True,
     compute_dtype: torch.dtype | None = None,
     score_windows: Tensor | None = None,
+    token_weights: bool = False,
 ) -> tuple[dict[str, LinearStats], dict[str, Tensor]]:
     """Input statistics of every decoder linear (linears reading the same input share one
     entry): scales over all `windows` `[n, L]`, and Hessians plus output Fisher diagonals from
     `fisher_windows` score windows (none when 0): the first of `windows`, or of
     `score_windows` when given (then they add nothing to the scales). `compute_dtype` (say
     bfloat16) runs the model's matmuls under autocast; the statistics are accumulated in
-    float32 regardless."""
+    float32 regardless. `token_weights` also records `LinearStats.token_weighted` (for
+    `token_correlation`; it holds each linear's input through the backward)."""
     device_type = next(model.parameters()).device.type
     linears = body_linears(model)
     recorder = _InputRecorder(linears)
     scored = windows if score_windows is None else score_windows
     n_fisher = min(fisher_windows, scored.shape[0])
     fisher: dict[str, Tensor] = {}
-    weighted: dict[str, tuple[Tensor, float]] = {}
+    weighted: dict[str, tuple[Tensor, float]] | None = {} if token_weights else None
     skipped = n_fisher if score_windows is None else 0
     batches = range(skipped, windows.shape[0], batch_size)
     with counted_steps("statistics", len(batches) + n_fisher, show_progress) as (bar, task):
@@ -161,7 +163,7 @@ def collect_stats(
     missing = [name for name in linears if name not in recorder.stats]
     if missing:
         raise MemtoolError(f"calibration never reached {missing[0]}: cannot scale it")
-    for name, entry in weighted.items():
+    for name, entry in (weighted or {}).items():
         recorder.stats[name].token_weighted[name] = entry
     return recorder.stats, {name: total / n_fisher for name, total in fisher.items()}
 
@@ -170,13 +172,14 @@ def _accumulate_fisher(
     model: nn.Module,
     linears: dict[str, nn.Linear],
     fisher: dict[str, Tensor],
-    weighted: dict[str, tuple[Tensor, float]],
+    weighted: dict[str, tuple[Tensor, float]] | None,
     ids: Tensor,
     compute_dtype: torch.dtype | None,
 ) -> None:
-    """Add one window's mean squared output gradients to each linear's `fisher`, and its
-    inputs' squares weighted by each token's squared output gradient norm to `weighted` (see
-    `token_correlation`); the forward's matmuls under autocast to `compute_dtype`, if given.
+    """Add one window's mean squared output gradients to each linear's `fisher`, and, unless
+    `weighted` is None, its inputs' squares weighted by each token's squared output gradient
+    norm to `weighted` (see `token_correlation`); the forward's matmuls under autocast to
+    `compute_dtype`, if given.
 
     Parameters stop requiring gradients for the pass: only activation gradients are needed,
     and weight gradients would double the backward's cost and hold a model-sized buffer.
@@ -186,12 +189,14 @@ def _accumulate_fisher(
 
     def output_hook(name: str):
         def hook(module, args, output):
-            inputs = args[0].detach()
+            inputs = args[0].detach() if weighted is not None else None
 
             def on_grad(grad: Tensor) -> None:
                 per_token = grad.detach().float().pow(2).reshape(-1, grad.shape[-1])
                 squared = per_token.mean(dim=0)
                 fisher[name] = fisher[name] + squared if name in fisher else squared
+                if weighted is None:
+                    return
                 token = per_token.sum(dim=1)
                 inputs_sq = inputs.float().pow(2).reshape(-1, inputs.shape[-1])
                 sums, total = weighted.get(name, (0.0, 0.0))
@@ -306,7 +311,7 @@ def token_correlation(stats: LinearStats, name: str, scaling: Scaling) -> float:
     The diagonal K-FAC estimate `Σ_i f_i (E H Eᵀ)_ii` takes the output gradients and the inputs
     as independent across tokens. They are not: on smollm2-135m the tokens with the largest
     scaled inputs (the attention sink's) get small gradients at `v_proj`, whose estimate K-FAC
-    overstates 4-8x against the loss measured with each kind of linear truncated
+    overstates 3-8x against the loss measured with each kind of linear truncated
     (BENCHMARKS.md), which steered the stack's bytes to `v_proj`. This factor, `1` when the
     two are uncorrelated, corrects the estimate's scale per linear (the output rows' divisors
     are left out of `w`). The full correction, `E H_w Eᵀ` with a gradient-weighted `H_w`,

@@ -481,7 +481,11 @@ def test_token_weighted_statistics_match_each_linears_own_gradients(tiny_llama_d
     for handle in handles:
         handle.remove()
     model.zero_grad()
-    stats, _ = collect_stats(model, windows.input_ids, 4, 3, show_progress=False)
+    plain, _ = collect_stats(model, windows.input_ids, 4, 3, show_progress=False)
+    assert all(entry.token_weighted == {} for entry in plain.values())  # only when asked
+    stats, _ = collect_stats(
+        model, windows.input_ids, 4, 3, show_progress=False, token_weights=True
+    )
     factors = []
     for name, pairs in seen.items():
         x = torch.cat([inputs.reshape(-1, inputs.shape[-1]) for inputs, _ in pairs])
