@@ -163,8 +163,8 @@ class BitStackConfig:
     # Correct each linear's importance estimate by how its output gradients and inputs
     # correlate across tokens (`token_correlation`; K-FAC assumes they do not). Off by default:
     # on smollm2-135m with wiki calibration it lowers wiki perplexity at every size (by 2-4%
-    # at 104-120 MB) but raises code's (by 4-25% there); with `mixed` calibration both fell
-    # (BENCHMARKS.md).
+    # at 104-120 MB) but raises code's (by 4-25% there); with `mixed` calibration wiki fell
+    # by 3-23% and code fell or stayed within 1% (BENCHMARKS.md).
     token_weighting: bool = False
     scale: bool = True  # activation-aware input scaling
     residual: str = "fp16"  # subtract the stored fp16 factors ("fp32": the unrounded ones)
