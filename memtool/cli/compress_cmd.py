@@ -115,6 +115,13 @@ def compress_command(
         "output gradients correlate across tokens: better on the score windows' text, worse "
         "on other text (see docs).",
     ),
+    output_weighting: float = typer.Option(
+        1.0,
+        "--output-weighting",
+        help="BitStack: fit each block's magnitudes with every output row weighted by "
+        "sqrt(its mean squared loss gradient) to this power; 0 weights rows alike, as the "
+        "paper does (see docs).",
+    ),
     score_samples: int = typer.Option(
         None,
         "--score-samples",
@@ -171,6 +178,7 @@ def compress_command(
                 block_bits=block_bits,
                 order=order,
                 token_weighting=token_weighting,
+                output_weighting=output_weighting,
                 score_samples=score_samples,
                 score_data=score_calib,
                 stats_dtype=stats_dtype,

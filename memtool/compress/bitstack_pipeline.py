@@ -128,6 +128,7 @@ def compress_bitstack(
                 exact_svd=config.exact_svd,
                 error=estimate,
                 hinv_upper=None if factor is None else factor.upper,
+                row_weight=_row_weight(fisher.get(name), scalings[name], config.output_weighting),
             )
             module.weight = nn.Parameter(torch.empty(0), requires_grad=False)  # free it now
             spec = LinearSpec(
@@ -183,6 +184,20 @@ def compress_bitstack(
         "blocks": len(stack),
         "ranks": sorted(set(ranks.values())),
     }
+
+
+def _row_weight(fisher: torch.Tensor | None, scaling: Scaling, power: float):
+    """Each output row's weight in the magnitude fit (see `decompose`): the square root of its
+    share of the loss estimate, `f_i r_i²` (`loss_estimator`), raised to `power`, over its
+    mean; None without Fisher or at power 0.
+
+    Floored at 1% of the mean so that a row no score window's gradient reached keeps a finite
+    factor (its `u` is stored divided by the weight)."""
+    if fisher is None or power == 0:
+        return None
+    rows = fisher if scaling.row_divisor is None else fisher * scaling.row_divisor.pow(2)
+    weight = rows.sqrt().pow(power)
+    return (weight / weight.mean()).clamp_min(1e-2)
 
 
 def _storage_dtype(loaded: LoadedModel) -> torch.dtype:

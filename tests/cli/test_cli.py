@@ -225,6 +225,11 @@ def test_compress_cli_writes_and_measure_reads(tiny_llama_dir, text_file, tmp_pa
         (["--method", "bitstack", "--stats-dtype", "fp8"], "--stats-dtype 'fp8'"),
         (["--method", "bitstack", "--score-samples", 0], "--feedback needs the input Hessians"),
         (["--method", "bitstack", "--damp-percent", 0], "--damp-percent 0"),
+        (["--method", "bitstack", "--output-weighting", -1], "--output-weighting -1.0 must be"),
+        (
+            ["--method", "bitstack", "--score-samples", 0, "--no-feedback"],
+            "--output-weighting needs the output gradients",
+        ),
         (
             ["--method", "bitstack", "--score-calib", "wiki", "--score-samples", 0],
             "--score-calib needs score windows",
@@ -299,14 +304,27 @@ def test_bitstack_cli_compresses_and_measures_budgets(tiny_llama_dir, text_file,
 
 
 @pytest.mark.parametrize(
-    ("flags", "feedback", "damp", "weighting"),
+    ("flags", "feedback", "damp", "weighting", "rows"),
     [
-        ([], True, 0.3, False),
-        (["--no-feedback", "--damp-percent", 0.2, "--token-weighting"], False, 0.2, True),
+        ([], True, 0.3, False, 1.0),
+        (
+            [
+                "--no-feedback",
+                "--damp-percent",
+                0.2,
+                "--token-weighting",
+                "--output-weighting",
+                0.5,
+            ],
+            False,
+            0.2,
+            True,
+            0.5,
+        ),
     ],
 )
 def test_bitstack_cli_feedback_flags_reach_the_stack(
-    tiny_llama_dir, text_file, tmp_path, flags, feedback, damp, weighting
+    tiny_llama_dir, text_file, tmp_path, flags, feedback, damp, weighting, rows
 ):
     out = tmp_path / "stack"
     calib = ["--calib", text_file, "--calib-samples", 4, "--seq-len", 32]
@@ -317,6 +335,7 @@ def test_bitstack_cli_feedback_flags_reach_the_stack(
     settings = json.loads((out / "bitstack.json").read_text())["settings"]
     assert (settings["feedback"], settings["damp_percent"]) == (feedback, damp)
     assert settings["token_weighting"] is weighting
+    assert settings["output_weighting"] == rows
     assert settings["score_samples"] == 4  # the default 16, capped at the calibration windows
 
 

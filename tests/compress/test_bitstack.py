@@ -74,6 +74,30 @@ def test_fp16_residual_tracks_the_stored_factors_better_than_fp32():
     assert errs["fp16"] <= errs["fp32"] * 1.0001
 
 
+def test_row_weights_fit_the_weighted_rows_better_and_store_plain_factors():
+    torch.manual_seed(5)
+    weight = torch.randn(40, 48) * 0.05
+    rows = torch.rand(40).pow(3) * 20 + 0.05  # a few rows count far more than the rest
+    seen = []
+
+    def error(residual):
+        seen.append(residual.clone())
+        return float(residual.pow(2).sum())
+
+    weighted = {}
+    for name, row_weight in (("plain", None), ("weighted", rows)):
+        blocks, _ = decompose(weight, 2, 3, exact_svd=True, error=error, row_weight=row_weight)
+        approx = bitstack_reconstruct(*_stacked(blocks), 48)
+        # The stored blocks are in the weight's own space: they add up to the weight minus
+        # the residual the error function was shown.
+        torch.testing.assert_close(approx, weight - seen[-1], rtol=0, atol=1e-6)
+        one = bitstack_reconstruct(*_stacked(blocks[:1]), 48)
+        weighted[name] = float(((weight - one) * rows.view(-1, 1)).square().sum())
+    # One block keeps sign(W) either way, so its error is the magnitude fit's: the weighted
+    # fit is the best rank-3 fit under the row weights.
+    assert weighted["weighted"] < 0.9 * weighted["plain"]
+
+
 def test_randomized_svd_is_as_good_as_exact():
     torch.manual_seed(3)
     weight = torch.randn(96, 80) * 0.05
@@ -415,6 +439,54 @@ def test_feedback_stacks_record_it_and_cut_the_estimated_loss(tiny_llama_dir, te
     assert totals[True] < totals[False]
 
 
+@pytest.mark.parametrize("power", [0.0, 0.5])
+def test_output_weighting_weights_each_row_by_its_share_of_the_estimate(
+    tiny_llama_dir, text_file, tmp_path, monkeypatch, power
+):
+    import memtool.compress.bitstack_pipeline as pipeline
+
+    seen, real_collect, real_fold, real_decompose = (
+        {},
+        pipeline.collect_stats,
+        pipeline.fold_scales,
+        pipeline.decompose,
+    )
+
+    def collect(*args, **kwargs):
+        seen["stats"], seen["fisher"] = real_collect(*args, **kwargs)
+        return seen["stats"], seen["fisher"]
+
+    def fold(*args, **kwargs):
+        seen["scalings"], warnings = real_fold(*args, **kwargs)
+        return seen["scalings"], warnings
+
+    def decompose(weight, *args, row_weight=None, **kwargs):
+        seen.setdefault("rows", []).append(row_weight)
+        return real_decompose(weight, *args, row_weight=row_weight, **kwargs)
+
+    monkeypatch.setattr(pipeline, "collect_stats", collect)
+    monkeypatch.setattr(pipeline, "fold_scales", fold)
+    monkeypatch.setattr(pipeline, "decompose", decompose)
+    config = BitStackConfig(niter=2, score_samples=4, output_weighting=power)
+    compress(tiny_llama_dir, config, _calib(text_file), output=tmp_path / "s")
+    if power == 0:
+        assert all(rows is None for rows in seen["rows"])
+        return
+    names = list(seen["stats"])  # the forward order, which the decomposition follows
+    divided = 0
+    for name, rows in zip(names, seen["rows"], strict=True):
+        share = seen["fisher"][name]
+        divisor = seen["scalings"][name].row_divisor
+        if divisor is not None:  # up_proj: its rows feed down_proj's folded scale
+            share = share * divisor.pow(2)
+            divided += 1
+        expected = share.pow(power / 2)
+        torch.testing.assert_close(rows, (expected / expected.mean()).clamp_min(1e-2))
+    assert divided > 0
+    meta = json.loads((tmp_path / "s" / "bitstack.json").read_text())
+    assert meta["settings"]["output_weighting"] == power
+
+
 def test_default_score_windows_are_capped_at_the_calibration_windows(
     tiny_llama_dir, text_file, tmp_path
 ):
@@ -424,8 +496,9 @@ def test_default_score_windows_are_capped_at_the_calibration_windows(
     assert meta["settings"]["feedback"] is True
 
 
+@pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("native", [False, True])
-def test_feedback_row_errors_give_the_direct_loss_estimate(native, monkeypatch):
+def test_feedback_row_errors_give_the_direct_loss_estimate(native, weighted, monkeypatch):
     """The estimate after each feedback block, from the loop's own per-column errors, equals
     the one the Hessian product gives (dead input columns and row divisors included)."""
     import memtool.compress.bitstack as bitstack
@@ -449,11 +522,12 @@ def test_feedback_row_errors_give_the_direct_loss_estimate(native, monkeypatch):
     factor = feedback_factor(stats, scaling, 0.3)
     estimate = loss_estimator(stats, torch.rand(24), scaling, factor.diag_shift)
     weight = torch.randn(24, 40)
+    rows = torch.rand(24) * 3 + 0.1 if weighted else None
     torch.manual_seed(0)
-    _, from_rows = decompose(weight, 6, 3, error=estimate, hinv_upper=factor.upper)
+    _, from_rows = decompose(weight, 6, 3, error=estimate, hinv_upper=factor.upper, row_weight=rows)
     torch.manual_seed(0)
     direct_only = lambda residual, rows=None: estimate(residual)  # noqa: E731
-    _, direct = decompose(weight, 6, 3, error=direct_only, hinv_upper=factor.upper)
+    _, direct = decompose(weight, 6, 3, error=direct_only, hinv_upper=factor.upper, row_weight=rows)
     assert from_rows == pytest.approx(direct, rel=1e-4)
     assert from_rows[-1] < 0.5 * from_rows[0]  # the blocks do cut the error
 
