@@ -5,12 +5,13 @@ windows; `--variants` names them as `DATA:SAMPLES[:SCORE[:SCORE_DATA]]` (a built
 data spec, the number of calibration windows of 512 tokens, optionally the score windows that
 drive the importance estimate and the sign feedback, and the data they are drawn from when not
 the calibration's: `mixed:64::wiki` is `--calib mixed --score-calib wiki`; an empty SCORE keeps
-the default count). Evaluated on the same windows as
+the default count), with `+tw` appended for `--token-weighting` and `+ow0` for
+`--output-weighting 0` (`mixed:64+tw`). Evaluated on the same windows as
 `bitstack_curve.py` (16 wiki, 8 code evaluation windows), next to per-channel 4-bit RTN, the
 size the issue's "below per-channel RTN at 4-bit sizes" refers to.
 
 Usage: python benchmarks/bitstack_calibration.py --work /tmp/bsx \
-    --variants wiki:64,mixed:64,mixed:128:32,mixed:64::wiki --budgets-mb 104,110,120
+    --variants wiki:64,mixed:64,mixed:128:32,mixed:64::wiki,mixed:64+tw --budgets-mb 104,110,120
 """
 
 import argparse
@@ -58,16 +59,25 @@ def main() -> None:
     print("rtn 4-bit per-channel sym", results["rtn 4-bit per-channel sym"], flush=True)
     budgets = [int(float(mb) * 10**6) for mb in args.budgets_mb.split(",")]
     for variant in args.variants.split(","):
-        data, samples, *rest = variant.split(":")
+        spec, *flags = variant.split("+")
+        unknown = set(flags) - {"tw", "ow0"}
+        if unknown:
+            raise SystemExit(f"unknown variant flags {sorted(unknown)} in {variant!r}")
+        data, samples, *rest = spec.split(":")
         score = int(rest[0]) if rest and rest[0] else None
         score_data = rest[1] if len(rest) > 1 else None
         entry = results.setdefault(variant, {})
-        folder = args.work / variant.replace(":", "_")
+        folder = args.work / variant.replace(":", "_").replace("+", "-")
         if "compress_seconds" not in entry:
             began = time.perf_counter()
             compress(
                 None,
-                BitStackConfig(score_samples=score, score_data=score_data),
+                BitStackConfig(
+                    score_samples=score,
+                    score_data=score_data,
+                    token_weighting="tw" in flags,
+                    output_weighting=0.0 if "ow0" in flags else 1.0,
+                ),
                 CalibrationConfig(data=data, n_samples=int(samples), seq_len=512),
                 output=folder,
                 overwrite=True,

@@ -8,10 +8,12 @@ byte the model holds (16-bit embeddings and norms included), as BitStack budgets
   uniform levels and a few round budgets;
 - `uniform`: the same blocks, every linear holding L blocks (the official code's allocation
   without its perplexity sorting);
-- ablations, each its own stack: `no-feedback` (signs as the paper takes them, sign(R), and 8
-  score windows: memtool's default before 2026-11-29), `no-scale`, `fp32-residual`, `rank4`
-  (the official block shape: rank 4 everywhere, and no feedback), evaluated with importance
-  order, and `rank4` with uniform order (the official configuration);
+- ablations, each its own stack: `no-output-weighting` (magnitudes fitted with all output rows
+  alike, as the paper: the default before 2026-12-07), `no-feedback` (besides, signs as the
+  paper takes them, sign(R), and 8 score windows: the default before 2026-11-29), `no-scale`,
+  `fp32-residual`, `rank4` (the official block shape: rank 4 everywhere, no feedback, no
+  output weighting), evaluated with importance order, and `rank4` with uniform order (the
+  official configuration);
 - RTN at 3 and 4 bits (group 128 sym/asym, per-channel sym), bytes = 16-bit base + packed
   codes + fp16 scales + packed zeros.
 
@@ -38,20 +40,29 @@ LEVELS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16)
 ABLATION_BUDGETS_MB = (88, 104, 110, 120, 151, 182)
 VARIANTS = {
     "importance": BitStackConfig(),
-    "no-feedback": BitStackConfig(feedback=False, score_samples=8),
+    # The default before 2026-12-07: magnitudes fitted with every output row alike.
+    "no-output-weighting": BitStackConfig(output_weighting=0),
+    "no-feedback": BitStackConfig(feedback=False, score_samples=8, output_weighting=0),
     # The importance estimate with its token-wise correction (`--token-weighting`): the same
     # blocks as `importance`, another order.
     "token-weighting": BitStackConfig(token_weighting=True),
     "no-scale": BitStackConfig(scale=False),
     "fp32-residual": BitStackConfig(residual="fp32"),
-    "rank4": BitStackConfig(rank=4, feedback=False, score_samples=8),
+    "rank4": BitStackConfig(rank=4, feedback=False, score_samples=8, output_weighting=0),
     # Block size: bits per weight of each residual block (default 1.25), the ranks per shape
     # following it; run on purpose (`--variants block-bits-1.125,...`), not by default.
     "block-bits-1.125": BitStackConfig(block_bits=1.125),
     "block-bits-1.5": BitStackConfig(block_bits=1.5),
     "block-bits-2": BitStackConfig(block_bits=2.0),
 }
-DEFAULT_VARIANTS = ("importance", "no-feedback", "no-scale", "fp32-residual", "rank4")
+DEFAULT_VARIANTS = (
+    "importance",
+    "no-output-weighting",
+    "no-feedback",
+    "no-scale",
+    "fp32-residual",
+    "rank4",
+)
 # The official BitStack code on this model as the issue reports it (rank 4, 16 blocks, uniform
 # allocation, 64 x 512 wiki calibration; its evaluation windows give fp32 15.7, ours 15.05).
 OFFICIAL = [(88e6, 3539), (104e6, 289), (120e6, 52), (151e6, 25), (182e6, 21)]
@@ -230,6 +241,7 @@ def _report(results: dict, work: Path) -> None:
     labels = {
         "importance": "memtool BitStack (default)",
         "importance-uniform": "same blocks, uniform allocation",
+        "no-output-weighting": "rows fitted alike (default before 2026-12-07)",
         "no-feedback": "without sign feedback (default before 2026-11-29)",
         "rank4-uniform": "official config (rank 4, uniform), rerun here",
         "no-scale": "no activation scaling",

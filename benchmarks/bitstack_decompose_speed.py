@@ -4,10 +4,10 @@ The official code decomposes each scaled linear with one full SVD of `|R|` per b
 and subtracts the unrounded factors (`decompose_weight` in its `BitStackLinear`). memtool runs
 that same procedure with `BitStackConfig(exact_svd=True, residual="fp32")`, rank 4 and no sign
 feedback, so the two decompositions differ only in what memtool does differently: randomized
-SVD (4 power iterations), the fp16 residual, ranks per shape, and sign feedback (the default)
-or sign(R) (`--no-feedback`). Each compression runs in its own child process, the variants
-alternating for `--rounds` rounds, on smollm2-135m with 64 x 512 `wiki` calibration windows;
-times are the compressions' own phases.
+SVD (4 power iterations), the fp16 residual, ranks per shape, output weighting, and sign
+feedback (the default) or sign(R) (`--no-feedback`). Each compression runs in its own child
+process, the variants alternating for `--rounds` rounds, on smollm2-135m with 64 x 512 `wiki`
+calibration windows; times are the compressions' own phases.
 
 Usage: python benchmarks/bitstack_decompose_speed.py --work /tmp/bs-speed [--rounds 2]
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 
 VARIANTS = {
     "official procedure": "rank=4, feedback=False, exact_svd=True, residual='fp32', "
-    "order='uniform', score_samples=8",
+    "order='uniform', score_samples=8, output_weighting=0",
     "memtool default": "",
     "memtool --no-feedback": "feedback=False, score_samples=8",
 }

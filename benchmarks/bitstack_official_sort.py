@@ -40,12 +40,13 @@ from memtool.models.layers import decoder_layers
 from memtool.ops.reference import bitstack_reconstruct
 
 STACKS = {
-    # The official block shape (rank 4 everywhere, signs sign(R)): the configuration.
-    "rank4": BitStackConfig(rank=4, feedback=False, score_samples=8),
+    # The official block shape (rank 4 everywhere, signs sign(R), every output row fitted
+    # alike): the configuration.
+    "rank4": BitStackConfig(rank=4, feedback=False, score_samples=8, output_weighting=0),
     "default": BitStackConfig(),
     # The same blocks ordered with the token-wise corrected estimate (`--token-weighting`).
     "rank4-token-weighting": BitStackConfig(
-        rank=4, feedback=False, score_samples=8, token_weighting=True
+        rank=4, feedback=False, score_samples=8, token_weighting=True, output_weighting=0
     ),
     "default-token-weighting": BitStackConfig(token_weighting=True),
 }

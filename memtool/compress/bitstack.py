@@ -189,31 +189,25 @@ def decompose(
         raise MemtoolError(f"residual must be fp16 or fp32, got {residual!r}")
     rest = weight.detach().float().clone()
     errors = [error(rest)] if error is not None else []
+    weight_col = None
     if row_weight is not None:
         # Decompose diag(t) W: the magnitude fit favours the rows that count most; each
         # block's u is stored divided by t, which scales the block's rows back exactly.
         weight_col = row_weight.float().view(-1, 1)
         rest.mul_(weight_col)
-        inner = error
-        if inner is not None:
-            square = weight_col.view(-1).double().square()
-
-            def error(r: Tensor, rows: Tensor | None = None) -> float:
-                if rows is None:
-                    return inner(r / weight_col)
-                return inner(r / weight_col, rows / square)
-
+        if error is not None:
+            error = _unweighted(error, weight_col)
     blocks = []
     for _ in range(niter):
         rows = None  # with feedback: each row's output error under the dampened Hessian
         u, v = low_rank(rest.abs(), rank, exact_svd)
-        if row_weight is not None:
-            u16, v16 = (u / weight_col).to(FACTOR_DTYPE), v.to(FACTOR_DTYPE)
-            u = u16.float() * weight_col if residual == "fp16" else u
-            magnitude = (u @ v16.float().T) if residual == "fp16" else (u @ v.T)
+        stored_u = u if weight_col is None else u / weight_col
+        u16, v16 = stored_u.to(FACTOR_DTYPE), v.to(FACTOR_DTYPE)
+        if residual == "fp16":
+            back = u16.float() if weight_col is None else u16.float() * weight_col
+            magnitude = back @ v16.float().T
         else:
-            u16, v16 = u.to(FACTOR_DTYPE), v.to(FACTOR_DTYPE)
-            magnitude = (u16.float() @ v16.float().T) if residual == "fp16" else (u @ v.T)
+            magnitude = u @ v.T
         if hinv_upper is None:
             blocks.append(Block(pack_signs(rest), u16.contiguous(), v16.contiguous()))
             # sign(R) with zeros as +1, applied without materialising S.
@@ -227,3 +221,16 @@ def decompose(
         if error is not None:
             errors.append(error(rest) if rows is None else error(rest, rows))
     return blocks, errors
+
+
+def _unweighted(error: Callable[..., float], weight_col: Tensor) -> Callable[..., float]:
+    """`error` for residuals of `diag(t) W`: shown the residual, and the feedback's row errors,
+    of `W` itself."""
+    square = weight_col.view(-1).double().square()
+
+    def unweighted(residual: Tensor, rows: Tensor | None = None) -> float:
+        if rows is None:
+            return error(residual / weight_col)
+        return error(residual / weight_col, rows / square)
+
+    return unweighted
