@@ -168,8 +168,8 @@ class BitStackConfig:
     token_weighting: bool = False
     # Fit each block's magnitudes with every output row weighted by its importance to the loss,
     # `sqrt(fisher)` raised to this power (0: all rows alike, as the paper): on smollm2-135m
-    # with wiki calibration, power 1 lowered wiki perplexity at 104-151 MB by 2-12% and code's
-    # by 2-28% (BENCHMARKS.md). Needs the score windows' output gradients.
+    # with wiki calibration, power 1 lowered wiki perplexity at 88-182 MB by 1-12% and code's
+    # by 1-28% (BENCHMARKS.md). Needs the score windows' output gradients.
     output_weighting: float = 1.0
     scale: bool = True  # activation-aware input scaling
     residual: str = "fp16"  # subtract the stored fp16 factors ("fp32": the unrounded ones)
