@@ -162,9 +162,9 @@ class BitStackConfig:
     order: str = "importance"  # or "uniform" (level by level)
     # Correct each linear's importance estimate by how its output gradients and inputs
     # correlate across tokens (`token_correlation`; K-FAC assumes they do not). Off by default:
-    # on smollm2-135m with wiki calibration it lowers wiki perplexity at every size (by 2-4%
-    # at 104-120 MB) but raises code's (by 4-25% there); with `mixed` calibration wiki fell
-    # by 3-23% and code fell or stayed within 1% (BENCHMARKS.md).
+    # on smollm2-135m with wiki calibration it lowers wiki perplexity (by 1-19% at 88-151 MB)
+    # but raises code's (by 4-21% at 104-120 MB); with `mixed` calibration it gives the only
+    # stack measured below per-channel 4-bit RTN on both texts (BENCHMARKS.md).
     token_weighting: bool = False
     # Fit each block's magnitudes with every output row weighted by its importance to the loss,
     # `sqrt(fisher)` raised to this power (0: all rows alike, as the paper): on smollm2-135m
