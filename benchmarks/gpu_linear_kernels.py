@@ -16,6 +16,10 @@ output's memory poisoned with NaN first (so an unwritten element shows):
   1-6 blocks, ranks 2-16 (padded to 16), widths that are not multiples of 8 or of the tiles,
   float16 and float32 factors, the same activation dtypes, rows and tolerances (both paths
   round the weight for half-precision activations).
+- BitStack's sign feedback (`memtool.ops.triton.sign_feedback`, the block loop of
+  `memtool.compress.bitstack.feedback_signs`) against its Python loop on the CPU: at most 1e-4
+  of the signs may differ (a fused multiply-add can flip a residual within a rounding of zero),
+  row errors within 1e-3; timed against the Python loop on CUDA tensors for 7B-shaped layers.
 - A model: a SmolLM2-135M-shaped Llama (random weights) with every decoder linear replaced by
   `GPTQLinear` (RTN 4-bit g128) gives the same logits on CUDA through Triton as on the CPU
   through the reference (float32), and greedy decoding time is compared with the float16 model.
@@ -189,6 +193,63 @@ def check_bitstack(device: torch.device) -> None:
                 check_one(f"BitStack {n}x{k} r{rank} b{blocks} {str(factor_dtype)[6:]} factors",
                           triton_bitstack_linear, bitstack_args(layer, k), x, weight_t, bias,
                           path, True, reference.bitstack_linear)  # fmt: skip
+
+
+def feedback_problem(out_features: int, in_features: int, gen: torch.Generator):
+    """A residual, its rank-8 magnitudes and a correlated inputs' inverse Hessian factor."""
+    from memtool.compress.hessian import inverse_hessian_factor
+
+    rest = torch.randn(out_features, in_features, generator=gen)
+    magnitude = rest.abs() * (0.5 + torch.rand(out_features, in_features, generator=gen))
+    mixing = torch.randn(in_features, in_features, generator=gen) / 8 + torch.eye(in_features)
+    inputs = torch.randn(2 * in_features, in_features, generator=gen) @ mixing
+    hinv_upper, _ = inverse_hessian_factor(inputs.T @ inputs, 0.3, 1.0)
+    return rest, magnitude, hinv_upper
+
+
+def check_sign_feedback(device: torch.device) -> None:
+    """BitStack's sign feedback through the Triton block loop against the Python loop (the
+    specification) on the CPU. Whether the update is one fused multiply-add may differ, so a
+    residual within a rounding of zero may take the other sign: at most 1e-4 of the signs may
+    differ, and the row errors must agree within 1e-3."""
+    from memtool.compress.bitstack import feedback_signs
+
+    gen = torch.Generator().manual_seed(3)
+    cases = [(576, 576), (1536, 576), (130, 200)] if device.type == "cuda" else [(70, 150)]
+    for out_features, in_features in cases:
+        rest, magnitude, hinv_upper = feedback_problem(out_features, in_features, gen)
+        rows = torch.zeros(out_features)
+        expected = feedback_signs(rest, magnitude, hinv_upper, loop="python", row_error=rows)
+        got_rows = torch.zeros(out_features, device=device)
+        got = feedback_signs(rest.to(device), magnitude.to(device), hinv_upper.to(device),
+                             loop="triton", row_error=got_rows).cpu()  # fmt: skip
+        differ = float((got != expected).float().mean())
+        error = float(((got_rows.cpu() - rows).abs() / rows.abs().clamp_min(1e-12)).max())
+        check(f"sign feedback {out_features}x{in_features}", differ <= 1e-4 and error <= 1e-3,
+              f"{differ:.1e} of signs differ, row errors within {error:.1e}")  # fmt: skip
+
+
+def time_sign_feedback(device: torch.device, results: list) -> None:
+    """One block's signs for a 7B-shaped layer: the Triton block loop against the Python loop
+    on the same CUDA tensors (what ran on GPUs before), each including the inter-block updates
+    (cuBLAS) they share."""
+    from memtool.compress.bitstack import feedback_signs
+
+    gen = torch.Generator().manual_seed(4)
+    for out_features, in_features in ((4096, 4096), (11008, 4096), (1536, 576)):
+        problem = [t.to(device) for t in feedback_problem(out_features, in_features, gen)]
+        row = {"kernel": "sign feedback", "shape": f"{out_features}x{in_features}"}
+        for loop in ("triton", "python"):
+            feedback_signs(*problem, loop=loop)  # warm-up: compilation
+            torch.cuda.synchronize()
+            began = time.perf_counter()
+            feedback_signs(*problem, loop=loop)
+            torch.cuda.synchronize()
+            row[f"{loop}_ms"] = (time.perf_counter() - began) * 1e3
+        results.append(row)
+        print(f"sign feedback {row['shape']}: triton {row['triton_ms']:.1f} ms, python loop "
+              f"{row['python_ms']:.1f} ms ({row['python_ms'] / row['triton_ms']:.1f}x)",
+              flush=True)  # fmt: skip
 
 
 # --- a model --------------------------------------------------------------------------------
@@ -441,6 +502,7 @@ def main() -> None:
     began = time.perf_counter()
     check_gptq(device)
     check_bitstack(device)
+    check_sign_feedback(device)
     print(f"kernel checks: {time.perf_counter() - began:.0f} s", flush=True)
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     if device.type == "cuda":
@@ -449,6 +511,8 @@ def main() -> None:
         results: list[dict] = []
         time_gptq(device, args.sweep, results)
         time_bitstack(device, args.sweep, results)
+        report["sign_feedback"] = []
+        time_sign_feedback(device, report["sign_feedback"])
         report["timings"] = results
         summary(results)
         if GRAPHS:

@@ -35,6 +35,7 @@ What memtool does differently, and why:
   smollm2-135m wiki perplexity at 104 MB falls from 94 to 40 (BENCHMARKS.md).
 """
 
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -95,12 +96,23 @@ def low_rank(magnitude: Tensor, rank: int, exact: bool) -> tuple[Tensor, Tensor]
     return left[:, :rank] * root, right[:, :rank] * root
 
 
+FEEDBACK_LOOPS = ("python", "cpu", "triton")
+
+
+def _feedback_loop(device: torch.device) -> str:
+    if device.type == "cpu" and cpu_kernel_status()[0]:
+        return "cpu"
+    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+        return "triton"
+    return "python"
+
+
 def feedback_signs(
     rest: Tensor,
     magnitude: Tensor,
     hinv_upper: Tensor,
     block_size: int = 128,
-    native: bool | None = None,
+    loop: str | None = None,
     row_error: Tensor | None = None,
 ) -> Tensor:
     """Signs `[out, in]` (±1) for `magnitude` chosen column by column with GPTQ's error feedback.
@@ -111,17 +123,23 @@ def feedback_signs(
     block minimises the layer's output error on the calibration inputs rather than the weight
     error. `sign(R)` (no feedback) is the special case of a diagonal Hessian.
 
-    The loop within each block of columns is this function's Python code below (the
-    specification) or, where memtool's native CPU kernels run (`native=None`: CPU tensors and
-    a kernel that builds here), the same loop in C++ (`memtool/ops/cpu/sign_feedback.cpp`).
+    The loop within each block of columns (`loop`) is this function's Python code below
+    (`"python"`, the specification), the same loop in C++ (`"cpu"`,
+    `memtool/ops/cpu/sign_feedback.cpp`) or in Triton (`"triton"`,
+    `memtool/ops/triton/sign_feedback.py`). None picks: C++ for CPU tensors where memtool's
+    native kernels build, Triton for CUDA tensors where triton is installed, else Python.
 
     `row_error` (`[out]`, optional) gets each row's output error under the dampened Hessian
     added to it: with `U` the upper factor (`H⁻¹ = UᵀU`), the block leaves `R - S ⊙ M = Err U`
     (Err the scaled per-column errors below), so `(R - S⊙M) H (R - S⊙M)ᵀ = Err Errᵀ`: a sum of
     squares the loop has already computed, where the direct product costs `out x in x in`.
     """
-    if native is None:
-        native = rest.device.type == "cpu" and cpu_kernel_status()[0]
+    loop = loop or _feedback_loop(rest.device)
+    if loop not in FEEDBACK_LOOPS:
+        choices = ", ".join(FEEDBACK_LOOPS)
+        raise MemtoolError(f"sign feedback loop {loop!r}: choose one of {choices}")
+    if loop == "triton":
+        from memtool.ops.triton.sign_feedback import triton_sign_feedback_block
     wt = rest.T.contiguous()  # an input column per row: contiguous per-column steps
     mt = magnitude.T.contiguous()
     in_features, out_features = wt.shape
@@ -130,8 +148,12 @@ def feedback_signs(
         stop = min(start + block_size, in_features)
         hinv_block = hinv_upper[start:stop, start:stop].contiguous()
         err_block = torch.empty(stop - start, out_features, device=rest.device)
-        if native:
+        if loop == "cpu":
             torch.ops.memtool_cpu.sign_feedback_block(
+                wt[start:stop], mt[start:stop], hinv_block, negative[start:stop], err_block
+            )
+        elif loop == "triton":
+            triton_sign_feedback_block(
                 wt[start:stop], mt[start:stop], hinv_block, negative[start:stop], err_block
             )
         else:

@@ -497,8 +497,8 @@ def test_default_score_windows_are_capped_at_the_calibration_windows(
 
 
 @pytest.mark.parametrize("weighted", [False, True])
-@pytest.mark.parametrize("native", [False, True])
-def test_feedback_row_errors_give_the_direct_loss_estimate(native, weighted, monkeypatch):
+@pytest.mark.parametrize("loop", ["python", "cpu"])
+def test_feedback_row_errors_give_the_direct_loss_estimate(loop, weighted, monkeypatch):
     """The estimate after each feedback block, from the loop's own per-column errors, equals
     the one the Hessian product gives (dead input columns and row divisors included)."""
     import memtool.compress.bitstack as bitstack
@@ -509,10 +509,10 @@ def test_feedback_row_errors_give_the_direct_loss_estimate(native, weighted, mon
         loss_estimator,
     )
 
-    if native and not bitstack.cpu_kernel_status()[0]:
+    if loop == "cpu" and not bitstack.cpu_kernel_status()[0]:
         pytest.skip("native CPU kernels do not build here")
     real = bitstack.feedback_signs
-    monkeypatch.setattr(bitstack, "feedback_signs", lambda *a, **k: real(*a, **k, native=native))
+    monkeypatch.setattr(bitstack, "feedback_signs", lambda *a, **k: real(*a, **k, loop=loop))
     torch.manual_seed(3)
     inputs = torch.randn(300, 40) @ (torch.randn(40, 40) / 6 + torch.eye(40))
     inputs[:, 7] = 0  # never active: a dead column, which the feedback treats apart

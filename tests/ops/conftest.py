@@ -27,7 +27,8 @@ def run_interpreted(tmp_path_factory) -> Callable[[list[dict]], list[dict]]:
     where `op` is `"gptq_linear"` (the default when absent), `"triton_gptq_linear"` (the Triton
     entry point, taking `path` and `tiles` as a tuple), `"triton_dequantize_gptq"`,
     `"bitstack_linear"`, `"triton_bitstack_linear"` (taking `path`), `"pack_activation"`,
-    `"unpack_activation"` (its `packed` given as a dict of `Packed`'s fields) or `"adamw_step"`;
+    `"unpack_activation"` (its `packed` given as a dict of `Packed`'s fields), `"adamw_step"` or
+    `"feedback_signs"` (BitStack's sign feedback with `loop="triton"`: signs and row errors);
     each result is `{"out": ..., "backend": str}` or `{"error": str}` (a `MemtoolError` message).
     `out` is the op's tensor, a `Packed` as a dict of its fields, or for `adamw_step` the
     updated buffers by argument name (see interpret_worker.py). Skips when triton is not

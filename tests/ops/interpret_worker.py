@@ -82,6 +82,16 @@ def _bitstack_path(kwargs: dict, backend: str):
     return triton_bitstack_linear(**kwargs), KernelBackend.TRITON
 
 
+def _feedback(kwargs: dict, backend: str):
+    """BitStack's sign feedback through its Triton block loop; its signs and row errors."""
+    from memtool.compress.bitstack import feedback_signs
+    from memtool.ops import KernelBackend
+
+    row_error = torch.zeros(kwargs["rest"].shape[0])
+    signs = feedback_signs(**kwargs, loop="triton", row_error=row_error)
+    return {"signs": signs, "row_error": row_error}, KernelBackend.TRITON
+
+
 OPS = {
     "gptq_linear": _linear(gptq_linear),
     "triton_bitstack_linear": _bitstack_path,
@@ -91,6 +101,7 @@ OPS = {
     "pack_activation": _pack,
     "unpack_activation": _unpack,
     "adamw_step": _adamw,
+    "feedback_signs": _feedback,
 }
 
 
