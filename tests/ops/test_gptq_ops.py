@@ -175,7 +175,13 @@ def test_auto_picks_triton_under_the_interpreter(kernel_results):
     assert_close_relative(result["out"], expected_output(job), FP32_RTOL)
     job, result = kernel_results["auto-bf16"]
     assert result["backend"] == "reference"
-    assert torch.equal(result["out"], expected_output(job))
+    # The same reference code in two processes: its float32 GEMM can take another kernel path
+    # for differently aligned inputs (the child's come from torch.load; on an AVX-512 Xeon 1
+    # of these 384 outputs differed), and a last-bit difference can round to the neighbouring
+    # bfloat16 value.
+    expected = expected_output(job)
+    torch.testing.assert_close(result["out"], expected, rtol=2**-7, atol=1e-6)
+    assert (result["out"] != expected).float().mean() <= 0.01
 
 
 def test_triton_on_plain_cpu_is_an_error_not_a_fallback(monkeypatch):
