@@ -14,8 +14,15 @@ byte the model holds (16-bit embeddings and norms included), as BitStack budgets
   `fp32-residual`, `rank4` (the official block shape: rank 4 everywhere, no feedback, no
   output weighting), evaluated with importance order, and `rank4` with uniform order (the
   official configuration);
+- `mixed-token-weighting`: `--calib mixed --token-weighting` (32 wiki + 32 code calibration
+  windows; README's configuration for a model serving both), run on purpose (`--variants`);
 - RTN at 3 and 4 bits (group 128 sym/asym, per-channel sym), bytes = 16-bit base + packed
-  codes + fp16 scales + packed zeros.
+  codes + fp16 scales + packed zeros;
+- GPTQ at 3 and 4 bits, group 128, as `memtool compress --method gptq --bits B` runs it
+  (symmetric, act-order groups, 128 x 512 `wiki` calibration windows), bytes as RTN's plus the
+  layout's int32 `g_idx` per input column.
+
+`curve.png` draws wiki perplexity, `curve_code.png` code perplexity.
 
 Usage: python benchmarks/bitstack_curve.py --work /tmp/bitstack-bench [--windows 16]
 """
@@ -30,7 +37,7 @@ import torch
 from resumable import open_results
 
 from memtool import load_model
-from memtool.compress import BitStackConfig, CalibrationConfig, RTNConfig, compress
+from memtool.compress import BitStackConfig, CalibrationConfig, GPTQConfig, RTNConfig, compress
 from memtool.data import evaluation_windows
 from memtool.formats.bitstack_linear import BitStackLinear
 from memtool.metrics import perplexity
@@ -54,7 +61,10 @@ VARIANTS = {
     "block-bits-1.125": BitStackConfig(block_bits=1.125),
     "block-bits-1.5": BitStackConfig(block_bits=1.5),
     "block-bits-2": BitStackConfig(block_bits=2.0),
+    # Calibrated on both evaluation texts (see VARIANT_CALIBRATION).
+    "mixed-token-weighting": BitStackConfig(token_weighting=True),
 }
+VARIANT_CALIBRATION = {"mixed-token-weighting": "mixed"}  # the others: wiki
 DEFAULT_VARIANTS = (
     "importance",
     "no-output-weighting",
@@ -74,6 +84,7 @@ RTN = (
     (4, 128, False),
     (4, -1, True),
 )
+GPTQ_BITS = (3, 4)
 
 
 def _ppl(model, ids, batch_size: int) -> float:
@@ -102,6 +113,15 @@ def _rtn_bytes(loaded, bits: int, group: int) -> int:
         elif name != "lm_head.weight" or not loaded.model.config.tie_word_embeddings:
             total += tensor.numel() * 2
     return int(total)
+
+
+def _g_idx_bytes(loaded) -> int:
+    """The GPTQ layout's int32 group index per input column of every quantized linear."""
+    return sum(
+        4 * tensor.shape[1]
+        for name, tensor in loaded.model.state_dict().items()
+        if ".layers." in name and name.endswith("proj.weight")
+    )
 
 
 def main() -> None:
@@ -139,7 +159,7 @@ def main() -> None:
             summary, _, _ = compress(
                 None,
                 VARIANTS[name],
-                CalibrationConfig(n_samples=64, seq_len=512),
+                CalibrationConfig(VARIANT_CALIBRATION.get(name, "wiki"), 64, seq_len=512),
                 output=folder,
                 overwrite=True,
                 show_progress=False,
@@ -200,6 +220,22 @@ def main() -> None:
         }
         save()
         print("rtn", key, rtn[key], flush=True)
+    gptq = results.setdefault("gptq", {})
+    for bits in GPTQ_BITS:
+        key = f"{bits}-bit g128 sym act-order"
+        if key in gptq:
+            continue
+        began = time.perf_counter()
+        _, _, fake = compress(None, GPTQConfig(bits, 128, True), show_progress=False)
+        gptq[key] = {
+            "bytes": _rtn_bytes(fake, bits, 128) + _g_idx_bytes(fake),
+            "seconds": time.perf_counter() - began,
+            "wiki": _ppl(fake.model, wiki.input_ids, args.batch_size),
+            "code": _ppl(fake.model, code.input_ids, args.batch_size),
+        }
+        del fake
+        save()
+        print("gptq", key, gptq[key], flush=True)
     _report(results, args.work)
 
 
@@ -219,15 +255,19 @@ def _report(results: dict, work: Path) -> None:
     ]
     series = {}
     for name, entry in results.items():
-        if name in ("fp32", "rtn"):
+        if name in ("fp32", "rtn", "gptq"):
             continue
         points = sorted(entry.get("points", {}).values(), key=lambda p: p["bytes"])
-        series[name] = [(p["bytes"], p["wiki"]) for p in points]
+        series[name] = points
         for p in points:
             code = f"{p['code']:.2f}" if "code" in p else ""
             lines.append(f"| {name} | {p['bytes'] / 1e6:.1f} | {p['wiki']:.2f} | {code} |")
-    for key, p in results.get("rtn", {}).items():
-        lines.append(f"| RTN {key} | {p['bytes'] / 1e6:.1f} | {p['wiki']:.2f} | {p['code']:.2f} |")
+    for method in ("rtn", "gptq"):
+        for key, p in results.get(method, {}).items():
+            lines.append(
+                f"| {method.upper()} {key} | {p['bytes'] / 1e6:.1f} | {p['wiki']:.2f} "
+                f"| {p['code']:.2f} |"
+            )
     for name, entry in results.items():
         if "compress" in entry:
             c = entry["compress"]
@@ -245,17 +285,21 @@ def _report(results: dict, work: Path) -> None:
         "no-feedback": "without sign feedback (default before 2026-11-29)",
         "rank4-uniform": "official config (rank 4, uniform), rerun here",
         "no-scale": "no activation scaling",
+        "mixed-token-weighting": "memtool BitStack --calib mixed --token-weighting",
     }
-    picture = {
-        labels[name]: [(b, p) for b, p in points if b <= 2.3e8]
-        for name, points in series.items()
-        if name in labels
-    }
-    picture["official code (issue's numbers, its windows: fp32 15.7)"] = OFFICIAL
-    for key, p in results.get("rtn", {}).items():
-        picture[f"RTN {key}"] = [(p["bytes"], p["wiki"])]
-    title = "smollm2-135m: wiki perplexity vs weight bytes"
-    plot_perplexity_vs_bytes(picture, work / "curve.png", title)
+    for text, file in (("wiki", "curve.png"), ("code", "curve_code.png")):
+        picture = {
+            labels[name]: [(p["bytes"], p[text]) for p in points if p["bytes"] <= 2.3e8]
+            for name, points in series.items()
+            if name in labels and all(text in p for p in points)
+        }
+        if text == "wiki":
+            picture["official code (issue's numbers, its windows: fp32 15.7)"] = OFFICIAL
+        for method in ("rtn", "gptq"):
+            for key, p in results.get(method, {}).items():
+                picture[f"{method.upper()} {key}"] = [(p["bytes"], p[text])]
+        title = f"smollm2-135m: {text} perplexity vs weight bytes"
+        plot_perplexity_vs_bytes(picture, work / file, title)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Pictures of perplexity against bytes (matplotlib, an optional extra: `memtool[plot]`)."""
 
+import itertools
 from pathlib import Path
 
 from memtool.atomic import atomic_file
@@ -31,9 +32,16 @@ def plot_perplexity_vs_bytes(
             "--plot needs matplotlib: pip install 'memtool[plot]' (or pip install matplotlib)"
         ) from None
     figure, axes = pyplot.subplots(figsize=(7, 4.5))
-    for label, points in series.items():
+    # Colours repeat after ten series; curves and single points also differ in marker shape,
+    # so no two series of a crowded picture look alike.
+    shapes = itertools.cycle("o^sDvP*Xph")
+    for index, (label, points) in enumerate(series.items()):
         points = sorted(points)
-        style = {"marker": "o", "linestyle": "none"} if len(points) == 1 else {"marker": "."}
+        shape = next(shapes)
+        if len(points) == 1:
+            style = {"marker": shape, "linestyle": "none", "markersize": 7}
+        else:
+            style = {"marker": shape if index >= 10 else ".", "markersize": 4}
         axes.plot([b / 1e6 for b, _ in points], [p for _, p in points], label=label, **style)
     if frontier:
         points = sorted(frontier)
