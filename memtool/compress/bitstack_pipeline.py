@@ -7,6 +7,7 @@ per decoder layer of smollm2-135m) are the only calibration state kept.
 
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 
@@ -192,12 +193,16 @@ def _row_weight(fisher: torch.Tensor | None, scaling: Scaling, power: float):
     mean; None without Fisher or at power 0.
 
     Floored at 1% of the mean so that a row no score window's gradient reached keeps a finite
-    factor (its `u` is stored divided by the weight)."""
+    factor (its `u` is stored divided by the weight). Normalised in log space, so that a large
+    power cannot overflow float32; None also where no row got any gradient."""
     if fisher is None or power == 0:
         return None
     rows = fisher if scaling.row_divisor is None else fisher * scaling.row_divisor.pow(2)
-    weight = rows.sqrt().pow(power)
-    return (weight / weight.mean()).clamp_min(1e-2)
+    if not bool((rows > 0).any()):
+        return None
+    log_weight = rows.double().log() * (power / 2)  # -inf for rows without gradient
+    log_mean = torch.logsumexp(log_weight, dim=0) - math.log(rows.numel())
+    return (log_weight - log_mean).exp().float().clamp_min(1e-2)
 
 
 def _storage_dtype(loaded: LoadedModel) -> torch.dtype:

@@ -1,5 +1,6 @@
 """Compression configs: one dataclass per method, validated in one place."""
 
+import math
 from dataclasses import dataclass
 
 from memtool.compress.precision import check_compute_dtype
@@ -221,8 +222,10 @@ class BitStackConfig:
                 "--feedback needs the input Hessians of the score windows: set --score-samples "
                 "to 1 or more, or pass --no-feedback"
             )
-        if self.output_weighting < 0:
-            raise MemtoolError(f"--output-weighting {self.output_weighting} must be 0 or more")
+        if not self.output_weighting >= 0 or math.isinf(self.output_weighting):  # NaN too
+            raise MemtoolError(
+                f"--output-weighting {self.output_weighting} must be a finite number, 0 or more"
+            )
         if self.output_weighting > 0 and self.score_samples == 0:
             raise MemtoolError(
                 "--output-weighting needs the output gradients of the score windows: set "

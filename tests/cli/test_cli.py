@@ -226,6 +226,7 @@ def test_compress_cli_writes_and_measure_reads(tiny_llama_dir, text_file, tmp_pa
         (["--method", "bitstack", "--score-samples", 0], "--feedback needs the input Hessians"),
         (["--method", "bitstack", "--damp-percent", 0], "--damp-percent 0"),
         (["--method", "bitstack", "--output-weighting", -1], "--output-weighting -1.0 must be"),
+        (["--method", "bitstack", "--output-weighting", "nan"], "--output-weighting nan must be"),
         (
             ["--method", "bitstack", "--score-samples", 0, "--no-feedback"],
             "--output-weighting needs the output gradients",

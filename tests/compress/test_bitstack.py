@@ -487,6 +487,23 @@ def test_output_weighting_weights_each_row_by_its_share_of_the_estimate(
     assert meta["settings"]["output_weighting"] == power
 
 
+def test_row_weights_survive_large_powers_and_rows_without_gradient():
+    from memtool.compress.bitstack_pipeline import _row_weight
+    from memtool.compress.bitstack_scaling import Scaling
+
+    scaling = Scaling(torch.ones(4), explicit=False)
+    fisher = torch.tensor([1e-12, 1.0, 4.0, 0.0])
+    # Power 300: sqrt(4) ** 300 overflows float32; the weights span 10**1890, past float64.
+    weight = _row_weight(fisher, scaling, 300.0)
+    assert torch.isfinite(weight).all()
+    torch.testing.assert_close(weight, torch.tensor([1e-2, 1e-2, 4.0, 1e-2]))
+    # Power 1: sqrt(f) over its mean; the row without gradient floored at 1% of the mean.
+    expected = torch.tensor([1e-6, 1.0, 2.0, 0.0]) / (3.000001 / 4)
+    torch.testing.assert_close(_row_weight(fisher, scaling, 1.0), expected.clamp_min(1e-2))
+    assert _row_weight(torch.zeros(4), scaling, 1.0) is None  # no gradient reached the layer
+    assert _row_weight(fisher, scaling, 0.0) is None
+
+
 def test_default_score_windows_are_capped_at_the_calibration_windows(
     tiny_llama_dir, text_file, tmp_path
 ):
