@@ -10,6 +10,7 @@ import logging
 
 import pytest
 import torch
+from kernel_checks import assert_close_relative, assert_same_reference_bfloat16
 
 import memtool.ops as ops
 from memtool.errors import MemtoolError
@@ -29,12 +30,6 @@ def make_layer(out_features, in_features, rank, blocks, seed=0, dtype=torch.floa
     layer = random_bitstack_layer(out_features, in_features, rank, blocks, gen, dtype=dtype)
     packed = {"signs": layer.packed_signs, "u": layer.u, "v": layer.v, "in_features": in_features}
     return layer.signs, packed
-
-
-def assert_close_relative(actual, expected, rtol):
-    scale = expected.float().abs().max().clamp_min(1e-12)
-    error = (actual.float() - expected.float()).abs().max() / scale
-    assert error <= rtol, f"max error {error:.2e} relative to max |expected|, allowed {rtol:.0e}"
 
 
 # --- sign packing -------------------------------------------------------------------------
@@ -261,7 +256,7 @@ def test_auto_picks_triton_under_the_interpreter(kernel_results):
     assert_close_relative(result["out"], expected_output(job), FP32_RTOL)
     job, result = kernel_results["auto-bf16"]
     assert result["backend"] == "reference"
-    assert torch.equal(result["out"], expected_output(job))
+    assert_same_reference_bfloat16(result["out"], expected_output(job))
 
 
 # --- backend choice on plain CPU --------------------------------------------------------------
