@@ -11,10 +11,11 @@ def assert_close_relative(actual, expected, rtol):
 
 def assert_same_reference_bfloat16(actual, expected):
     """`actual`, a reference op's bfloat16 output from the interpreter's child process, against
-    `expected` computed here by the same code. Not bit for bit: the float32 GEMM inside can
-    take another kernel path for differently aligned inputs (the child's come from
-    `torch.load`; seen on an AVX-512 Xeon, 1 of 384 outputs), and a last-bit difference can
-    round to the neighbouring bfloat16 value. At most 1% of the outputs, one bfloat16 step."""
+    `expected` computed here by the same code. Not bit for bit: the float32 GEMM inside is not
+    reproducible across the two processes on every CPU (on an AVX-512 Xeon 1 of 384 outputs
+    differed; a BLAS may pick its kernel by the inputs' alignment, and the child's come from
+    `torch.load`), and a last-bit difference can round to the neighbouring bfloat16 value. At
+    most 1% of the outputs, one bfloat16 step."""
     assert actual.dtype == expected.dtype == torch.bfloat16
     torch.testing.assert_close(actual, expected, rtol=2**-7, atol=1e-6)
     assert (actual != expected).float().mean() <= 0.01
