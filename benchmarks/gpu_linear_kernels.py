@@ -196,7 +196,8 @@ def check_bitstack(device: torch.device) -> None:
 
 
 def feedback_problem(out_features: int, in_features: int, gen: torch.Generator):
-    """A residual, its rank-8 magnitudes and a correlated inputs' inverse Hessian factor."""
+    """A residual, magnitudes within 0.5-1.5x of its own, and the inverse Hessian factor of
+    correlated inputs."""
     from memtool.compress.hessian import inverse_hessian_factor
 
     rest = torch.randn(out_features, in_features, generator=gen)

@@ -35,7 +35,6 @@ What memtool does differently, and why:
   smollm2-135m wiki perplexity at 104 MB falls from 94 to 40 (BENCHMARKS.md).
 """
 
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -44,6 +43,7 @@ from torch import Tensor
 
 from memtool.errors import MemtoolError
 from memtool.formats.bitstack_pack import pack_signs
+from memtool.ops import triton_status
 from memtool.ops.cpu import cpu_kernel_status
 
 FACTOR_DTYPE = torch.float16
@@ -102,7 +102,7 @@ FEEDBACK_LOOPS = ("python", "cpu", "triton")
 def _feedback_loop(device: torch.device) -> str:
     if device.type == "cpu" and cpu_kernel_status()[0]:
         return "cpu"
-    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+    if device.type == "cuda" and triton_status(device)[0]:
         return "triton"
     return "python"
 
