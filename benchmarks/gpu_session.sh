@@ -15,8 +15,9 @@ python3 -c 'import torch, triton, transformers; print("torch", torch.__version__
 triton.__version__, "transformers", transformers.__version__)'
 status=0
 # Issue 6's target first (the inference kernels were last verified on an H200 on 2026-11-27).
-# 7B-shaped layers (hidden 4096): each row builds a 1.24B-parameter model on the host first
-# (~25 s), so the default rows are the ones the target is about; TRAIN_MODES picks others.
+# 7B-shaped layers (hidden 4096): each row copies a 1.24B-parameter model built once on the
+# host (rows took ~25 s when each built its own), and memtool's rows run before the peers';
+# the default rows are the ones the target is about; TRAIN_MODES picks others.
 modes=${TRAIN_MODES:-"plain (torch),transformers checkpointing,memtool MEMO planned,memtool MEMO a=0,memtool recompute full,memtool tokens no swap,memtool swap all"}
 date
 timeout "${TRAIN_LIMIT_S:-300}" python3 benchmarks/gpu_train_check.py --layers 4 --hidden 4096 \

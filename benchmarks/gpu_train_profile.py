@@ -14,6 +14,7 @@ not speed it up.
 """
 
 import argparse
+import copy
 import gzip
 import json
 import shutil
@@ -31,7 +32,7 @@ from torch.profiler import ProfilerActivity, profile, schedule
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from gpu_train_check import MEMTOOL_MODES, _config  # noqa: E402
+from gpu_train_check import MEMTOOL_MODES, _config, build_model  # noqa: E402
 
 from memtool.train.activation_swap import SavedTensorStore  # noqa: E402
 from memtool.train.activations import ActivationConfig  # noqa: E402
@@ -90,7 +91,7 @@ def _sync_reporter(seen: dict):
     return show
 
 
-def profile_mode(name: str, args, folder: Path, traces: Path | None) -> dict:
+def profile_mode(name: str, base, args, folder: Path, traces: Path | None) -> dict:
     changes, activations = MEMTOOL_MODES[name]
     holder: dict = {}
     syncs: dict = {}
@@ -121,7 +122,7 @@ def profile_mode(name: str, args, folder: Path, traces: Path | None) -> dict:
                      record_shapes=False, with_stack=False) as prof:  # fmt: skip
             holder["prof"] = prof
             train(
-                run, folder / name.replace(" ", "_"), from_config=folder / "model" / "config.json",
+                run, folder / name.replace(" ", "_"), model=copy.deepcopy(base),
                 device=args.device, show_progress=False, on_step=on_step, write_outputs=False,
                 activations=ActivationConfig(**activations) if activations else None,
             )  # fmt: skip
@@ -177,13 +178,13 @@ def main() -> None:
         return
     config = _config(args)
     rows = []
+    base = build_model(config)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        config.save_pretrained(folder / "model")
         ids = torch.randint(0, config.vocab_size, (args.seq_len * 8,))
         save_file({"input_ids": ids}, str(folder / "tokens.safetensors"))
         for name in (m.strip() for m in args.modes.split(",")):
-            rows.append(profile_mode(name, args, folder, args.traces))
+            rows.append(profile_mode(name, base, args, folder, args.traces))
             if args.device == "cuda":
                 torch.cuda.empty_cache()
     print("\n| mode | step wall | device busy | busy share | host in hooks |")

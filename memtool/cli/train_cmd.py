@@ -99,8 +99,6 @@ def train_command(
     result_holder = {}
 
     def action() -> tuple[dict, list[str]]:
-        if model is not None and from_config is not None:
-            raise MemtoolError("give a MODEL to fine-tune or --from-config, not both")
         config = TrainConfig(
             data=data,
             steps=steps,

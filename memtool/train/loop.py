@@ -96,7 +96,15 @@ class _StopFlag:
                 signal.signal(sig, handler)
 
 
-def _build_model(source: str | None, from_config: Path | None, seed: int) -> nn.Module:
+def _build_model(source: str | nn.Module | None, from_config: Path | None, seed: int) -> nn.Module:
+    if isinstance(source, nn.Module):
+        # A module built in Python (a benchmark's, built once for many runs): trained in place.
+        if not hasattr(source, "get_input_embeddings") or not hasattr(source, "config"):
+            raise MemtoolError(
+                f"model: a {type(source).__name__} is not a transformers causal LM; pass a "
+                "PreTrainedModel (AutoModelForCausalLM) or a model source"
+            )
+        return source.float()
     if from_config is not None:
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -114,15 +122,28 @@ def _build_model(source: str | None, from_config: Path | None, seed: int) -> nn.
     return load_model(source, dtype="float32").model
 
 
-def _tokenizer(source: str | None, from_config: Path | None, needed: bool):
+def _tokenizer(source: str | nn.Module | None, from_config: Path | None, needed: bool):
     from memtool.models.loader import load_tokenizer
 
+    if isinstance(source, nn.Module):
+        if needed:
+            raise MemtoolError(
+                "text data needs a tokenizer, and a model passed as a module has none: pass a "
+                "token file (.safetensors with input_ids) as data"
+            )
+        return None
     if from_config is not None and source is None:
         folder = from_config.parent if from_config.is_file() else from_config
         if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
             return load_tokenizer(folder)
         return load_tokenizer(None) if needed else None
     return load_tokenizer(source)
+
+
+def _source_name(source: str | nn.Module | None, from_config: Path | None) -> str:
+    if from_config is not None:
+        return str(from_config)
+    return f"<{type(source).__name__} module>" if isinstance(source, nn.Module) else str(source)
 
 
 def _windows(config: TrainConfig, tokenizer) -> torch.Tensor:
@@ -158,7 +179,7 @@ def train(
     config: TrainConfig,
     output: Path,
     *,
-    model: str | None = None,
+    model: str | nn.Module | None = None,
     from_config: Path | None = None,
     resume: Path | None = None,
     activations: ActivationConfig | None = None,
@@ -168,7 +189,11 @@ def train(
     on_step: Callable[[int, float], None] | None = None,
     write_outputs: bool = True,
 ) -> TrainResult:
-    """Train `model` (a source `load_model` accepts) or a fresh model from `from_config`.
+    """Train `model` or a fresh model from `from_config`.
+
+    `model` is a source `load_model` accepts, or a transformers causal LM module, trained in
+    place: made float32, moved to the device, its parameters updated (data must then be a token
+    file: a module brings no tokenizer). With several ranks each passes its own, equal module.
 
     Args:
         config: The run (`TrainConfig`); validated against the world size here.
@@ -188,6 +213,8 @@ def train(
     Raises:
         MemtoolError: bad settings or data, a damaged or mismatched checkpoint, a lost rank.
     """
+    if model is not None and from_config is not None:
+        raise MemtoolError("give a MODEL to fine-tune or --from-config, not both")
     if export_dtype not in DTYPES:
         raise MemtoolError(f"unknown export dtype {export_dtype!r}: use float32 or bfloat16")
     with process_group(device) as group:
@@ -223,7 +250,7 @@ def _run(config, output, group, source, from_config, resume, activations, export
     ckpt_root = output / "checkpoints"
     checkpoint: Path | None = None
     interrupted = False
-    source_name = str(from_config) if from_config is not None else str(source)
+    source_name = _source_name(source, from_config)
     stop = _StopFlag()
 
     def state(step: int) -> TrainerState:

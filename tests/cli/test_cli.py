@@ -418,6 +418,7 @@ def test_train_cli_fine_tunes_and_measure_reads_the_export(tiny_llama_dir, text_
         (["--resume", "{tmp}"], "no checkpoint in"),
         (["--activation-budget", "1KB"], "below the minimum"),
         (["--zero", "3", "--optimizer-bits", "8"], "8-bit optimizer states apply to --zero 0, 1"),
+        (["--from-config", "{tmp}"], "not both"),
     ],
 )
 def test_train_bad_input_exit_2_one_line(tiny_llama_dir, text_file, tmp_path, args, match):

@@ -376,3 +376,33 @@ def test_from_config_takes_a_config_file_of_any_name(tiny_run, tmp_path):
     for bad in (tmp_path / "notes.json", tmp_path / "missing.json", tmp_path):
         with pytest.raises(MemtoolError, match="--from-config"):
             train(config, tmp_path / "b", from_config=bad, show_progress=False)
+
+
+def test_a_module_passed_in_trains_like_its_config(tiny_run, tmp_path, plain):
+    """The Python API takes a built model (benchmarks build one and copy it per run)."""
+    config_json, tokens = tiny_run
+    torch.manual_seed(0)  # the seed `from_config` runs build with: the same initial weights
+    module = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_json.parent))
+    config = _config(data=str(tokens), zero=2)
+    result = train(config, tmp_path / "a", model=module, device="cpu", show_progress=False,
+                   export_dtype="float32")  # fmt: skip
+    torch.testing.assert_close(result.losses, plain[0], rtol=RTOL, atol=0)
+    # trained in place, and exported without a tokenizer
+    torch.testing.assert_close(module.lm_head.weight, plain[1].lm_head.weight, rtol=1e-4, atol=1e-5)
+    assert json.loads((result.checkpoint / "trainer.json").read_text())["source"] == (
+        "<LlamaForCausalLM module>"
+    )
+    assert not (result.model_dir / "tokenizer.json").exists()
+
+
+def test_a_module_passed_in_is_refused_where_it_cannot_apply(tiny_run, tmp_path, text_file):
+    config_json, tokens = tiny_run
+    module = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_json.parent))
+    config = _config(data=str(tokens), steps=1)
+    with pytest.raises(MemtoolError, match="not both"):
+        train(config, tmp_path / "a", model=module, from_config=config_json, show_progress=False)
+    with pytest.raises(MemtoolError, match="is not a transformers causal LM"):
+        train(config, tmp_path / "b", model=torch.nn.Linear(2, 2), show_progress=False)
+    with pytest.raises(MemtoolError, match="text data needs a tokenizer"):
+        text = _config(data=str(text_file), steps=1)
+        train(text, tmp_path / "c", model=module, show_progress=False)
