@@ -501,19 +501,21 @@ def main() -> None:
         print("this check needs a CUDA device (or --device cpu under TRITON_INTERPRET=1)")
         return
     began = time.perf_counter()
+    # The sign feedback first: it has not run on a GPU yet (the others passed on an H200).
+    check_sign_feedback(device)
+    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    if device.type == "cuda":
+        report["sign_feedback"] = []
+        time_sign_feedback(device, report["sign_feedback"])
     check_gptq(device)
     check_bitstack(device)
-    check_sign_feedback(device)
     print(f"kernel checks: {time.perf_counter() - began:.0f} s", flush=True)
-    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     if device.type == "cuda":
         if not args.skip_model:
             report["decode"] = check_model(device, args.new_tokens)
         results: list[dict] = []
         time_gptq(device, args.sweep, results)
         time_bitstack(device, args.sweep, results)
-        report["sign_feedback"] = []
-        time_sign_feedback(device, report["sign_feedback"])
         report["timings"] = results
         summary(results)
         if GRAPHS:
