@@ -53,3 +53,10 @@ def test_inference_kernel_checks_pass_in_the_interpreter(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "0 failed checks" in done.stdout
     assert "ok   sign feedback" in done.stdout
+
+
+def test_training_kernel_checks_pass_in_the_interpreter():
+    done = _run("gpu_train_kernels.py", "--device", "cpu", "--adamw-numel", 4096, "--rows", 64,
+                "--cols", 300, "--repeats", 2, interpret=True)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "FAIL" not in done.stdout and "ok   AdamW bf16 copy" in done.stdout
