@@ -139,19 +139,35 @@ def check_adamw(device: torch.device) -> None:
     optimizer = torch.optim.AdamW(
         [weight], lr=HYPER["lr"], weight_decay=HYPER["weight_decay"], foreach=False, fused=False
     )
-    for step in range(1, 6):
-        weight.grad = buffers["grad"] * (1.0 + step / 8)
-        optimizer.step()
-        adamw_step_reference(
-            buffers["param_fp32"],
-            weight.grad,
-            buffers["exp_avg"],
-            buffers["exp_avg_sq"],
-            step=step,
-            **HYPER,
-        )
+    # On CPU, one thread: with two, in some processes only (PYTHONHASHSEED 0 or 7 but not 4,
+    # after the packing checks ran in the interpreter), torch's AdamW gave the 2500 elements of
+    # the second thread a median 2 ulps off the reference, which matched it on the first half
+    # (the op responsible did not show in isolation). Bitwise equal with one thread; on CUDA
+    # bitwise equal as it is.
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        for step in range(1, 6):
+            weight.grad = buffers["grad"] * (1.0 + step / 8)
+            optimizer.step()
+            adamw_step_reference(
+                buffers["param_fp32"],
+                weight.grad,
+                buffers["exp_avg"],
+                buffers["exp_avg_sq"],
+                step=step,
+                **HYPER,
+            )
+    finally:
+        torch.set_num_threads(threads)
+    weights, reference = weight.detach(), buffers["param_fp32"]
+    differ = int((weights != reference).sum())
+    distance = ulp_distance(weights, reference, reference)
     check(
-        "AdamW reference == torch.optim.AdamW, 5 steps", torch.equal(weight, buffers["param_fp32"])
+        "AdamW reference == torch.optim.AdamW, 5 steps",
+        differ == 0,
+        f"{differ} of {numel} differ, {distance:.2f} ulp",
     )
 
     start = adamw_buffers(numel, device, seed=2)
