@@ -18,7 +18,7 @@ status=0
 # 7B-shaped layers (hidden 4096): each row copies a 1.24B-parameter model built once on the
 # host (rows took ~25 s when each built its own), and memtool's rows run before the peers';
 # the default rows are the ones the target is about; TRAIN_MODES picks others.
-modes=${TRAIN_MODES:-"plain (torch),transformers checkpointing,memtool MEMO planned,memtool MEMO a=0,memtool recompute full,memtool tokens no swap,memtool swap all"}
+modes=${TRAIN_MODES:-"plain (torch),transformers checkpointing,memtool MEMO planned,memtool MEMO a=0,memtool MEMO a=0.25,memtool recompute full,memtool tokens no swap,memtool swap all"}
 date
 timeout "${TRAIN_LIMIT_S:-300}" python3 benchmarks/gpu_train_check.py --layers 4 --hidden 4096 \
     --skip-kernels --modes "$modes" --out "$out/gpu_train_check.json" \

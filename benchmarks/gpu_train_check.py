@@ -40,6 +40,8 @@ MEMTOOL_MODES = {  # in the order they run: the ones the target is about first
     "memtool plain": ({}, None),
     "memtool MEMO planned": ({}, {"recompute": "tokens", "swap": True}),
     "memtool MEMO a=0": ({}, {"recompute": "tokens", "swap": True, "swap_fraction": 0.0}),
+    # Beside the plan's alpha: where between 0 and 0.5 the step time turns up.
+    "memtool MEMO a=0.25": ({}, {"recompute": "tokens", "swap": True, "swap_fraction": 0.25}),
     "memtool recompute full": ({}, {"recompute": "full"}),
     "memtool tokens no swap": ({}, {"recompute": "tokens"}),
     "memtool swap all": ({}, {"swap": True}),

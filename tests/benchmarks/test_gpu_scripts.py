@@ -30,7 +30,7 @@ def test_training_table_runs_every_mode_on_cpu(tmp_path):
     done = _run("gpu_train_check.py", "--device", "cpu", "--tiny", "--seq-len", 64, "--out", out)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = {row["mode"]: row for row in json.loads(out.read_text())["rows"]}
-    assert len(rows) == 12  # memtool's 9 modes and the 3 peers
+    assert len(rows) == 13  # memtool's 10 modes and the 3 peers
     assert rows["memtool MEMO planned"]["swap_fractions"]  # planned per layer
     plain = rows["memtool plain"]["activation_bytes_peak"]
     assert 0 < rows["memtool recompute full"]["activation_bytes_peak"] < plain
