@@ -419,7 +419,7 @@ def adamw_step(
     weight_decay: float,
     step: int,
     grad_scale: float = 1.0,
-    clip_coef: float = 1.0,
+    clip_coef: float | Tensor = 1.0,
     out_lowp: Tensor | None = None,
     backend: KernelBackend | str = KernelBackend.AUTO,
 ) -> None:
@@ -427,6 +427,8 @@ def adamw_step(
 
     The update is `torch.optim.AdamW`'s (decoupled weight decay) applied to
     `grad * (clip_coef / grad_scale)`; `out_lowp`, if given, receives the new weights.
+    `clip_coef` may be a one-element float32 tensor on the buffers' device, so that clipping by
+    a norm computed there does not make the host wait for it.
     Arguments as in `memtool.ops.reference_train.adamw_step_reference`; the Triton kernel's
     agreement with it is described in `memtool.ops.triton.adamw_step`.
 

@@ -144,12 +144,23 @@ def check_adamw_tensors(
     step: int,
     grad_scale: float,
     out_lowp: Tensor | None,
+    clip_coef: float | Tensor = 1.0,
 ) -> None:
     """Raise `MemtoolError` unless the buffers fit `adamw_step`'s contract.
 
     Every buffer is contiguous, on one device, with the same number of elements (shapes may
-    differ: they are flat buffers); the weights and both moments are float32.
+    differ: they are flat buffers); the weights and both moments are float32. A tensor
+    `clip_coef` is one float32 element on that device.
     """
+    if isinstance(clip_coef, Tensor) and (
+        clip_coef.numel() != 1
+        or clip_coef.dtype != torch.float32
+        or clip_coef.device != param_fp32.device
+    ):
+        raise MemtoolError(
+            f"a tensor clip_coef must be one float32 element on {param_fp32.device}, not "
+            f"{clip_coef.numel()} {clip_coef.dtype} on {clip_coef.device}"
+        )
     named = {"param_fp32": param_fp32, "grad": grad, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
     if out_lowp is not None:
         named["out_lowp"] = out_lowp
@@ -177,6 +188,11 @@ def check_adamw_tensors(
         raise MemtoolError("grad_scale must be nonzero")
 
 
+def grad_multiplier(clip_coef: Tensor, grad_scale: float) -> Tensor:
+    """`clip_coef / grad_scale` for a tensor coefficient: one float32 element, on its device."""
+    return (clip_coef.reshape(1) / grad_scale).to(torch.float32)
+
+
 def adamw_step_reference(
     param_fp32: Tensor,
     grad: Tensor,
@@ -190,7 +206,7 @@ def adamw_step_reference(
     weight_decay: float,
     step: int,
     grad_scale: float = 1.0,
-    clip_coef: float = 1.0,
+    clip_coef: float | Tensor = 1.0,
     out_lowp: Tensor | None = None,
 ) -> None:
     """One AdamW step on flat buffers, in place: unscale, clip, update, write compute weights.
@@ -207,18 +223,23 @@ def adamw_step_reference(
         step: the number of this step, counting from 1 (torch's `state["step"]` after its +1).
         grad_scale: the loss scale the gradient carries; the gradient is divided by it.
         clip_coef: a global gradient-clipping coefficient computed beforehand (`min(1,
-            max_norm / total_norm)`), multiplied in.
+            max_norm / total_norm)`), multiplied in: a float, or a one-element float32 tensor
+            on the buffers' device (computed there: the host need not wait for the norm).
         out_lowp: optional bfloat16/float16 buffer that receives the updated weights.
 
     Raises:
         MemtoolError: buffers that do not fit (see `check_adamw_tensors`).
     """
-    check_adamw_tensors(param_fp32, grad, exp_avg, exp_avg_sq, step, grad_scale, out_lowp)
+    check_adamw_tensors(
+        param_fp32, grad, exp_avg, exp_avg_sq, step, grad_scale, out_lowp, clip_coef
+    )
     param, exp_avg, exp_avg_sq = param_fp32.view(-1), exp_avg.view(-1), exp_avg_sq.view(-1)
     g = grad.view(-1).float()
-    multiplier = clip_coef / grad_scale
-    if multiplier != 1.0:  # multiplying by 1 is exact; skipping it saves a copy
-        g = g * multiplier
+    if isinstance(clip_coef, Tensor):
+        # float32 division on the device, as `grad_multiplier` gives the kernel.
+        g = g * grad_multiplier(clip_coef, grad_scale)
+    elif clip_coef / grad_scale != 1.0:  # multiplying by 1 is exact; skipping it saves a copy
+        g = g * (clip_coef / grad_scale)
 
     # torch.optim.adam._single_tensor_adam with decoupled_weight_decay=True, op for op.
     if weight_decay != 0:

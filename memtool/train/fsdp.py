@@ -71,8 +71,9 @@ class FSDPOptimizer:
     def after_backward(self) -> None:
         """Nothing to do: FSDP2 reduce-scatters gradients during backward."""
 
-    def step(self, step: int) -> float:
-        """One optimizer step; returns the global gradient norm before clipping."""
+    def step(self, step: int) -> torch.Tensor:
+        """One optimizer step; returns the global gradient norm before clipping (a 0-dim
+        tensor: reading it waits for the device)."""
         max_norm = self.optim.max_grad_norm
         norm = torch.nn.utils.clip_grad_norm_(
             self.params, max_norm if max_norm is not None else float("inf")
@@ -82,7 +83,7 @@ class FSDPOptimizer:
             param_group["lr"] = self.optim.lr_at(step)
         self.adamw.step()
         self.adamw.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
     def memory(self) -> dict[str, int]:
         """Bytes this rank holds at rest, by role (see `ZeroOptimizer.memory`)."""

@@ -252,43 +252,51 @@ class ZeroOptimizer:
     # -- step ---------------------------------------------------------------------------------
 
     def _reduced_grads(self) -> list[torch.Tensor]:
-        """Every bucket's gradient over the owned slice, averaged over ranks, in fp32."""
+        """Every bucket's gradient over the owned slice, summed over ranks, in the compute dtype
+        (not yet divided by the world size: the step folds that into its one multiplier)."""
         grads = []
-        world = self.group.world_size
         for bucket in self.buckets:
             if self.stage == 0:
-                if world > 1:
+                if self.group.world_size > 1:
                     dist.all_reduce(bucket.flat_grad)
-                grad = bucket.flat_grad
+                grads.append(bucket.flat_grad)
             elif self.stage == 1:
                 grad = torch.empty(
                     bucket.master.numel(), dtype=self.compute_dtype, device=self.group.device
                 )
                 _reduce_scatter(grad, bucket.flat_grad)
+                grads.append(grad)
             else:
-                grad = bucket.grad_shard
-            grad = grad.float()  # in place where already fp32: the buffers are zeroed after
-            grads.append(grad.div_(world) if world > 1 else grad)
+                grads.append(bucket.grad_shard)
         return grads
 
-    def step(self, step: int) -> float:
+    def step(self, step: int) -> torch.Tensor:
         """One optimizer step (1-based `step` for the learning-rate schedule); returns the
-        global gradient norm before clipping. Leaves the gradients zeroed."""
+        global gradient norm before clipping, a 0-dim tensor on the device (reading it makes the
+        host wait for the step). Leaves the gradients zeroed.
+
+        Nothing here waits for the device: the norm, the clipping coefficient and the gradient
+        multiplier stay on it (`float(norm)` before the step cost every step a stall on a GPU,
+        its launches queued only after backward had drained), and the fused kernel reads the
+        compute-dtype gradients as they are (a float32 copy of them cost 6 bytes a parameter
+        of traffic and 4 of transient memory)."""
         grads = self._reduced_grads()
+        world = self.group.world_size
         squares = torch.zeros((), dtype=torch.float32, device=self.group.device)
         for grad in grads:
-            # One reduction pass; pow(2).sum() wrote a squared copy of the gradient first.
-            squares += torch.linalg.vector_norm(grad).square()
-        if self.stage > 0 and self.group.world_size > 1:
+            # One reduction pass in float32, without a squared or float32 copy of the gradient.
+            squares += torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+        if self.stage > 0 and world > 1:
             dist.all_reduce(squares)
-        norm = float(squares.sqrt())
-        coef = 1.0
+        norm = squares.sqrt() / world  # the norm of the mean gradient
+        coef = torch.ones((), dtype=torch.float32, device=self.group.device)
         if self.optim.max_grad_norm is not None:
-            coef = min(1.0, self.optim.max_grad_norm / (norm + 1e-6))
+            # torch's clip_grad_norm_: max_norm / (norm + 1e-6), at most 1, in float32.
+            coef = (self.optim.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
         if self.fused_step:
-            self._kernel_step(grads, coef, step)
+            self._kernel_step(grads, coef, float(world), step)
         else:
-            self._torch_step(grads, coef, step)
+            self._torch_step(grads, coef / world, step)
         for bucket in self.buckets:
             bucket.master.grad = None
             # The fused step wrote the compute weights itself.
@@ -299,23 +307,30 @@ class ZeroOptimizer:
                 bucket.grad_shard.zero_()
         return norm
 
-    def _torch_step(self, grads: list[torch.Tensor], coef: float, step: int) -> None:
-        """torch's (or bitsandbytes') AdamW over the masters, the gradients scaled by `coef`."""
+    def _torch_step(self, grads: list[torch.Tensor], multiplier: torch.Tensor, step: int) -> None:
+        """torch's (or bitsandbytes') AdamW over the masters, the gradients scaled by
+        `multiplier` (the clipping coefficient over the world size, on the device)."""
         for index, (bucket, grad) in enumerate(zip(self.buckets, grads, strict=True)):
             if self.offload:
                 target = self.host_grads[index]
-                target.copy_(grad)
+                target.copy_(grad)  # waits for the device: the host steps next
+                target.mul_(multiplier.to(target.device))
             else:
-                target = grad
-            bucket.master.grad = target.mul_(coef) if coef != 1.0 else target
+                # In place where the gradient is already float32: the buffers are zeroed after.
+                target = grad.float().mul_(multiplier)
+            bucket.master.grad = target
         for param_group in self.adamw.param_groups:
             param_group["lr"] = self.optim.lr_at(step)
         self.adamw.step()
 
-    def _kernel_step(self, grads: list[torch.Tensor], coef: float, step: int) -> None:
-        """The fused step: per bucket one kernel pass scales the gradient by `coef`, updates the
-        master shard and moments (kept in torch AdamW's state layout) and, for a low-precision
-        compute dtype, writes the owned compute weights rounded from the new masters."""
+    def _kernel_step(
+        self, grads: list[torch.Tensor], coef: torch.Tensor, world: float, step: int
+    ) -> None:
+        """The fused step: per bucket one kernel pass scales the gradient by `coef / world`,
+        updates the master shard and moments (kept in torch AdamW's state layout) and, for a
+        low-precision compute dtype, writes the owned compute weights rounded from the new
+        masters. The step count is kept on the host (`_host_steps`): `state["step"]`, which
+        checkpoints do not save, keeps the value a load gave it."""
         beta1, beta2 = self.optim.betas
         for index, (bucket, grad) in enumerate(zip(self.buckets, grads, strict=True)):
             master = bucket.master.detach()
@@ -324,17 +339,17 @@ class ZeroOptimizer:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=master.device)
                 state["exp_avg"] = torch.zeros_like(master)
                 state["exp_avg_sq"] = torch.zeros_like(master)
-            if index not in self._host_steps:
-                self._host_steps[index] = int(state["step"])  # once per run and per load
+                self._host_steps[index] = 0
+            elif index not in self._host_steps:
+                self._host_steps[index] = int(state["step"])  # once after a load
             self._host_steps[index] += 1
-            state["step"] += 1
             owned = bucket.flat_param[bucket.owned]
             lowp = owned if owned.data_ptr() != master.data_ptr() else None
             ops.adamw_step(
                 master, grad, state["exp_avg"], state["exp_avg_sq"],
                 lr=self.optim.lr_at(step), beta1=beta1, beta2=beta2, eps=self.optim.eps,
                 weight_decay=self.optim.weight_decay, step=self._host_steps[index],
-                clip_coef=coef, out_lowp=lowp,
+                grad_scale=world, clip_coef=coef, out_lowp=lowp,
             )  # fmt: skip
 
     def _publish(self, bucket: _Bucket, copy_master: bool = True) -> None:

@@ -253,6 +253,26 @@ def test_adamw_unscale_and_clip_equal_a_prescaled_gradient():
     assert torch.equal(state["param_fp32"], expected[0])
 
 
+def test_adamw_clip_coef_may_be_a_device_tensor():
+    # float32(0.37) / 1024 is exact, so the tensor path (divided in float32) and the float path
+    # (divided in float64, then rounded) multiply by the same float32 value: the same bits.
+    gen = torch.Generator().manual_seed(14)
+    grad = torch.randn(300, generator=gen)
+    as_float, as_tensor = adamw_state(300, 15), adamw_state(300, 15)
+    adamw_step_reference(**as_float, grad=grad, step=3, grad_scale=1024.0, clip_coef=0.37, **HYPER)
+    adamw_step_reference(
+        **as_tensor, grad=grad, step=3, grad_scale=1024.0, clip_coef=torch.tensor(0.37), **HYPER
+    )
+    for name, value in as_float.items():
+        assert torch.equal(as_tensor[name], value), name
+    for bad, message in (
+        (torch.tensor([0.5, 0.5]), "2 torch.float32"),
+        (torch.tensor(0.5, dtype=torch.float64), "1 torch.float64"),
+    ):
+        with pytest.raises(MemtoolError, match=f"one float32 element on cpu, not {message}"):
+            adamw_step(**adamw_state(8, 1), grad=torch.zeros(8), step=1, clip_coef=bad, **HYPER)
+
+
 def test_adamw_reference_takes_a_bf16_gradient_as_its_float32_value():
     grad = torch.randn(64, generator=torch.Generator().manual_seed(10)).to(torch.bfloat16)
     state = adamw_state(64, 11)
@@ -399,6 +419,17 @@ ADAMW_CASES = {
         "clip_coef": 0.37,
         "lowp": torch.float16,
         "weight_decay": 0.1,
+    },
+    # The trainer's clipping: the coefficient computed on the device, read by the kernel there.
+    "clip-coef-tensor": {
+        "numel": 1500,
+        "seed": 47,
+        "step": 4,
+        "fresh": False,
+        "grad_scale": 2.0,
+        "clip_coef": torch.tensor(0.37),
+        "grad_dtype": torch.bfloat16,
+        "lowp": torch.bfloat16,
     },
     "bf16-grad": {"numel": 1100, "seed": 43, "step": 3, "grad_dtype": torch.bfloat16},
     "fp16-grad": {"numel": 1100, "seed": 44, "step": 3, "grad_dtype": torch.float16},

@@ -26,6 +26,27 @@ logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s %(me
 from memtool.train.config import OptimConfig, TrainConfig
 from memtool.train.loop import train
 args = json.loads(sys.argv[1])
+if args.get("guard"):
+    # After the first step, any tensor read back to the host inside the optimizer step fails:
+    # on a GPU each such read stalls the host until the device has drained.
+    import torch
+    from memtool.train import zero
+    real_step = zero.ZeroOptimizer.step
+    def refuse(*_, **__):
+        raise AssertionError("the optimizer step read a tensor back to the host")
+    def guarded(self, step):
+        if step == 1:
+            return real_step(self, step)
+        names = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__")
+        saved = {name: getattr(torch.Tensor, name) for name in names}
+        for name in names:
+            setattr(torch.Tensor, name, refuse)
+        try:
+            return real_step(self, step)
+        finally:
+            for name, method in saved.items():
+                setattr(torch.Tensor, name, method)
+    zero.ZeroOptimizer.step = guarded
 config = TrainConfig(**args["config"], optim=OptimConfig(**args["optim"]))
 resume = Path(args["resume"]) if args.get("resume") else None
 result = train(config, Path(args["out"]), from_config=Path(args["config_json"]), device="cpu",
@@ -39,9 +60,12 @@ def _config(tokens: Path, **changes) -> dict:
     return dict(data=str(tokens), steps=STEPS, batch_size=4, seq_len=32, seed=0) | changes
 
 
-def run_interpreted(tiny_run, out: Path, resume: Path | None = None, **changes) -> dict:
+def run_interpreted(
+    tiny_run, out: Path, resume: Path | None = None, guard: bool = False, **changes
+) -> dict:
     config_json, tokens = tiny_run
     args = {
+        "guard": guard,
         "config": _config(tokens, **changes),
         "optim": OPTIM,
         "out": str(out),
@@ -93,3 +117,10 @@ def test_fused_step_resumes_exactly(tiny_run, tmp_path):
     rest = run_interpreted(tiny_run, tmp_path / "rest", resume=tmp_path / "part", save_every=6)
     # A resumed run reports the checkpoint's losses too: the whole curve, bit for bit.
     assert rest["losses"] == whole["losses"]
+
+
+def test_fused_step_reads_nothing_back_to_the_host(tiny_run, tmp_path):
+    """Norm, clipping coefficient and step count stay where they are computed (the device)."""
+    guarded = run_interpreted(tiny_run, tmp_path / "guarded", guard=True, steps=4,
+                              compute_dtype="bfloat16")  # fmt: skip
+    assert guarded["steps"] == 4

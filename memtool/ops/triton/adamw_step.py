@@ -8,7 +8,7 @@ float32 parameter with a bfloat16 copy, against about 100 for the op-by-op path)
 
 Each program updates `BLOCK` consecutive elements of the flat buffers. Per element:
 
-    g     = grad * f32(clip_coef / grad_scale)
+    g     = grad * f32(clip_coef / grad_scale)   (a tensor clip_coef: divided on the device)
     p     = p * f32(1 - lr * weight_decay)
     m     = fma(w, g - m, m)                 if |w| < 0.5, w = f32(1 - beta1)
             fma(w - 1, g - m, g)             otherwise
@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from memtool.ops.reference_train import check_adamw_tensors
+from memtool.ops.reference_train import check_adamw_tensors, grad_multiplier
 from memtool.ops.triton.activation_pack import (
     as_kernel_tensor,
     bf16_bits_to_fp32,
@@ -65,6 +65,7 @@ def _adamw_kernel(
     lowp_ptr,
     n,
     grad_mul,
+    grad_mul_ptr,
     decay,
     lerp_weight,
     beta2,
@@ -74,6 +75,7 @@ def _adamw_kernel(
     neg_step_size,
     LERP_SMALL: tl.constexpr,
     GRAD_BF16: tl.constexpr,
+    GRAD_MUL_FROM_PTR: tl.constexpr,
     HAS_LOWP: tl.constexpr,
     LOWP_BF16: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -84,7 +86,8 @@ def _adamw_kernel(
         g = bf16_bits_to_fp32(tl.load(grad_ptr + offs, mask=mask, other=0))
     else:
         g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    g = g * grad_mul
+    # A multiplier computed on the device is read there: the host never waited for the norm.
+    g = g * tl.load(grad_mul_ptr) if GRAD_MUL_FROM_PTR else g * grad_mul
     p = tl.load(param_ptr + offs, mask=mask, other=0.0) * decay
     m = tl.load(exp_avg_ptr + offs, mask=mask, other=0.0)
     v = tl.load(exp_avg_sq_ptr + offs, mask=mask, other=0.0)
@@ -123,14 +126,16 @@ def triton_adamw_step(
     weight_decay: float,
     step: int,
     grad_scale: float = 1.0,
-    clip_coef: float = 1.0,
+    clip_coef: float | Tensor = 1.0,
     out_lowp: Tensor | None = None,
 ) -> None:
     """One fused AdamW step, in place; same contract as `adamw_step_reference`.
 
     Buffers live on CUDA (or on CPU with `TRITON_INTERPRET=1` set before triton was imported).
     """
-    check_adamw_tensors(param_fp32, grad, exp_avg, exp_avg_sq, step, grad_scale, out_lowp)
+    check_adamw_tensors(
+        param_fp32, grad, exp_avg, exp_avg_sq, step, grad_scale, out_lowp, clip_coef
+    )
     check_triton_device("AdamW", param_fp32)
     n = param_fp32.numel()
     if n == 0:
@@ -140,6 +145,8 @@ def triton_adamw_step(
     lerp_weight = _f32(1 - beta1)
     bias_correction1 = 1 - beta1 ** float(step)
     bias_correction2 = 1 - beta2 ** float(step)
+    on_device = isinstance(clip_coef, Tensor)
+    multiplier = grad_multiplier(clip_coef, grad_scale) if on_device else None
     _adamw_kernel[(ceil_div(n, _BLOCK),)](
         param_fp32,
         as_kernel_tensor(grad),
@@ -147,7 +154,8 @@ def triton_adamw_step(
         exp_avg_sq,
         as_kernel_tensor(out_lowp) if out_lowp is not None else param_fp32,  # unread w/o HAS_LOWP
         n,
-        _f32(clip_coef / grad_scale),
+        1.0 if on_device else _f32(clip_coef / grad_scale),
+        multiplier if on_device else param_fp32,  # unread without GRAD_MUL_FROM_PTR
         _f32(1 - lr * weight_decay),
         lerp_weight,
         _f32(beta2),
@@ -157,6 +165,7 @@ def triton_adamw_step(
         _f32(-(lr / bias_correction1)),
         LERP_SMALL=abs(lerp_weight) < 0.5,
         GRAD_BF16=grad.dtype == torch.bfloat16,
+        GRAD_MUL_FROM_PTR=on_device,
         HAS_LOWP=out_lowp is not None,
         LOWP_BF16=out_lowp is not None and out_lowp.dtype == torch.bfloat16,
         BLOCK=_BLOCK,
