@@ -237,18 +237,21 @@ def test_bad_settings_are_one_line_errors(tiny_run, tmp_path, changes, message):
         _train(tiny_run, tmp_path, **changes)
 
 
-def _two_ranks(spec: dict, folder: Path) -> subprocess.CompletedProcess:
-    """Run `spec`'s jobs in one 2-rank torchrun launch of dist_worker.py."""
+def _two_ranks(spec: dict, folder: Path, interpret: bool = False) -> subprocess.CompletedProcess:
+    """Run `spec`'s jobs in one 2-rank torchrun launch of dist_worker.py (`interpret`: under
+    TRITON_INTERPRET=1, where ZeRO 0-2 step with memtool's fused kernel, as on a GPU)."""
     (folder / "jobs.json").write_text(json.dumps(spec))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(WORKER), str(folder / "jobs.json")],
-        capture_output=True, text=True, timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=600, env=env,
     )  # fmt: skip
 
 
-def _two_rank_jobs(tiny_run, folder: Path, jobs: list[dict]) -> list[dict]:
+def _two_rank_jobs(tiny_run, folder: Path, jobs: list[dict], interpret: bool = False) -> list[dict]:
     """Rank 0's results of `jobs` (changes to the base config) run on 2 ranks."""
     config_json, tokens = tiny_run
     spec = {
@@ -258,9 +261,20 @@ def _two_rank_jobs(tiny_run, folder: Path, jobs: list[dict]) -> list[dict]:
         "base": _config(data=str(tokens)).to_dict(),
         "jobs": jobs,
     }
-    done = _two_ranks(spec, folder)
+    done = _two_ranks(spec, folder, interpret)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((folder / "results.json").read_text())
+
+
+def test_two_processes_with_the_fused_step_equal_plain_adamw(tiny_run, tmp_path, plain):
+    """The GPU path's optimizer step (the 1/world factor and the clipping coefficient folded
+    into the kernel's multiplier) on 2 gloo ranks, in Triton's interpreter."""
+    steps = 6
+    jobs = [{"zero": zero, "steps": steps} for zero in (0, 1, 2)]
+    results = _two_rank_jobs(tiny_run, tmp_path, jobs, interpret=True)
+    for job, result in zip(jobs, results, strict=True):
+        torch.testing.assert_close(result["losses"], plain[0][:steps], rtol=RTOL, atol=0,
+                                   msg=str(job))  # fmt: skip
 
 
 def test_two_processes_equal_plain_adamw(tiny_run, tmp_path, plain):
