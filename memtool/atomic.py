@@ -54,12 +54,27 @@ def atomic_file(dest: Path) -> Iterator[Path]:
         _remove(tmp)
 
 
+def replace_dir(tmp: Path, dest: Path) -> None:
+    """Rename the finished directory `tmp` to `dest`, replacing a `dest` that exists only once
+    `tmp` is complete: an earlier version is moved aside, not deleted first, so an interrupt
+    before this call leaves it as it was."""
+    if dest.exists():
+        aside = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-old-", dir=dest.parent))
+        os.rename(dest, aside / dest.name)
+        os.rename(tmp, dest)
+        _remove(aside)
+    else:
+        os.rename(tmp, dest)
+
+
 @contextlib.contextmanager
-def atomic_dir(dest: Path) -> Iterator[Path]:
+def atomic_dir(dest: Path, replace: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside `dest`; on success it is renamed to `dest`.
 
-    `dest` must not exist when the block ends (the caller holds a lock or checks first); any
-    failure or interrupt removes the temporary directory, so `dest` is either absent or complete.
+    Without `replace`, `dest` must not exist when the block ends (the caller holds a lock or
+    checks first); with it, an existing `dest` is replaced once the new one is complete. Any
+    failure or interrupt removes the temporary directory, so `dest` is either as it was or
+    complete.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
@@ -70,7 +85,10 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
             if child.is_file():
                 with open(child, "rb") as handle:
                     os.fsync(handle.fileno())
-        os.rename(tmp, dest)
+        if replace:
+            replace_dir(tmp, dest)
+        else:
+            os.rename(tmp, dest)
         _fsync_dir(dest.parent)
     finally:
         _remove(tmp)

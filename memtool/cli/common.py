@@ -5,10 +5,12 @@ line on stderr; `--debug` shows the traceback instead.
 """
 
 import json
+import math
 import sys
 from collections.abc import Callable
 
 import typer
+from rich.markup import escape
 
 from memtool.errors import MemtoolError
 from memtool.progress import console
@@ -29,7 +31,26 @@ def _quiet_libraries() -> None:
 
 
 def fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # Escaped: messages name shapes like `[tokens]`, which rich would read as markup and drop.
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def one_line(text: str, limit: int = 400) -> str:
+    """A library's multi-line message as one line (its first line alone may only announce the
+    rest, as transformers' config validation does), cut at `limit` characters."""
+    joined = " ".join(line.strip() for line in text.splitlines() if line.strip())
+    return joined if len(joined) <= limit else joined[: limit - 3] + "..."
+
+
+def _strict_json(value):
+    """`value` with NaN and infinities as null: strict JSON parsers (jq) reject bare NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _strict_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict_json(item) for item in value]
+    return value
 
 
 def run_command(
@@ -55,12 +76,11 @@ def run_command(
     except Exception as exc:
         if debug:
             raise
-        text = (str(exc).strip().splitlines() or [""])[0]
-        fail(f"{type(exc).__name__}: {text} (rerun with --debug for the traceback)")
+        fail(f"{type(exc).__name__}: {one_line(str(exc))} (rerun with --debug for the traceback)")
         raise typer.Exit(EXIT_ERROR) from None
     if json_out:
         payload = {**payload, "thresholds": {"passed": not failures, "failures": failures}}
-        sys.stdout.write(json.dumps(payload, default=str) + "\n")
+        sys.stdout.write(json.dumps(_strict_json(payload), default=str, allow_nan=False) + "\n")
     else:
         render(payload)
     for failure in failures:

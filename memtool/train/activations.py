@@ -104,7 +104,12 @@ class ActivationConfig:
             if not 0.0 <= self.swap_fraction <= 1.0:
                 raise MemtoolError(f"swap fraction {self.swap_fraction} is not in [0, 1]")
             if self.recompute != "tokens" or not self.swap:
-                raise MemtoolError("a swap fraction needs recompute='tokens' and swap=True")
+                raise MemtoolError(
+                    "a swap fraction (--swap-fraction) is MEMO's: it needs --recompute tokens "
+                    f"(or none) and --swap-activations, not --recompute {self.recompute}"
+                    if self.swap
+                    else "a swap fraction (--swap-fraction) applies with --swap-activations"
+                )
         for name in ("activation_budget_bytes", "host_budget_bytes"):
             value = getattr(self, name)
             if value is not None and value <= 0:

@@ -7,13 +7,16 @@ the world size, and a CRC32 of every rank file). Every rank writes its own file 
 temporary folder, which rank 0 renames into place once all have finished: a checkpoint is
 either complete or absent, so an interrupt or a dying rank never leaves a half-written one.
 
-Resuming needs the same ZeRO stage, compute dtype, offload and optimizer bits (the shards hold
-them); a mismatch, a missing or damaged file is a one-line error. On the same number of ranks
-each rank reads its own file; on another number, every rank reads all of them and the engine
-cuts its new shard from the rejoined state (`reshard`; not for 8-bit optimizer states, whose
-block-wise quantization is cut with the shards).
+Resuming needs the same model (its parameter names and shapes, fingerprinted in
+`trainer.json`), data, sequence length, batch size, seed and optimizer settings (or it would not
+continue the same run), and the same ZeRO stage, compute dtype, offload and optimizer bits (the
+shards hold them); a mismatch, a missing or damaged file is a one-line error. On the same number
+of ranks each rank reads its own file; on another number, every rank reads all of them and the
+engine cuts its new shard from the rejoined state (`reshard`; not for 8-bit optimizer states,
+whose block-wise quantization is cut with the shards).
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -27,6 +30,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from memtool.atomic import replace_dir
 from memtool.errors import MemtoolError
 from memtool.formats.checksums import file_crc32
 from memtool.train.distributed import Dist
@@ -43,9 +47,56 @@ class TrainerState:
     config: dict
     world_size: int
     source: str
+    model_signature: str = ""  # `model_signature` of the trained model ("" before 2026-12-08)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+def model_signature(model: torch.nn.Module) -> str:
+    """A fingerprint of the model's parameter names and shapes: what a checkpoint's shards fit."""
+    text = ";".join(f"{name}:{tuple(p.shape)}" for name, p in model.named_parameters())
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# What a resumed run must share with the checkpoint to continue the same run (the shards fit
+# other settings too, but the run would not be the one that was interrupted).
+SAME_ON_RESUME = ("data", "seq_len", "batch_size", "seed")
+OPTIM_SAME_ON_RESUME = ("lr", "betas", "eps", "weight_decay", "warmup_steps", "max_grad_norm")
+SHARD_LAYOUT = ("zero", "compute_dtype", "offload_optimizer", "optimizer_bits")
+
+
+def check_resumable(folder: Path, payload: dict, config: dict, signature: str) -> None:
+    """Raise a one-line `MemtoolError` unless this run (`config`, model `signature`) continues
+    the one that wrote checkpoint `folder`."""
+    try:
+        saved, step = payload["config"], int(payload["step"])
+        saved_optim = saved["optim"]
+        saved_signature = payload.get("model_signature", "")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MemtoolError(f"checkpoint {folder} is damaged: {STATE_FILE} lacks {exc}") from None
+    if saved_signature and saved_signature != signature:
+        raise MemtoolError(
+            f"checkpoint {folder} was written for another model (its source: "
+            f"{payload.get('source')}); resume with the same model"
+        )
+    differ = [(key, saved.get(key), config[key]) for key in (*SAME_ON_RESUME, *SHARD_LAYOUT)]
+    optim = config["optim"]
+    differ += [(key, saved_optim.get(key), optim[key]) for key in OPTIM_SAME_ON_RESUME]
+    for key, was, now in differ:
+        if key == "betas" and was is not None:
+            was = tuple(was)
+        if was != now:
+            flag = "--" + key.replace("_", "-")
+            raise MemtoolError(
+                f"checkpoint {folder} was written with {flag} {was!r}; resume with the same "
+                f"setting (this run has {now!r}) or start a new run"
+            )
+    if config["steps"] < step:
+        raise MemtoolError(
+            f"--steps {config['steps']} is before checkpoint {folder}'s step {step}: resume "
+            f"with --steps above {step} (or equal, to only export)"
+        )
 
 
 def _rank_file(rank: int, world_size: int) -> str:
@@ -60,11 +111,24 @@ def save_checkpoint(
     tmp_name = [None]
     if group.is_main:
         root.mkdir(parents=True, exist_ok=True)
-        if dest.exists():  # a rerun from an earlier checkpoint overwrites its later ones
-            shutil.rmtree(dest)
         tmp_name[0] = tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=root)
     dist.broadcast_object_list(tmp_name, src=0)
     tmp = Path(tmp_name[0])
+    try:
+        _write_checkpoint(tmp, dest, state, shard, group)
+    except BaseException:
+        # An interrupt or a lost rank: no half-written folder stays (a rank killed outright
+        # leaves its `.tmp-*`, which the next run into this output removes).
+        if group.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    group.barrier()
+    return dest
+
+
+def _write_checkpoint(
+    tmp: Path, dest: Path, state: TrainerState, shard: dict[str, torch.Tensor], group: Dist
+) -> None:
     tensors, seen = {}, set()
     for key, value in shard.items():
         value = value.detach().to("cpu").contiguous()
@@ -85,9 +149,7 @@ def save_checkpoint(
         payload = {"format": FORMAT, **state.to_dict(), "crc32": crcs}
         (tmp / STATE_FILE).write_text(json.dumps(payload, indent=1) + "\n")
         os.chmod(tmp, 0o755)
-        os.rename(tmp, dest)
-    group.barrier()
-    return dest
+        replace_dir(tmp, dest)
 
 
 def latest_checkpoint(path: Path) -> Path:
@@ -110,8 +172,20 @@ def read_state(folder: Path) -> dict:
     except (OSError, json.JSONDecodeError) as exc:
         message = f"checkpoint {folder} is damaged: {STATE_FILE} unreadable ({exc})"
         raise MemtoolError(message) from None
-    if payload.get("format") != FORMAT:
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise MemtoolError(f"{folder} is not a memtool training checkpoint")
+    kinds = {"step": int, "tokens": int, "losses": list, "config": dict, "world_size": int,
+             "crc32": list}  # fmt: skip
+    for key, kind in kinds.items():
+        if not isinstance(payload.get(key), kind):
+            raise MemtoolError(f"checkpoint {folder} is damaged: {STATE_FILE} has no valid {key!r}")
+    if len(payload["crc32"]) != payload["world_size"]:
+        raise MemtoolError(
+            f"checkpoint {folder} is damaged: {STATE_FILE} has {len(payload['crc32'])} "
+            f"checksums for {payload['world_size']} rank(s)"
+        )
+    if not isinstance(payload["config"].get("optim"), dict):
+        raise MemtoolError(f"checkpoint {folder} is damaged: {STATE_FILE} has no valid 'optim'")
     return payload
 
 
@@ -124,13 +198,6 @@ def load_shard(
 ) -> dict[str, torch.Tensor]:
     """This rank's shard from checkpoint `folder`, after checking it fits this run; written by
     another number of ranks, every rank file is read and `reshard` cuts this rank's part."""
-    saved = payload["config"]
-    for key in ("zero", "compute_dtype", "offload_optimizer", "optimizer_bits"):
-        if saved.get(key) != config[key]:
-            raise MemtoolError(
-                f"checkpoint {folder} was written with {key}={saved[key]!r}; resume with the "
-                f"same setting (this run has {config[key]!r})"
-            )
     if payload["world_size"] == group.world_size:
         return _read_rank(folder, payload, group.rank, group)
     if config["optimizer_bits"] == 8:

@@ -1,5 +1,6 @@
 """What a training run is: one dataclass, validated before any model or process group exists."""
 
+import math
 from dataclasses import asdict, dataclass, field
 
 from memtool.errors import MemtoolError
@@ -18,6 +19,24 @@ class OptimConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     max_grad_norm: float | None = 1.0
+
+    def validate(self) -> None:
+        """Raise a one-line `MemtoolError` naming the first bad setting."""
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise MemtoolError(f"--lr must be a positive number, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise MemtoolError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise MemtoolError(f"eps must be a positive number, got {self.eps}")
+        if not all(0 <= beta < 1 for beta in self.betas):
+            raise MemtoolError(f"betas must lie in [0, 1), got {self.betas}")
+        if self.warmup_steps < 0:
+            raise MemtoolError(f"--warmup-steps must be 0 or more, got {self.warmup_steps}")
+        norm = self.max_grad_norm
+        if norm is not None and not (math.isfinite(norm) and norm > 0):
+            raise MemtoolError(
+                f"--max-grad-norm must be a positive number (0 turns clipping off), got {norm}"
+            )
 
     def lr_at(self, step: int) -> float:
         """The learning rate of optimizer step `step` (1-based): linear warmup, then constant."""
@@ -86,10 +105,13 @@ class TrainConfig:
         for name in ("steps", "batch_size", "seq_len", "grad_accum"):
             if getattr(self, name) <= 0:
                 raise MemtoolError(f"--{name.replace('_', '-')} must be positive")
+        if self.seq_len < 2:
+            raise MemtoolError(
+                "--seq-len must be at least 2: a one-token sequence has no next token to predict"
+            )
         if self.save_every is not None and self.save_every <= 0:
             raise MemtoolError("--save-every must be positive")
-        if self.optim.lr <= 0:
-            raise MemtoolError(f"--lr must be positive, got {self.optim.lr}")
+        self.optim.validate()
         per_step = world_size * self.grad_accum
         if self.batch_size % per_step:
             raise MemtoolError(

@@ -62,6 +62,8 @@ def process_group(device: str | None = None) -> Iterator[Dist]:
     Args:
         device: "cpu", "cuda" or None (CUDA when available, else CPU).
     """
+    if device not in (None, "cpu", "cuda"):
+        raise MemtoolError(f"unknown --device {device!r}: use cpu or cuda")
     use_cuda = torch.cuda.is_available() if device is None else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise MemtoolError("--device cuda asked, but this machine has no CUDA device")

@@ -8,7 +8,6 @@ folder appears through one atomic rename, with config.json and the tokenizer, lo
 `memtool measure` / `memtool compress` and by transformers.
 """
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -51,9 +50,8 @@ def export_model(
             pass
         dist.barrier()
         return None
-    if dest.exists():  # an earlier export of this output folder
-        shutil.rmtree(dest)
-    with atomic_dir(dest) as tmp:
+    # An earlier export of this output folder is replaced only once this one is complete.
+    with atomic_dir(dest, replace=True) as tmp:
         config = model.config
         config.dtype = dtype  # what the folder holds, for loaders that read it
         config.save_pretrained(tmp)

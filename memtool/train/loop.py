@@ -9,6 +9,7 @@ all-reduce), so all ranks stop at the same step and write a resumable checkpoint
 """
 
 import contextlib
+import math
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -20,14 +21,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from memtool.atomic import clean_stale_temporaries
 from memtool.errors import MemtoolError
 from memtool.metrics.memory import peak_rss_bytes
 from memtool.progress import counted_steps
 from memtool.train.activations import ActivationConfig, ActivationManager
 from memtool.train.checkpoint import (
+    STATE_FILE,
     TrainerState,
+    check_resumable,
     latest_checkpoint,
     load_shard,
+    model_signature,
     read_state,
     save_checkpoint,
 )
@@ -156,6 +161,11 @@ def _windows(config: TrainConfig, tokenizer) -> torch.Tensor:
 
 def _check_vocab(model: nn.Module, windows: torch.Tensor) -> None:
     vocab = model.get_input_embeddings().num_embeddings
+    if int(windows.min()) < 0:
+        raise MemtoolError(
+            f"the data holds token id {int(windows.min())}: token ids are 0 or more; use the "
+            "model's own tokenizer"
+        )
     top = int(windows.max())
     if top >= vocab:
         raise MemtoolError(
@@ -229,11 +239,16 @@ def _run(config, output, group, source, from_config, resume, activations, export
          on_step, write_outputs) -> TrainResult:  # fmt: skip
     resume_dir = latest_checkpoint(resume) if resume is not None else None
     payload = read_state(resume_dir) if resume_dir is not None else None
+    if write_outputs:
+        _check_output(output, payload["step"] if payload is not None else 0, group)
     text_data = not is_token_file(config.data)
     tokenizer = _tokenizer(source, from_config, needed=text_data)
     windows = _windows(config, tokenizer)
     schedule = BatchSchedule(windows, config.batch_size, config.seed)
     net = _build_model(source, from_config, config.seed)
+    signature = model_signature(net)
+    if payload is not None:
+        check_resumable(resume_dir, payload, config.to_dict(), signature)
     _check_vocab(net, windows)
     net.train()
     # Plain autograd too runs under the manager: its hooks count the saved activations, so
@@ -254,7 +269,9 @@ def _run(config, output, group, source, from_config, resume, activations, export
     stop = _StopFlag()
 
     def state(step: int) -> TrainerState:
-        return TrainerState(step, tokens, losses, config.to_dict(), group.world_size, source_name)
+        return TrainerState(
+            step, tokens, losses, config.to_dict(), group.world_size, source_name, signature
+        )
 
     began = time.perf_counter()
     done_here = 0
@@ -263,6 +280,16 @@ def _run(config, output, group, source, from_config, resume, activations, export
         for step in range(start, config.steps):
             try:
                 loss = _one_step(net, engine, schedule, step, group, config, manager)
+                if not math.isfinite(loss):
+                    last = (
+                        f"checkpoint {checkpoint or resume_dir}"
+                        if (checkpoint or resume_dir)
+                        else "no checkpoint was written"
+                    )
+                    raise MemtoolError(
+                        f"the loss is {loss} at step {step + 1}: training diverged; lower --lr "
+                        f"or clip harder (--max-grad-norm) ({last}; nothing after it was kept)"
+                    )
                 losses.append(loss)
                 tokens += step_tokens
                 done_here += 1
@@ -281,10 +308,15 @@ def _run(config, output, group, source, from_config, resume, activations, export
                     checkpoint = save_checkpoint(ckpt_root, state(step + 1), shard, group)
             except RuntimeError as exc:
                 if group.world_size > 1 and _lost_peer(exc):
-                    last = str(checkpoint or resume_dir or "none written")
+                    last = checkpoint or resume_dir
+                    kept = (
+                        f"the last checkpoint ({last}) stays valid"
+                        if last
+                        else "no checkpoint was written yet"
+                    )
                     raise MemtoolError(
                         f"rank {group.rank} lost contact with the other ranks at step "
-                        f"{step + 1} (did one stop?); the last checkpoint ({last}) stays valid"
+                        f"{step + 1} (did one stop?); {kept}"
                     ) from None
                 raise
             if stopping and not last_step:
@@ -295,7 +327,8 @@ def _run(config, output, group, source, from_config, resume, activations, export
     if write_outputs and not interrupted:
         model_dir = output / "model"
         steps_meta = {"memtool_train_steps": str(len(losses))}
-        export_model(net, engine, tokenizer, model_dir, DTYPES[export_dtype], group, steps_meta)
+        with _interrupts_raise():  # torchrun SIGTERMs survivors when a rank dies: say so
+            export_model(net, engine, tokenizer, model_dir, DTYPES[export_dtype], group, steps_meta)
     memory = engine.memory()
     stats = manager.stats()
     memory["activation_bytes_peak"] = stats.peak_resident_bytes
@@ -318,6 +351,49 @@ def _run(config, output, group, source, from_config, resume, activations, export
         ranks=ranks,
         peak_rss_bytes=peak_rss_bytes(),
     )
+
+
+@contextlib.contextmanager
+def _interrupts_raise() -> Iterator[None]:
+    """SIGINT and SIGTERM raise KeyboardInterrupt in the block (the export: stopping it means
+    abandoning it, and the atomic write leaves the earlier export as it was)."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _check_output(output: Path, start: int, group: Dist) -> None:
+    """Refuse an output that cannot take this run's checkpoints and export, before any work;
+    remove the `.tmp-*` folders of runs killed while writing into it."""
+    for path in (output, output / "checkpoints", output / "model"):
+        if path.exists() and not path.is_dir():
+            raise MemtoolError(f"--output: {path} is a file, not a folder; give another --output")
+    root = output / "checkpoints"
+    later = [
+        p
+        for p in sorted(root.glob("step-*[0-9]"))
+        if p.name[5:].isdigit() and (p / STATE_FILE).is_file() and int(p.name[5:]) > start
+    ]
+    if later:
+        what = (
+            f"holds checkpoints past step {start} of the run being resumed"
+            if start
+            else "already holds checkpoints of another run"
+        )
+        hint = "resume from the newest" if start else f"continue it with --resume {output}"
+        raise MemtoolError(
+            f"--output {output} {what} (newest: {later[-1].name}); {hint}, or give another --output"
+        )
+    if group.is_main:
+        clean_stale_temporaries(root, "step")
+        clean_stale_temporaries(output, "model")
 
 
 def _lost_peer(exc: RuntimeError) -> bool:

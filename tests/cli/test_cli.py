@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from memtool.cli.app import app
@@ -419,6 +421,13 @@ def test_train_cli_fine_tunes_and_measure_reads_the_export(tiny_llama_dir, text_
         (["--activation-budget", "1KB"], "below the minimum"),
         (["--zero", "3", "--optimizer-bits", "8"], "8-bit optimizer states apply to --zero 0, 1"),
         (["--from-config", "{tmp}"], "not both"),
+        (["--device", "foo"], "unknown --device 'foo'"),
+        (
+            ["--swap-activations", "--swap-fraction", "0.5", "--recompute", "full"],
+            "needs --recompute tokens",
+        ),
+        (["--max-grad-norm", "-1"], "--max-grad-norm must be a positive number"),
+        (["--seq-len", "1"], "--seq-len must be at least 2"),
     ],
 )
 def test_train_bad_input_exit_2_one_line(tiny_llama_dir, text_file, tmp_path, args, match):
@@ -428,6 +437,15 @@ def test_train_bad_input_exit_2_one_line(tiny_llama_dir, text_file, tmp_path, ar
     assert result.exit_code == 2
     lines = _error_lines(result)
     assert len(lines) == 1 and match in lines[0], result.stderr
+
+
+def test_errors_keep_their_square_brackets(tiny_llama_dir, tmp_path):
+    # rich reads `[tokens]` as markup and would print "of shape  or " without the escape.
+    floats = tmp_path / "floats.safetensors"
+    save_file({"input_ids": torch.rand(64)}, str(floats))
+    result = _run("train", tiny_llama_dir, "--data", floats, "--seq-len", 8, "-o", tmp_path / "o")
+    assert result.exit_code == 2
+    assert "[tokens]" in _error_lines(result)[0], result.stderr
 
 
 def test_train_ctrl_c_leaves_a_resumable_checkpoint(tiny_llama_dir, text_file, tmp_path):
@@ -564,3 +582,17 @@ def test_build_a_ladder_profile_then_measure_against_it(
         assert bad.exit_code == 2 and words in bad.stderr, bad.stderr
     one = _run("measure", tiny_llama_dir, *common, "--build-profile", "ladder", "-o", profile)
     assert one.exit_code == 2 and "at least two" in one.stderr
+
+
+def test_json_is_strict_and_library_messages_one_line():
+    from memtool.cli.common import _strict_json, one_line
+
+    payload = {"loss": float("nan"), "values": [float("inf"), 1.5], "name": "x"}
+    assert _strict_json(payload) == {"loss": None, "values": [None, 1.5], "name": "x"}
+    # transformers' config validation: the first line alone only announces the rest
+    text = "Class validation error for validator 'validate_architecture':\n  heads must divide\n"
+    assert (
+        one_line(text) == "Class validation error for validator 'validate_architecture': "
+        "heads must divide"
+    )
+    assert len(one_line("x" * 1000)) == 400

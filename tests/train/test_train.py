@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_tiny
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from memtool.errors import MemtoolError
+from memtool.train import loop
 from memtool.train.activations import ActivationConfig
 from memtool.train.config import OptimConfig, TrainConfig
 from memtool.train.data import BatchSchedule, load_token_file
@@ -208,7 +210,7 @@ def test_damaged_or_mismatched_checkpoint_is_refused(tiny_run, tmp_path):
         _config(data=str(tokens), steps=2), tmp_path / "a", from_config=config_json,
         show_progress=False,
     )  # fmt: skip
-    with pytest.raises(MemtoolError, match="zero=0"):
+    with pytest.raises(MemtoolError, match="written with --zero 0"):
         train(
             _config(data=str(tokens), steps=4, zero=1), tmp_path / "b", from_config=config_json,
             resume=first.checkpoint, show_progress=False,
@@ -230,6 +232,11 @@ def test_damaged_or_mismatched_checkpoint_is_refused(tiny_run, tmp_path):
         ({"zero": 4}, "unknown --zero 4"),
         ({"batch_size": 3, "grad_accum": 2}, "does not split"),
         ({"batch_size": 1024}, "fewer than one batch"),
+        ({"seq_len": 1}, "--seq-len must be at least 2"),
+        ({"optim": OptimConfig(max_grad_norm=-1.0)}, "--max-grad-norm must be a positive"),
+        ({"optim": OptimConfig(lr=float("nan"))}, "--lr must be a positive number"),
+        ({"optim": OptimConfig(weight_decay=-1.0)}, "--weight-decay must be 0 or more"),
+        ({"optim": OptimConfig(warmup_steps=-5)}, "--warmup-steps must be 0 or more"),
     ],
 )
 def test_bad_settings_are_one_line_errors(tiny_run, tmp_path, changes, message):
@@ -420,3 +427,111 @@ def test_a_module_passed_in_is_refused_where_it_cannot_apply(tiny_run, tmp_path,
     with pytest.raises(MemtoolError, match="text data needs a tokenizer"):
         text = _config(data=str(text_file), steps=1)
         train(text, tmp_path / "c", model=module, show_progress=False)
+
+
+def test_resume_refuses_what_would_not_continue_the_run(tiny_run, tmp_path):
+    config_json, tokens = tiny_run
+    first = train(_config(data=str(tokens), steps=2), tmp_path / "a", from_config=config_json,
+                  show_progress=False)  # fmt: skip
+    other_model = write_tiny(tmp_path / "three-layers", layers=3)
+    cases = [
+        ({"seq_len": 16}, config_json, "written with --seq-len 32"),
+        ({"seed": 1}, config_json, "written with --seed 0"),
+        ({"optim": OptimConfig(lr=1e-3)}, config_json, "written with --lr 0.003"),
+        ({}, other_model, "written for another model"),
+        ({"steps": 1}, config_json, "--steps 1 is before checkpoint"),
+    ]
+    for changes, model, message in cases:
+        config = _config(data=str(tokens), **{"steps": 4, **changes})
+        with pytest.raises(MemtoolError, match=message):
+            train(config, tmp_path / "b", from_config=model, resume=first.checkpoint,
+                  show_progress=False)  # fmt: skip
+    # As many steps as the checkpoint's: nothing left to train, the export is written.
+    again = train(_config(data=str(tokens), steps=2), tmp_path / "c", from_config=config_json,
+                  resume=first.checkpoint, show_progress=False)  # fmt: skip
+    assert again.losses == first.losses and (again.model_dir / "model.safetensors").is_file()
+
+
+def test_output_is_checked_before_any_work(tiny_run, tmp_path):
+    config_json, tokens = tiny_run
+    config = _config(data=str(tokens), steps=2)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(MemtoolError, match="is a file, not a folder"):
+        train(config, tmp_path / "file", from_config=config_json, show_progress=False)
+    first = train(config, tmp_path / "a", from_config=config_json, show_progress=False)
+    # A fresh run into a folder holding another run's checkpoints would mix the two up later.
+    with pytest.raises(MemtoolError, match="already holds checkpoints of another run"):
+        train(config, tmp_path / "a", from_config=config_json, show_progress=False)
+    # Resuming an earlier checkpoint into the folder that holds later ones: refused too.
+    longer = _config(data=str(tokens), steps=4, save_every=1)
+    train(longer, tmp_path / "a", from_config=config_json, resume=first.checkpoint,
+          show_progress=False)  # fmt: skip
+    with pytest.raises(MemtoolError, match="past step 2 of the run being resumed"):
+        train(longer, tmp_path / "a", from_config=config_json, resume=first.checkpoint,
+              show_progress=False)  # fmt: skip
+    # A killed run's half-written checkpoint is cleared by the next run into the folder.
+    leftover = tmp_path / "a" / "checkpoints" / ".tmp-step-000005-x"
+    leftover.mkdir()
+    longer = _config(data=str(tokens), steps=5)
+    train(longer, tmp_path / "a", from_config=config_json, resume=tmp_path / "a",
+          show_progress=False)  # fmt: skip
+    assert not leftover.exists()
+
+
+def test_interrupted_writes_leave_the_earlier_state(tiny_run, tmp_path, monkeypatch):
+    config_json, tokens = tiny_run
+    first = train(_config(data=str(tokens), steps=2), tmp_path / "a", from_config=config_json,
+                  show_progress=False)  # fmt: skip
+    exported = (first.model_dir / "model.safetensors").read_bytes()
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    # Ctrl-C during the export: the earlier export stays whole, no temporary folder stays.
+    monkeypatch.setattr("memtool.train.export.write_safetensors", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(data=str(tokens), steps=3), tmp_path / "a", from_config=config_json,
+              resume=tmp_path / "a", show_progress=False)  # fmt: skip
+    assert (first.model_dir / "model.safetensors").read_bytes() == exported
+    assert not list((tmp_path / "a").glob(".tmp-*"))
+    # Ctrl-C (a second one) while a checkpoint is written: no half-written checkpoint.
+    monkeypatch.setattr("memtool.train.checkpoint.save_file", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(data=str(tokens), steps=4), tmp_path / "a", from_config=config_json,
+              resume=tmp_path / "a", show_progress=False)  # fmt: skip
+    names = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
+    assert names == ["step-000002", "step-000003"]  # no step-000004, no .tmp-step-000004-*
+
+
+def test_a_diverging_loss_stops_the_run(tiny_run, tmp_path, monkeypatch):
+    config_json, tokens = tiny_run
+    calls = []
+
+    def diverging(model, input_ids):
+        calls.append(1)
+        loss = causal_lm_loss(model, input_ids)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(loop, "causal_lm_loss", diverging)
+    config = _config(data=str(tokens), steps=5, save_every=1)
+    with pytest.raises(MemtoolError, match=r"the loss is nan at step 3: training diverged.*"
+                       r"step-000002"):  # fmt: skip
+        train(config, tmp_path / "a", from_config=config_json, show_progress=False)
+    assert not (tmp_path / "a" / "model").exists()
+
+
+def test_a_damaged_trainer_state_is_named(tiny_run, tmp_path):
+    config_json, tokens = tiny_run
+    first = train(_config(data=str(tokens), steps=1), tmp_path / "a", from_config=config_json,
+                  show_progress=False)  # fmt: skip
+    state_file = first.checkpoint / "trainer.json"
+    state = json.loads(state_file.read_text())
+    for broken, message in (
+        ({k: v for k, v in state.items() if k != "config"}, "has no valid 'config'"),
+        ({**state, "crc32": []}, "0 checksums for 1 rank"),
+        ([state], "is not a memtool training checkpoint"),
+    ):
+        state_file.write_text(json.dumps(broken))
+        with pytest.raises(MemtoolError, match=message):
+            train(_config(data=str(tokens), steps=2), tmp_path / "b", from_config=config_json,
+                  resume=first.checkpoint, show_progress=False)  # fmt: skip
