@@ -67,6 +67,7 @@ class Region:
         self, store: SavedTensorStore, fn: Callable, inputs: tuple[Tensor, ...], tokens: int
     ) -> None:
         self.store, self.fn, self.tokens = store, fn, tokens
+        self.layer = store.layer  # the decoder layer running now: its recomputation is counted
         self.held = [store.pack(t) for t in inputs]
         self.requires_grad = [t.requires_grad for t in inputs]
         device = inputs[0].device
@@ -89,12 +90,16 @@ class Region:
             ]
             devices = [self.cuda_device] if self.cuda_rng is not None else []
             enabled, dtype = self.autocast
-            with torch.random.fork_rng(devices=devices), self.store.recomputing():
-                torch.set_rng_state(self.cpu_rng)
-                if self.cuda_rng is not None:
-                    torch.cuda.set_rng_state(self.cuda_rng, self.cuda_device)
-                with torch.enable_grad(), torch.autocast(self.device_type, dtype, enabled):
-                    outputs = self.fn(*inputs)
+            layer, self.store.layer = self.store.layer, self.layer
+            try:
+                with torch.random.fork_rng(devices=devices), self.store.recomputing():
+                    torch.set_rng_state(self.cpu_rng)
+                    if self.cuda_rng is not None:
+                        torch.cuda.set_rng_state(self.cuda_rng, self.cuda_device)
+                    with torch.enable_grad(), torch.autocast(self.device_type, dtype, enabled):
+                        outputs = self.fn(*inputs)
+            finally:
+                self.store.layer = layer
             self.store.recomputed_tokens += self.tokens
             self._cache = (inputs, outputs)
         return self._cache

@@ -179,6 +179,9 @@ class SavedTensorStore:
         self._param_storages = param_storages
         self.layer_bytes: dict[int | None, int] = {}
         self.layer_always: dict[int | None, int] = {}
+        # Per layer, what backward's recomputation saved (the last micro-batch's): a layer run
+        # whole under recomputation shows its saved bytes only there.
+        self.recomputed_layer_bytes: dict[int | None, int] = {}
         self.copy_clock = Stopwatch() if timing else None
         # Per decoder layer (None: outside the layers), for per-layer compute times on CPU.
         self.layer_copy_clocks: dict[int | None, Stopwatch] = {}
@@ -287,6 +290,8 @@ class SavedTensorStore:
         self._register(entry, storage, t._version if swap else None)
         self._set_resident(entry, True, backward=self._recomputing > 0)
         if self._recomputing:
+            counted = self.recomputed_layer_bytes
+            counted[self.layer] = counted.get(self.layer, 0) + entry.nbytes
             return entry
         if category is None:
             category = ALWAYS if id(storage) in self._always else self._category

@@ -192,7 +192,17 @@ class ActivationManager:
             config.recompute == "tokens" and config.swap and config.swap_fraction is None
         )
         tokens = config.recompute == "tokens"
-        if self._probing:
+        # A budget without swapping (and without "tokens"): measure with whole layers recomputed,
+        # the lightest mode that needs no swapping, rather than as plain autograd, which would
+        # overrun the budget on the first micro-batch. Each layer's saved bytes then show only as
+        # backward recomputes it, so the plan is made when the next micro-batch starts. (Measured
+        # so, a layer also counts the inputs its recomputation holds that plain autograd does not
+        # save, such as int64 position ids: 8 bytes a token, erring towards more.)
+        self._plan_after_backward = self._probing and not config.swap and not tokens
+        self._plan_pending = False
+        if self._plan_after_backward:
+            self._plan = ActivationPlan("full", False)
+        elif self._probing:
             # Measure with nothing recomputed; swap everything (if allowed) so that the first
             # micro-batch is as light on the device as the lightest mode.
             self._plan = ActivationPlan(config.recompute if tokens else "none", config.swap, 1.0)
@@ -219,6 +229,9 @@ class ActivationManager:
             MemtoolError: (after a measured micro-batch) the budget is below one layer's working
                 set, or nothing fits without the swapping the config forbids.
         """
+        if self._plan_pending:  # the measured micro-batch's backward has run (see __init__)
+            self._plan = self._make_plan()
+            self._plan_pending = False
         plan, store = self._plan, self._store
         self._last_plan = plan
         store.begin_forward(_parameter_storages(self.model), timing=self._probing)
@@ -243,6 +256,9 @@ class ActivationManager:
             store.layer = None
         if self._probing and self._probe_again():
             self._reprobed = True
+        elif self._probing and self._plan_after_backward:
+            self._plan_pending = True
+            self._probing = False
         elif self._probing:
             self._plan = self._make_plan()  # raises on an impossible budget: probe again next time
             self._probing = False
@@ -315,8 +331,12 @@ class ActivationManager:
             times = [max(t - clocks[i].seconds(), 0.0) if i in clocks else t
                      for i, t in enumerate(times)]  # fmt: skip
         bandwidth = store.copied_bytes / copy_s if copy_s > 0 else None
+        # Under recomputation a layer's forward saves its inputs, its backward the rest.
+        recomputed = store.recomputed_layer_bytes
         profile = ActivationProfile(
-            layer_saved_bytes=tuple(store.layer_bytes.get(i, 0) for i in range(n)),
+            layer_saved_bytes=tuple(
+                store.layer_bytes.get(i, 0) + recomputed.get(i, 0) for i in range(n)
+            ),
             layer_input_bytes=tuple(self._input_bytes.get(i, 0) for i in range(n)),
             layer_always_bytes=tuple(store.layer_always.get(i, 0) for i in range(n)),
             outside_bytes=store.layer_bytes.get(None, 0),

@@ -8,7 +8,9 @@ order, a few ulps apart. bf16 and int8 compression are lossy; their stated toler
 
 import contextlib
 import dataclasses
+import logging
 import math
+import re
 
 import pytest
 import torch
@@ -469,6 +471,36 @@ def test_budget_picks_the_cheapest_mode_that_fits(llama):
         _assert_grads(grads, plain_grads, rtol=0, atol=0)
 
 
+def test_budget_without_swapping_is_kept_while_it_is_measured(llama, caplog):
+    """No swapping allowed: the measured micro-batch recomputes whole layers (keeping only their
+    inputs) instead of running plain autograd over the budget, and still measures every layer."""
+    model, ids, _, plain_grads, plain = llama
+    outside = plain.peak_resident_bytes - sum(plain.layer_saved_bytes)
+    minimum = max(*plain.layer_saved_bytes, outside)
+    extra = 8 * ids.numel()  # see below
+    budgets = {"plain": plain.peak_resident_bytes + extra, "full": plain.peak_resident_bytes // 2}
+    for expected, budget in budgets.items():
+        manager = ActivationManager(model, ActivationConfig(activation_budget_bytes=budget))
+        _, grads, probe = _step(model, ids, None, manager)
+        assert probe.mode == "full" and probe.peak_resident_bytes <= budgets["full"]
+        _assert_grads(grads, plain_grads, rtol=0, atol=0)
+        with caplog.at_level(logging.INFO, logger="memtool.train.activations"):
+            _, grads, stats = _step(model, ids, None, manager)  # planned as this one starts
+        # The plan saw plain autograd's bytes, counted as backward recomputed each layer, plus
+        # what a layer's region holds that plain autograd never saves: its int64 position ids
+        # (8 bytes a token, once).
+        seen = re.search(r"plain (\d+) bytes, one layer (\d+)", caplog.text)
+        assert int(seen[1]) - plain.peak_resident_bytes in (0, extra), caplog.text
+        assert int(seen[2]) - minimum in (0, extra), caplog.text
+        assert stats.mode == expected and stats.peak_resident_bytes <= budget
+        _assert_grads(grads, plain_grads, rtol=0, atol=0)
+        caplog.clear()
+    manager = ActivationManager(model, ActivationConfig(activation_budget_bytes=minimum - 1))
+    _step(model, ids, None, manager)
+    with pytest.raises(MemtoolError, match="below the minimum"):
+        _step(model, ids, None, manager)
+
+
 def test_planned_swap_fraction_and_slab_reuse(llama):
     model, ids, _, plain_grads, _ = llama
     # A host budget that holds the always-swapped part and a little more forces 0 < alpha < 1.
@@ -598,14 +630,19 @@ def test_plan_activations():
 
     assert plan("full", True, 450) == "plain"
     assert plan("full", True, 100) == "full"  # 4 inputs + outside = 90 fit
-    assert plan("none", True, 100) == "swap"
+    # "none" under a budget: recomputing whole layers before swapping, with or without swap
+    assert plan("none", True, 100) == "full" and plan("none", False, 200) == "full"
     assert plan("tokens", False, 150) == "tokens"  # always-kept 100 + outside 50
     assert plan("tokens", True, 100) == "tokens+swap"
     assert plan("tokens", True, None) == "tokens+swap"
     with pytest.raises(MemtoolError, match="below the minimum 100 B"):
         plan("full", True, 99)
     with pytest.raises(MemtoolError, match="enable swapping"):
-        plan("none", False, 200)
+        plan("tokens", False, 120)
+    wide = dataclasses.replace(profile, layer_input_bytes=(20,) * 4)  # full keeps 130
+    assert plan_activations(wide, "none", True, None, 100, None).mode == "swap"
+    with pytest.raises(MemtoolError, match="enable swapping"):
+        plan_activations(wide, "none", False, None, 100, None)
 
 
 def test_swapping_that_cannot_hide_is_counted_and_warned_about():
