@@ -260,9 +260,23 @@ def _hub_weight_files(model: torch.nn.Module) -> list[Path]:
     return sorted(path.glob("*.safetensors")) if path.is_dir() else []
 
 
+# Any of these makes a folder worth handing to AutoTokenizer (fast, config, SentencePiece, BPE).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "spiece.model", "vocab.txt")  # fmt: skip
+
+
 def _load_tokenizer(where: str, **kwargs):
     from transformers import AutoTokenizer
 
+    folder = Path(where)
+    gguf = kwargs.get("gguf_file")
+    if folder.is_dir() and not gguf and not any((folder / n).is_file() for n in TOKENIZER_FILES):
+        # transformers would say "Couldn't instantiate the backend tokenizer from one of: ..."
+        raise MemtoolError(
+            f"{where} has no tokenizer ({', '.join(TOKENIZER_FILES[:2])}): memtool needs one to "
+            "read text; copy in the tokenizer of the model it comes from (a model trained from "
+            "a config on a token file has none)"
+        )
     try:
         return AutoTokenizer.from_pretrained(where, **kwargs)
     except (OSError, ValueError, KeyError) as exc:

@@ -89,3 +89,11 @@ def test_hub_id_offline_fails_fast(monkeypatch, tmp_path):
 def test_unknown_name_is_not_a_hub_id(tmp_path):
     with pytest.raises(MemtoolError, match="built-in name"):
         load_model("definitely-not-a-model")
+
+
+def test_a_folder_without_a_tokenizer_says_so(tmp_path):
+    from memtool.models.loader import load_tokenizer
+
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(MemtoolError, match=r"has no tokenizer .*copy in the tokenizer"):
+        load_tokenizer(tmp_path)
