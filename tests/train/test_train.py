@@ -380,7 +380,7 @@ def test_8bit_optimizer_states_learn_resume_exactly_and_take_a_quarter(
     # Block-wise quantized moments cannot be cut for another number of ranks: said, not tried.
     state_file = half.checkpoint / "trainer.json"
     state = json.loads(state_file.read_text())
-    state_file.write_text(json.dumps({**state, "world_size": 2}))
+    state_file.write_text(json.dumps({**state, "world_size": 2, "crc32": state["crc32"] * 2}))
     with pytest.raises(MemtoolError, match="8-bit optimizer states, which cannot be re-cut"):
         train(eight, tmp_path / "e", from_config=config_json, resume=half.checkpoint,
               show_progress=False)  # fmt: skip
