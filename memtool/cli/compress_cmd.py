@@ -32,7 +32,30 @@ METHODS = {
 DEFAULT_CALIB_SAMPLES = {"bitstack": 64}
 
 
+# What --recipe leaves to the command line; the recipe describes everything else.
+_RECIPE_FLAGS = {"recipe", "output", "overwrite", "json_out", "debug"}
+
+
+def _refuse_flags_beside_a_recipe(ctx: typer.Context) -> None:
+    """A model or option given with --recipe would be silently ignored: say so instead."""
+    given = [
+        param
+        for param in ctx.command.params
+        if param.name not in _RECIPE_FLAGS
+        # by name: typer carries its own copy of click, whose enum is not click's
+        and getattr(ctx.get_parameter_source(param.name), "name", None) == "COMMANDLINE"
+    ]
+    if given:
+        names = ", ".join(param.opts[0] if param.opts[0].startswith("-") else param.name.upper()
+                          for param in given)  # fmt: skip
+        raise MemtoolError(
+            f"--recipe describes the whole run; {names} would be ignored: put it in the recipe "
+            "(only --output and --overwrite go beside it)"
+        )
+
+
 def compress_command(
+    ctx: typer.Context,
     model: str = typer.Argument(
         None, help="Built-in name, model folder, .gguf file or hub id. Default: smollm2-135m."
     ),
@@ -160,6 +183,7 @@ def compress_command(
 
     def action() -> tuple[dict, list[str]]:
         if recipe is not None:
+            _refuse_flags_beside_a_recipe(ctx)
             return run_recipe(load_recipe(recipe), output=output, overwrite=overwrite)
         if output is None:
             raise MemtoolError("--output is required (the folder to write), or pass --recipe")

@@ -73,7 +73,7 @@ def measure_command(
         None,
         "--density-profile",
         help="Reference profile (JSON, kind ladder or densing): report effective parameters "
-        "N_hat, capacity density N_hat/N with a 90%% bootstrap interval, and inference-time "
+        "N_hat, capacity density N_hat/N with a 90% bootstrap interval, and inference-time "
         "density.",
     ),
     time_ratio: float = typer.Option(
@@ -87,7 +87,7 @@ def measure_command(
     tasks: list[str] = typer.Option(
         None,
         "--tasks",
-        help="Score on an lm-eval task (needs pip install 'memtool[eval]'): a multiple-choice "
+        help="Score on an lm-eval task (needs pip install 'memtool\\[eval]'): a multiple-choice "
         'FILE.jsonl ({"query", "choices", "answer"} per line), an lm-eval task FILE.yaml, or a '
         "task name. Repeat it for several.",
     ),

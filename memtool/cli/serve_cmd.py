@@ -91,7 +91,8 @@ def serve_local_command(
         None,
         "--context",
         help="With --memory-budget: tokens the KV cache is reserved for (default: the model's, "
-        "at most 1024).",
+        "at most 1024 and at most what a quarter of the budget left after the weights holds, "
+        "at least 128).",
     ),
     verify_store: bool = typer.Option(
         False,

@@ -169,8 +169,9 @@ def plan_max_tokens(
     room = context_length - prompt_tokens
     if room < 1:
         raise ContextLengthError(
-            f"the prompt is {prompt_tokens} tokens, but the model's context is {context_length} "
-            "tokens and needs room for at least one more: shorten the prompt",
+            f"the prompt is {prompt_tokens} tokens, but the context is {context_length} tokens "
+            "(the model's, or under --memory-budget what the KV cache is reserved for: raise "
+            "it with --context) and needs room for at least one more: shorten the prompt",
             None,
         )
     if requested is None:

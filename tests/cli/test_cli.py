@@ -175,6 +175,11 @@ def test_compress_recipe_gate_exits_1(tiny_llama_dir, text_file, tmp_path):
     result = _run("compress", "--recipe", recipe, "--json")
     assert result.exit_code == 1, result.stderr
     assert json.loads(result.stdout)["compress"]["method"] == "rtn"
+    # options beside a recipe would be ignored: refused before anything is written
+    other = tmp_path / "other"
+    result = _run("compress", "--recipe", recipe, "-o", other, "--method", "gptq", "--bits", 3)
+    assert result.exit_code == 2 and not other.exists()
+    assert "--method, --bits would be ignored" in _error_lines(result)[0]
 
 
 def test_compress_cli_writes_and_measure_reads(tiny_llama_dir, text_file, tmp_path):
@@ -596,3 +601,9 @@ def test_json_is_strict_and_library_messages_one_line():
         "heads must divide"
     )
     assert len(one_line("x" * 1000)) == 400
+
+
+def test_help_texts_print_what_they_say():
+    # rich reads "[eval]" as markup, and click does not %-format option help
+    result = runner.invoke(app, ["measure", "--help"], env={"COLUMNS": "400"})
+    assert "memtool[eval]" in result.stdout and "90% bootstrap" in result.stdout

@@ -252,6 +252,9 @@ def test_cli_compress_then_serve_with_a_budget(tiny_llama_dir, text_file, tmp_pa
     summary = json.loads(result.stdout)
     assert summary["method"] == "flash-store" and summary["kind"] == "swiglu"
     assert summary["predictor"] == "quant:4"
+    calibration = summary["calibration"]  # named like every calibrated output's
+    assert (calibration["split"], calibration["tokens"], calibration["seed"]) == ("all", 128, 0)
+    assert len(calibration["fingerprint"]) >= 8
     result = runner.invoke(
         app,
         [

@@ -72,7 +72,7 @@ def build_flash_store(
     folder = Path(folder)
     if folder.exists():
         raise MemtoolError(f"{folder} already exists: remove it or choose another folder")
-    data = "given token ids" if input_ids is not None else config.calib
+    calibration: dict = {"data": "given token ids"}
     if input_ids is None:
         if loaded.tokenizer is None:
             raise MemtoolError("the model has no tokenizer: pass calibration token ids")
@@ -80,6 +80,8 @@ def build_flash_store(
             config.calib, loaded.tokenizer, config.calib_samples, config.seq_len, config.seed
         )
         input_ids = windows.input_ids
+        # the data, split, seed and text fingerprint, as every other calibrated output names them
+        calibration = windows.to_dict()
     if dtype is None:
         first = next(p.dtype for p in loaded.model.parameters())
         dtype = first if first in (torch.float16, torch.bfloat16) else torch.bfloat16
@@ -91,7 +93,7 @@ def build_flash_store(
         dtype=dtype,
         show=show,
     )
-    meta["calibration"] = {"data": data, "tokens": int(input_ids.numel())}
+    meta["calibration"] = {**calibration, "tokens": int(input_ids.numel())}
 
     def extra(tmp: Path) -> None:
         save_predictors(tmp, tensors, meta)
