@@ -239,7 +239,11 @@ def compare(
             d: 100 * (row.perplexity[d] / base.perplexity[d] - 1) for d in data
         }
         row.weight_bytes_ratio = row.weight_bytes / base.weight_bytes
-        if base.effective_params is not None:
+        if row is base and base.effective_params is not None:
+            # itself: exactly 1, even where its N-hat is only a bound
+            row.effective_params_ratio, row.effective_params_change_pct = 1.0, 0.0
+            row.effective_params_change_bound = ""
+        elif base.effective_params is not None:
             ratio, bound = bounded_ratio(
                 row.effective_params,
                 row.effective_params_bound,

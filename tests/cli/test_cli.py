@@ -531,6 +531,8 @@ def test_measure_density_against_a_ladder_profile(tiny_llama_dir, text_file, tmp
     assert rows[1]["capacity_density"] == pytest.approx(rho)
     assert rows[1]["effective_params_change_pct"] == pytest.approx(0.0)
     assert rows[1]["effective_params_ratio"] == pytest.approx(1.0)
+    # the base against itself: exactly 1, not a bound (nor "?" where its N_hat is one)
+    assert (rows[0]["effective_params_ratio"], rows[0]["effective_params_change_bound"]) == (1, "")
     table = _run(*pair_args, "--summary", tmp_path / "s.md", "--min-density", 1e9)
     assert table.exit_code == 1 and "below --min-density" in table.stderr
     assert "N̂" in table.stdout and "N̂ vs base" in (tmp_path / "s.md").read_text()
