@@ -448,3 +448,12 @@ def test_the_gap_is_measured_at_open_unless_given(store):
     flash = open_flash_model(folder, FlashConfig(memory_budget="1GB", gap_bytes=4096))
     assert flash.describe()["gap_bytes"] == 4096 and flash.gap_measurement is None
     flash.close()
+
+
+def test_cli_gate_resident_store_reports_no_predictor(tiny_llama_dir, text_file, tmp_path):
+    args = ["compress", str(tiny_llama_dir), "--method", "flash-store", "--gate-resident",
+            "--calib", str(text_file), "--calib-samples", "2", "--seq-len", "32",
+            "--json"]  # fmt: skip
+    result = runner.invoke(app, [*args, "-o", str(tmp_path / "store")])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["predictor"] == "none (gate resident)"

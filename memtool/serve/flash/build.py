@@ -135,7 +135,9 @@ def compress_flash_store(
         "layers": info.n_layers,
         "ffn_bytes": info.ffn_bytes,
         "resident_bytes": info.resident_bytes,
-        "predictor": meta["predictor"],
+        # A resident gate selects exactly: the fitted predictors stay in the store (its
+        # thresholds are read from their file) but serving uses none.
+        "predictor": "none (gate resident)" if config.gate_resident else meta["predictor"],
         "recall": meta["recall"],
         "calibration": meta["calibration"],
         "settings": asdict(config),
